@@ -1,0 +1,29 @@
+"""fusedres: fused conv + BatchNorm + ReLU + residual-add kernels for torchvision ResNets.
+
+Public API::
+
+    fusedres.convert(model, backend="auto")   # fuse torchvision blocks in place
+    fusedres.revert(model)
+    fusedres.BasicBlock, fusedres.Bottleneck  # drop-in torchvision block classes
+    fusedres.conv_bn_act(...), fusedres.block_tail(...)  # the fused functional ops
+"""
+
+from .backends import BACKENDS, BackendUnavailableError, available as available_backends
+from .functional import block_tail, bn_scale_shift, conv_bn_act
+from .modules import BasicBlock, Bottleneck, FusedResNet, convert, revert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "BasicBlock",
+    "Bottleneck",
+    "FusedResNet",
+    "available_backends",
+    "block_tail",
+    "bn_scale_shift",
+    "conv_bn_act",
+    "convert",
+    "revert",
+]

@@ -1,0 +1,175 @@
+"""Backend registry.
+
+A backend is a module in this package (or a sub-package) that exposes:
+
+``NAME: str``
+    The name users pass as ``backend=``.
+``is_available() -> bool``
+    Whether the backend can run at all here (library present, extension built, ...).
+``unsupported_reason(spec: ConvSpec) -> str | None``
+    ``None`` when the backend can compute ``spec``; otherwise a short human reason.
+``conv_bn_act(x, weight, scale, shift, residual, spec) -> Tensor``
+    ``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))``.
+``block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec) -> Tensor``
+    ``act(conv2d(y, weight) * scale + shift + conv2d_1x1(x, ds_weight, stride=ds_stride) * ds_scale + ds_shift)``.
+
+Backends never import one another; this registry imports them lazily by name so that a
+missing optional dependency (triton, the compiled extension) only disables that backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+#: Every backend name a user may ask for, in ``auto`` preference order per device.
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+_MODULES = {
+    "torch": "fusedres.backends.torch_ref",
+    "cpu": "fusedres.backends.cpu",
+    "triton": "fusedres.backends.triton",
+    "cuda": "fusedres.backends.cuda",
+}
+# What "auto" tries, best first, for a tensor on each device type.
+_AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+ENV_VAR = "FUSEDRES_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for by name cannot run, or cannot run this configuration."""
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Static description of one fused conv call; what a backend needs to decide support.
+
+    ``stride``/``padding``/``dilation`` are 2-tuples.  ``ds_stride`` is set only for
+    ``block_tail`` (the fused 1x1 downsample branch).
+    """
+
+    device_type: str
+    dtype: torch.dtype
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    relu: bool
+    has_residual: bool
+    channels_last: bool
+    requires_grad: bool
+    ds_in_channels: int = 0
+    ds_stride: tuple[int, int] | None = None
+
+    @property
+    def has_downsample(self) -> bool:
+        return self.ds_stride is not None
+
+
+_loaded: dict[str, ModuleType | None] = {}
+_load_errors: dict[str, str] = {}
+_warned: set[tuple] = set()
+
+
+def _load(name: str) -> ModuleType | None:
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # an optional dependency missing or broken
+            _loaded[name] = None
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            _loaded[name] = mod
+    return _loaded[name]
+
+
+def get(name: str) -> ModuleType:
+    """The backend module ``name``; raises :class:`BackendUnavailableError` if it cannot run."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    mod = _load(name)
+    if mod is None:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available: failed to import ({_load_errors[name]})"
+        )
+    if not mod.is_available():
+        raise BackendUnavailableError(f"backend {name!r} is not available: {mod.why_unavailable()}")
+    return mod
+
+
+def is_available(name: str) -> bool:
+    try:
+        get(name)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def available() -> list[str]:
+    """Names of the backends that can run on this machine."""
+    return [n for n in BACKENDS if is_available(n)]
+
+
+def requested(backend: str | None) -> str:
+    """Resolve the user's ``backend`` argument, honouring ``$FUSEDRES_BACKEND`` for ``auto``."""
+    name = backend or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name != "auto" and name not in _MODULES:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+def _warn_once(key: tuple, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def select(backend: str | None, spec: ConvSpec) -> ModuleType:
+    """Pick the backend module for ``spec``.
+
+    A named backend either handles the spec or raises :class:`BackendUnavailableError`.
+    ``auto`` walks the preference list for the device and falls back to the ``torch``
+    reference with a one-time warning naming the reason whenever a better backend exists
+    for the device but cannot take this call.
+    """
+    name = requested(backend)
+    if name != "auto":
+        mod = get(name)
+        reason = mod.unsupported_reason(spec)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} cannot compute this call: {reason}")
+        return mod
+
+    order = _AUTO_ORDER.get(spec.device_type, ("torch",))
+    reasons = []
+    for cand in order:
+        mod = _load(cand)
+        if mod is None:
+            reasons.append(f"{cand}: import failed ({_load_errors[cand]})")
+            continue
+        if not mod.is_available():
+            reasons.append(f"{cand}: {mod.why_unavailable()}")
+            continue
+        reason = mod.unsupported_reason(spec)
+        if reason is None:
+            if cand != order[0] and cand == "torch":
+                _warn_once(
+                    (spec.device_type, tuple(reasons)),
+                    "fusedres: backend 'auto' falls back to the 'torch' reference for a "
+                    f"{spec.device_type} call ({'; '.join(reasons)})",
+                )
+            return mod
+        reasons.append(f"{cand}: {reason}")
+    raise BackendUnavailableError("no fusedres backend can compute this call: " + "; ".join(reasons))

@@ -1,0 +1,242 @@
+"""Functional ops: argument checks, backend selection, and the BN folding helper.
+
+These are the single entry points the modules are built from::
+
+    conv_bn_act(x, w, scale, shift)          = act(conv2d(x, w) * scale[c] + shift[c] (+ residual))
+    block_tail(y, w, s, b, x, wd, sd, bd)    = act(conv2d(y, w) * s + b + conv2d_1x1(x, wd, ds_stride) * sd + bd)
+
+Shapes: ``x`` is ``(N, C_in, H, W)``, ``weight`` is ``(C_out, C_in / groups, kH, kW)``,
+``scale``/``shift`` are ``(C_out,)`` in fp32 or the input's dtype, ``residual`` has the
+output's shape ``(N, C_out, H_out, W_out)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .backends import ConvSpec
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _pair(name: str, v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        a, b = v
+        return (int(a), int(b))
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+
+
+def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups):
+    _check_tensor(x_name, x, 4)
+    _check_tensor(w_name, w, 4)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{x_name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"{w_name} dtype {w.dtype} does not match {x_name} dtype {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"{w_name} is on {w.device} but {x_name} is on {x.device}")
+    if groups < 1 or x.shape[1] % groups or w.shape[0] % groups:
+        raise ValueError(
+            f"groups={groups} must divide {x_name} channels ({x.shape[1]}) and {w_name} "
+            f"out-channels ({w.shape[0]})"
+        )
+    if w.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"channel mismatch: {x_name} has {x.shape[1]} channels but {w_name} expects "
+            f"{w.shape[1] * groups} ({w.shape[1]} per group x {groups} groups)"
+        )
+    cout = w.shape[0]
+    for n, v in ((s_name, scale), (b_name, shift)):
+        _check_tensor(n, v, 1)
+        if v.shape[0] != cout:
+            raise ValueError(f"{n} must have {cout} elements (one per output channel), got {v.shape[0]}")
+        if v.device != x.device:
+            raise ValueError(f"{n} is on {v.device} but {x_name} is on {x.device}")
+        if v.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{n} must be float32 or {x_name}'s dtype {x.dtype}, got {v.dtype}")
+
+
+def conv_out_hw(h, w, kernel_size, stride, padding, dilation):
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _wants_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _empty_like_out(x, cout, oh, ow):
+    return x.new_empty((0, cout, oh, ow))
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))`` as one fused op.
+
+    Args:
+        x: ``(N, C_in, H, W)`` input, NCHW or channels_last.
+        weight: ``(C_out, C_in // groups, kH, kW)``, same dtype and device as ``x``.
+        scale, shift: ``(C_out,)`` per-output-channel affine (a folded BatchNorm), fp32 or ``x.dtype``.
+        residual: optional ``(N, C_out, H_out, W_out)`` tensor added before the activation.
+        relu: apply ReLU (else identity).
+        backend: ``"auto" | "torch" | "cpu" | "triton" | "cuda"``; ``auto`` honours ``$FUSEDRES_BACKEND``.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` tensor in ``x.dtype``.
+    """
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"invalid stride={stride} / padding={padding} / dilation={dilation}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], (kh, kw), stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is too small for this kernel/padding")
+    cout = weight.shape[0]
+    if residual is not None:
+        _check_tensor("residual", residual, 4)
+        if tuple(residual.shape) != (x.shape[0], cout, oh, ow):
+            raise ValueError(
+                f"residual must have the output's shape {(x.shape[0], cout, oh, ow)}, got {tuple(residual.shape)}"
+            )
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
+    spec = ConvSpec(
+        device_type=x.device.type,
+        dtype=x.dtype,
+        in_channels=x.shape[1],
+        out_channels=cout,
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=bool(relu),
+        has_residual=residual is not None,
+        channels_last=_is_channels_last(x),
+        requires_grad=_wants_grad(x, weight, scale, shift, residual),
+    )
+    mod = backends.select(backend, spec)
+    if x.shape[0] == 0:
+        return _empty_like_out(x, cout, oh, ow)
+    return mod.conv_bn_act(x, weight, scale, shift, residual, spec)
+
+
+def block_tail(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    x: torch.Tensor,
+    ds_weight: torch.Tensor,
+    ds_scale: torch.Tensor,
+    ds_shift: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    ds_stride=1,
+    relu: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The residual block's last conv with the downsample branch fused in, as one op::
+
+        act(conv2d(y, weight) * scale + shift + conv2d(x, ds_weight, stride=ds_stride) * ds_scale + ds_shift)
+
+    ``y`` is the main branch's input ``(N, C_mid, H', W')``, ``x`` the block input
+    ``(N, C_in, H, W)``; ``ds_weight`` is a 1x1 kernel ``(C_out, C_in, 1, 1)``.  Both convs
+    must produce the same ``(N, C_out, H_out, W_out)``.
+    """
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    ds_stride = _pair("ds_stride", ds_stride)
+    _check_conv_args("y", y, "weight", weight, "scale", scale, "shift", shift, groups)
+    _check_conv_args("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale, "ds_shift", ds_shift, 1)
+    if x.dtype != y.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match y dtype {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x is on {x.device} but y is on {y.device}")
+    if tuple(ds_weight.shape[2:]) != (1, 1):
+        raise ValueError(f"ds_weight must be a 1x1 kernel, got shape {tuple(ds_weight.shape)}")
+    if ds_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ds_weight has {ds_weight.shape[0]} output channels but weight has {weight.shape[0]}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x batch {x.shape[0]} does not match y batch {y.shape[0]}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh, ow = conv_out_hw(y.shape[2], y.shape[3], (kh, kw), stride, padding, dilation)
+    dh, dw = conv_out_hw(x.shape[2], x.shape[3], (1, 1), ds_stride, (0, 0), (1, 1))
+    if (oh, ow) != (dh, dw):
+        raise ValueError(
+            f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
+        )
+    cout = weight.shape[0]
+    spec = ConvSpec(
+        device_type=y.device.type,
+        dtype=y.dtype,
+        in_channels=y.shape[1],
+        out_channels=cout,
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=bool(relu),
+        has_residual=False,
+        channels_last=_is_channels_last(y),
+        requires_grad=_wants_grad(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
+        ds_in_channels=x.shape[1],
+        ds_stride=ds_stride,
+    )
+    mod = backends.select(backend, spec)
+    if y.shape[0] == 0:
+        return _empty_like_out(y, cout, oh, ow)
+    return mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec)
+
+
+def bn_scale_shift(bn, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm from its *live* parameters and buffers.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+    Computed on every call (a handful of tiny ops), so it can never go stale when the
+    weights change or the module toggles between train and eval.  Differentiable in the
+    BN's weight and bias.
+    """
+    rv = bn.running_var
+    inv = torch.rsqrt(rv.to(dtype) + bn.eps)
+    w = bn.weight.to(dtype) if bn.weight is not None else torch.ones_like(inv)
+    b = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(inv)
+    scale = w * inv
+    shift = b - bn.running_mean.to(dtype) * scale
+    return scale, shift
