@@ -1,0 +1,1 @@
+"""Benchmark suite behind ``fusedres bench`` (workloads, timing, roofline, reports)."""
