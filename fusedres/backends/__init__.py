@@ -79,6 +79,31 @@ class ConvSpec:
 _loaded: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
 _warned: set[tuple] = set()
+_recorders: list[set] = []
+
+
+class record:
+    """Context manager collecting the names of the backends :func:`select` picks inside it.
+
+    >>> with record() as used:
+    ...     model(x)
+    >>> sorted(used)
+    ['cpu']
+    """
+
+    def __enter__(self) -> set:
+        self.used: set = set()
+        _recorders.append(self.used)
+        return self.used
+
+    def __exit__(self, *exc) -> None:
+        _recorders.remove(self.used)
+
+
+def _picked(mod: ModuleType) -> ModuleType:
+    for used in _recorders:
+        used.add(mod.NAME)
+    return mod
 
 
 def _load(name: str) -> ModuleType | None:
@@ -150,7 +175,7 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
         reason = mod.unsupported_reason(spec)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot compute this call: {reason}")
-        return mod
+        return _picked(mod)
 
     order = _AUTO_ORDER.get(spec.device_type, ("torch",))
     reasons = []
@@ -170,6 +195,6 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
                     "fusedres: backend 'auto' falls back to the 'torch' reference for a "
                     f"{spec.device_type} call ({'; '.join(reasons)})",
                 )
-            return mod
+            return _picked(mod)
         reasons.append(f"{cand}: {reason}")
     raise BackendUnavailableError("no fusedres backend can compute this call: " + "; ".join(reasons))
