@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--csv", dest="csv_path", metavar="PATH", help="write the rows as CSV")
     g.add_argument("--plot", dest="plot_path", metavar="PNG", help="speedup and %% of roofline per workload "
                                                                    "(needs matplotlib)")
+    g.add_argument("--results-dir", metavar="DIR", help="also write <device-slug>_<date>_<suite or mode>.json "
+                   "and .png there (e.g. benchmarks/results; scripts/render_results.py reads them)")
     g.add_argument("--notes", default="", help="free text stored with the results (conditions of the run)")
     g.add_argument("--list", action="store_true", help="list the workloads and exit")
 
@@ -192,13 +195,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    err = Console(stderr=True)
     try:
         a = resolve(args)
         wls = build_workloads(a)
         dtypes = [runner.DTYPES[d] if d in runner.DTYPES else _bad_dtype(d) for d in _csv(a.dtype)]
         cons = contenders_mod.parse(a.contenders, a.device)
     except ValueError as exc:
-        console.print(f"[red]fusedres bench: {exc}[/red]")
+        err.print(f"[red]fusedres bench: {exc}[/red]")
         return 2
     if a.no_compile:
         cons = [c for c in cons if c.name not in contenders_mod.COMPILE_NAMES]
@@ -208,13 +212,13 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{w.kind:5} {w.name:40} batch {w.batch:4}  input {w.input_shape}  {uses}")
         return 0
     if not wls:
-        console.print("[red]fusedres bench: no workloads selected (check --blocks/--model/--only)[/red]")
+        err.print("[red]fusedres bench: no workloads selected (check --blocks/--model/--only)[/red]")
         return 2
-    if a.plot_path:
+    if a.plot_path or a.results_dir:
         try:
             import matplotlib  # noqa: F401  (fail before the run, not after it)
         except ImportError:
-            console.print("[red]fusedres bench: --plot needs matplotlib: pip install 'fusedres[plot]'[/red]")
+            err.print("[red]fusedres bench: --plot needs matplotlib: pip install 'fusedres[plot]'[/red]")
             return 2
     if a.device.type == "cuda":
         torch.backends.cudnn.benchmark = a.cudnn_benchmark
@@ -262,6 +266,12 @@ def run(args: argparse.Namespace) -> int:
                 report.write_csv(result, a.csv_path)
             if a.plot_path:
                 report.plot(result, a.plot_path)
+            if a.results_dir:
+                stem = Path(a.results_dir) / report.result_stem(result)
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                report.write_json(result, stem.with_suffix(".json"))
+                report.plot(result, stem.with_suffix(".png"))
+                console.print(f"results written to {stem}.json and .png")
     return status
 
 

@@ -113,6 +113,16 @@ def environment(device: torch.device) -> dict:
 # --------------------------------------------------------------------------- files
 
 
+def run_label(result: dict) -> str:
+    """What kind of run this is: its suite, else its mode (one results table per label)."""
+    return result["config"].get("suite") or result["config"]["mode"]
+
+
+def result_stem(result: dict) -> str:
+    """``<device-slug>_<YYYY-MM-DD>_<label>``: the file name of a committed result."""
+    return f"{result['device']['slug']}_{result['date'][:10]}_{_slug(run_label(result))}"
+
+
 def write_json(result: dict, path) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -256,15 +266,17 @@ def plot(result: dict, path) -> None:
     for ax, key, ylabel in ((axes[0], "speedup_vs_eager", "speedup over eager (x)"),
                             (axes[1], "roofline_pct", "% of roofline floor")):
         for i, name in enumerate(names):
+            if key == "speedup_vs_eager" and name == "eager":
+                continue  # 1.0 by definition: the line at 1 stands for it
             vals = [np.nan] * len(labels)
             for r in ok:
                 if r["contender"] == name and r[key] is not None:
                     vals[labels.index(f"{r['workload']} b{r['batch']} {r['dtype']}")] = r[key]
-            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name, color=f"C{i % 10}")
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1.0, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=8, ncol=min(4, max(1, len(names))))
+    axes[1].legend(fontsize=8, ncol=min(4, max(1, len(names))))
     axes[1].set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
     dev = result["device"]
     fig.suptitle(f"fusedres bench, {dev['name']}, {result['config']['mode']}, {result['date'][:10]}")
@@ -296,7 +308,7 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
     for res, png in results:
         dev, v, cfg = res["device"], res["versions"], res["config"]
         out += [
-            f"### {dev['name']} ({dev['type']}), {res['date'][:10]}",
+            f"### {dev['name']} ({dev['type']}): {run_label(res)}, {res['date'][:10]}",
             "",
             f"Mode `{cfg['mode']}`; torch {v['torch']}, torchvision {v['torchvision']}, triton {v['triton']}, "
             f"fusedres {v['fusedres']}, Python {v['python']}; commit `{res['git']['commit'][:10]}`"
@@ -315,6 +327,27 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
         if png:
             out += [f"![{dev['name']} speedup and roofline]({png})", ""]
     return "\n".join(out)
+
+
+def latest_results(results_dir) -> list[tuple[dict, Path]]:
+    """The newest result file per device and run label in ``results_dir``, GPUs first.
+
+    Raises ``ValueError`` naming any JSON file there that is not a fusedres bench result.
+    """
+    latest: dict[tuple[str, str], tuple[dict, Path]] = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        with open(path) as f:
+            try:
+                res = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(res, dict) or res.get("schema") != SCHEMA_ID:
+            raise ValueError(f"{path}: not a fusedres bench result (expected \"schema\": \"{SCHEMA_ID}\")")
+        key = (res["device"]["slug"], run_label(res))
+        if key not in latest or (res["date"], path.name) > (latest[key][0]["date"], latest[key][1].name):
+            latest[key] = (res, path)
+    return sorted(latest.values(), key=lambda rp: (rp[0]["device"]["type"] != "cuda", rp[0]["device"]["name"],
+                                                    run_label(rp[0])))
 
 
 def replace_section(text: str, section: str) -> str:

@@ -238,8 +238,8 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
         ref_out = _make_step(ref, train, amp_dtype, dev)(inputs[0]).clone()
         for name, model in built.items():
             status(f"first call of {name}")
-            step = _make_step(model, train, amp_dtype, dev)
             try:
+                step = _make_step(model, train, amp_dtype, dev)
                 with backends.record() as used:
                     out, first_s = time_once(lambda: step(inputs[0]).clone(), dev)
                 abs_err, rel_err = _errors(out, ref_out)
