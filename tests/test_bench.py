@@ -6,10 +6,9 @@ suite measures what it says and reports it in the documented format.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -189,7 +188,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--blocks", "resnet18", "--model", "resnet18", "--batch", "1", "--size", "32",
             "--device", "cpu", "--dtype", "float32", "--contenders", "eager,fusedres", "--repeats", "3",
-            "--warmup", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+            "--warmup", "1", "--threads", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
             "--plot", str(out / "r.png"), "--results-dir", str(out / "results"), "--notes", "test run"]
     from fusedres.cli import main
 
@@ -237,18 +236,20 @@ def test_results_dir_naming(tiny_run):
     assert files == [stem + ".json", stem + ".png"]
 
 
-def _render(tmp_path, readme_text, results):
+def _render(tmp_path, readme_text, results, capsys):
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     readme = tmp_path / "README.md"
     readme.write_text(readme_text)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_results.py"), "--readme", str(readme),
-                           "--results", str(results)], capture_output=True, text=True, timeout=120)
-    return proc, readme
+    rc = script.main(["--readme", str(readme), "--results", str(results)])
+    return rc, capsys.readouterr().err, readme
 
 
-def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path):
+def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, capsys):
     text = f"# Title\n\nintro\n\n{report.MARK_BEGIN}\nstale\n{report.MARK_END}\n\nfooter\n"
-    proc, readme = _render(tmp_path, text, tiny_run / "results")
-    assert proc.returncode == 0, proc.stderr
+    rc, err, readme = _render(tmp_path, text, tiny_run / "results", capsys)
+    assert rc == 0, err
     new = readme.read_text()
     assert new.startswith("# Title\n\nintro\n\n" + report.MARK_BEGIN) and new.endswith(report.MARK_END + "\n\nfooter\n")
     assert "stale" not in new and "| workload | batch |" in new and "basic_64-64-s1_8x8" in new
@@ -256,10 +257,10 @@ def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path):
     assert f"]({Path(os.path.relpath(png, tmp_path)).as_posix()})" in new
 
 
-def test_render_results_fails_without_markers(tiny_run, tmp_path):
-    proc, readme = _render(tmp_path, "# Title\nno markers\n", tiny_run / "results")
-    assert proc.returncode == 2
-    assert "<!-- results:begin -->" in proc.stderr and readme.read_text() == "# Title\nno markers\n"
+def test_render_results_fails_without_markers(tiny_run, tmp_path, capsys):
+    rc, err, readme = _render(tmp_path, "# Title\nno markers\n", tiny_run / "results", capsys)
+    assert rc == 2
+    assert "<!-- results:begin -->" in err and readme.read_text() == "# Title\nno markers\n"
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -87,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-budget", type=float, help="seconds; workloads not started by then are skipped rows")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="let cuDNN pick the fastest conv algorithms for every contender (default: on)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's own)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--json", dest="json_path", metavar="PATH", help="write the results as JSON")
@@ -163,7 +164,8 @@ def canonical_command(a: argparse.Namespace) -> str:
              "--batch", a.batch, "--size", str(a.size), "--blocks", a.blocks or "none", "--model", a.model or "none",
              "--contenders", a.contenders, "--repeats", str(a.repeats), "--warmup", str(a.warmup),
              "--channels-last" if a.channels_last else "--no-channels-last", "--seed", str(a.seed)]
-    for flag, val in (("--only", a.only), ("--compile-on", a.compile_on), ("--time-budget", a.time_budget)):
+    for flag, val in (("--only", a.only), ("--compile-on", a.compile_on), ("--time-budget", a.time_budget),
+                      ("--threads", a.threads)):
         if val is not None:
             parts += [flag, str(val)]
     if a.no_compile:
@@ -192,7 +194,6 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
     err = Console(stderr=True)
@@ -222,7 +223,21 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if a.device.type == "cuda":
         torch.backends.cudnn.benchmark = a.cudnn_benchmark
+    if a.threads is not None:
+        if a.threads < 1:
+            err.print(f"[red]fusedres bench: --threads must be >= 1, got {a.threads}[/red]")
+            return 2
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(a.threads)
+    try:
+        return _run(a, cons, dtypes, wls, console)
+    finally:
+        if a.threads is not None:
+            torch.set_num_threads(prev_threads)
 
+
+def _run(a, cons, dtypes, wls, console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     cfg = runner.Config(
         device=a.device, dtypes=dtypes, mode=a.mode, contenders=cons, channels_last=a.channels_last,
         compile_on=_csv(a.compile_on) if a.compile_on else None, repeats=a.repeats, warmup=a.warmup,
@@ -258,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         status = 130
     finally:
         # Whatever happened, show and save what was measured.
+        result["host"]["loadavg_end"] = report.loadavg()
         if result["peaks"]:
             report.print_table(result, console)
             if a.json_path:

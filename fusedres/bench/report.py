@@ -106,8 +106,18 @@ def environment(device: torch.device) -> dict:
             "logical_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
+            # Other processes competing for the CPU make CPU timings (and GPU launch overhead) noisy.
+            "loadavg_start": loadavg(),
+            "loadavg_end": None,
         },
     }
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- files
@@ -233,6 +243,9 @@ def print_table(result: dict, console=None) -> None:
         console.print(f"roofline peaks ({dt}): matmul {p['matmul_tflops']:.3g} TFLOP/s (n={p['matmul_n']}), "
                       f"copy {p['copy_gbps']:.3g} GB/s; {p['note']}")
     console.print(f"peak memory: {result['memory_method']}")
+    host = result["host"]
+    console.print(f"host load average (1/5/15 min): {host['loadavg_start']} at start, {host['loadavg_end']} at end "
+                  f"({host['logical_cores']} logical cores, torch threads {host['torch_threads']})")
     for r in result["rows"]:
         if r["kind"] == "model" and r["contender"] == "eager":
             console.print(f"{r['workload']}: {r['gmacs_per_image']:.3f} GMACs per {r['image_size']}px image "
@@ -313,7 +326,8 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
             f"Mode `{cfg['mode']}`; torch {v['torch']}, torchvision {v['torchvision']}, triton {v['triton']}, "
             f"fusedres {v['fusedres']}, Python {v['python']}; commit `{res['git']['commit'][:10]}`"
             + (" (uncommitted changes)" if res["git"].get("dirty") else "")
-            + f"; host {res['host']['cpu']} ({res['host']['logical_cores']} logical cores).",
+            + f"; host {res['host']['cpu']} ({res['host']['logical_cores']} logical cores, "
+            f"load average {res['host'].get('loadavg_start')} at start, {res['host'].get('loadavg_end')} at end).",
             "",
             f"Command: `{cfg['command']}`",
             "",
