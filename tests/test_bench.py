@@ -126,7 +126,7 @@ def test_time_interleaved_round_robin_rotates_and_survives_errors():
 
 def test_stats_percentiles():
     s = timing.Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert (s.median, s.n) == (3.0, 5) and s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)
+    assert (s.median, s.n, s.min) == (3.0, 5, 1.0) and s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)
     with pytest.raises(ValueError, match="samples"):
         timing.Stats.of([])
 

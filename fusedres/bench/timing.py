@@ -31,12 +31,13 @@ _L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Stats:
-    """Seconds per call: median and the 20th/80th percentiles of ``n`` timed calls."""
+    """Seconds per call: median, 20th/80th percentiles and minimum of ``n`` timed calls."""
 
     median: float
     p20: float
     p80: float
     n: int
+    min: float
 
     @classmethod
     def of(cls, samples) -> Stats:
@@ -44,7 +45,7 @@ class Stats:
         if a.size == 0:
             raise ValueError("samples must not be empty")
         p20, med, p80 = np.percentile(a, [20, 50, 80])
-        return cls(float(med), float(p20), float(p80), int(a.size))
+        return cls(float(med), float(p20), float(p80), int(a.size), float(a.min()))
 
 
 def round_order(names: list[str], r: int) -> list[str]:
