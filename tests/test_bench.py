@@ -189,7 +189,7 @@ def tiny_run(tmp_path_factory):
     argv = ["bench", "--blocks", "resnet18", "--model", "resnet18", "--batch", "1", "--size", "32",
             "--device", "cpu", "--dtype", "float32", "--contenders", "eager,fusedres", "--repeats", "3",
             "--warmup", "1", "--threads", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
-            "--plot", str(out / "r.png"), "--results-dir", str(out / "results"), "--notes", "test run"]
+            "--plot", str(out / "r.png"), "--summary", str(out / "r.txt"), "--results-dir", str(out / "results"), "--notes", "test run"]
     from fusedres.cli import main
 
     assert main(argv) == 0
@@ -227,6 +227,13 @@ def test_tiny_run_csv_and_plot(tiny_run):
     for png in (tiny_run / "r.png", *(tiny_run / "results").glob("*.png")):
         data = png.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_tiny_run_summary(tiny_run):
+    lines = (tiny_run / "r.txt").read_text().splitlines()
+    assert lines[0].startswith("bench infer on ") and "8 workloads" in lines[0]
+    assert len(lines) == 1 + 8
+    assert lines[1].startswith("  resnet18 b1 float32: eager ") and "fusedres-torch " in lines[1]
 
 
 def test_results_dir_naming(tiny_run):
@@ -286,5 +293,11 @@ def test_cli_suites_resolve():
     assert len(wls) == 7 + 8 + 1
     cfg = runner.Config(device=a.device, dtypes=[torch.float32], mode="infer",
                         contenders=contenders.parse(a.contenders, a.device), compile_on=[a.compile_on])
-    assert "compile" in [c.name for c in cfg.contenders_for(wls[-1])]
+    assert wls[0].kind == "model" and all(w.kind == "block" for w in wls[1:])  # models first
+    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+    assert "compile" not in [c.name for c in cfg.contenders_for(wls[1])]
+    # NAME/bBATCH globs pick one batch size
+    cfg.compile_on = ["resnet50/b8"]
     assert "compile" not in [c.name for c in cfg.contenders_for(wls[0])]
+    cfg.compile_on = ["resnet50/b4"]
+    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]

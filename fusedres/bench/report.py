@@ -252,6 +252,36 @@ def print_table(result: dict, console=None) -> None:
                           f"(convs + classifier)")
 
 
+def summary_lines(result: dict) -> list[str]:
+    """One line per workload: the eager time, every other contender's speedup, failures."""
+    label = f"bench {run_label(result)} on {result['device']['name']}"
+    groups: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["workload"], r["batch"], r["dtype"]), []).append(r)
+    lines = [f"{label}: {len(groups)} workloads, " + ", ".join(
+        f"{n} {s}" for s, n in sorted(_count(r["status"] for r in result["rows"]).items()))]
+    for (name, batch, dtype), rows in groups.items():
+        parts = []
+        for r in rows:
+            if r["status"] != "ok":
+                parts.append(f"{r['contender']} {r['status'].upper()}")
+            elif r["contender"] == "eager":
+                parts.append(f"eager {r['time_ms']:.3g} ms")
+            elif r["speedup_vs_eager"] is not None:
+                parts.append(f"{r['contender']} {r['speedup_vs_eager']:.2f}x")
+            else:
+                parts.append(f"{r['contender']} {r['time_ms']:.3g} ms")
+        lines.append(f"  {name} b{batch} {dtype}: " + " | ".join(parts))
+    return lines
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
 # --------------------------------------------------------------------------- plot
 
 
