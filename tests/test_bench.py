@@ -301,3 +301,14 @@ def test_cli_suites_resolve():
     assert "compile" not in [c.name for c in cfg.contenders_for(wls[0])]
     cfg.compile_on = ["resnet50/b4"]
     assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+
+
+def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
+    """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a full hash, else "unknown"."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
+    monkeypatch.delenv("FUSEDRES_GIT_COMMIT", raising=False)
+    assert report.git_state() == {"commit": "unknown", "dirty": None}
+    monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "a" * 40)
+    assert report.git_state() == {"commit": "a" * 40, "dirty": None}
+    monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "not-a-hash")
+    assert report.git_state()["commit"] == "unknown"

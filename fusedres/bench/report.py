@@ -65,8 +65,14 @@ def _version(dist: str) -> str | None:
 
 
 def git_state() -> dict:
-    """``{"commit", "dirty"}`` of the checkout fusedres is imported from, "unknown" outside git."""
+    """``{"commit", "dirty"}`` of the checkout fusedres is imported from.
+
+    Outside a git checkout (a copied tree on a test machine) the commit comes from
+    ``$FUSEDRES_GIT_COMMIT`` when set, else it is ``"unknown"``.
+    """
     root = Path(fusedres.__file__).resolve().parent.parent
+    fallback = os.environ.get("FUSEDRES_GIT_COMMIT", "").strip().lower()
+    unknown = {"commit": fallback if re.fullmatch(r"[0-9a-f]{40}", fallback) else "unknown", "dirty": None}
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
@@ -74,11 +80,11 @@ def git_state() -> dict:
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return {"commit": "unknown", "dirty": None}
+            return unknown
         dirty = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        return unknown
 
 
 def environment(device: torch.device) -> dict:
@@ -246,10 +252,9 @@ def print_table(result: dict, console=None) -> None:
     host = result["host"]
     console.print(f"host load average (1/5/15 min): {host['loadavg_start']} at start, {host['loadavg_end']} at end "
                   f"({host['logical_cores']} logical cores, torch threads {host['torch_threads']})")
-    for r in result["rows"]:
-        if r["kind"] == "model" and r["contender"] == "eager":
-            console.print(f"{r['workload']}: {r['gmacs_per_image']:.3f} GMACs per {r['image_size']}px image "
-                          f"(convs + classifier)")
+    costs = {(r["workload"], r["image_size"]): r["gmacs_per_image"] for r in result["rows"] if r["kind"] == "model"}
+    for (name, size), gmacs in costs.items():
+        console.print(f"{name}: {gmacs:.3f} GMACs per {size}x{size} image (convs + classifier)")
 
 
 def summary_lines(result: dict) -> list[str]:
