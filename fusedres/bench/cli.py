@@ -121,6 +121,14 @@ def _ints(name: str, spec: str) -> list[int]:
     return vals
 
 
+def _dtypes(spec: str) -> list[torch.dtype]:
+    names = _csv(spec)
+    bad = [n for n in names if n not in runner.DTYPES]
+    if bad or not names:
+        raise ValueError(f"--dtype must list {', '.join(runner.DTYPES)}, got {spec!r}")
+    return [runner.DTYPES[n] for n in names]
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from ``--suite`` and then from the per-device defaults."""
     a = argparse.Namespace(**vars(args))
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         a = resolve(args)
         wls = build_workloads(a)
-        dtypes = [runner.DTYPES[d] if d in runner.DTYPES else _bad_dtype(d) for d in _csv(a.dtype)]
+        dtypes = _dtypes(a.dtype)
         cons = contenders_mod.parse(a.contenders, a.device)
     except ValueError as exc:
         err.print(f"[red]fusedres bench: {exc}[/red]")
@@ -294,7 +302,3 @@ def _run(a, cons, dtypes, wls, console) -> int:
                 report.plot(result, stem.with_suffix(".png"))
                 console.print(f"results written to {stem}.json and .png")
     return status
-
-
-def _bad_dtype(name: str):
-    raise ValueError(f"--dtype must list {', '.join(runner.DTYPES)}, got {name!r}")

@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -263,8 +264,8 @@ def summary_lines(result: dict) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in result["rows"]:
         groups.setdefault((r["workload"], r["batch"], r["dtype"]), []).append(r)
-    lines = [f"{label}: {len(groups)} workloads, " + ", ".join(
-        f"{n} {s}" for s, n in sorted(_count(r["status"] for r in result["rows"]).items()))]
+    counts = Counter(r["status"] for r in result["rows"])
+    lines = [f"{label}: {len(groups)} workloads, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
     for (name, batch, dtype), rows in groups.items():
         parts = []
         for r in rows:
@@ -278,13 +279,6 @@ def summary_lines(result: dict) -> list[str]:
                 parts.append(f"{r['contender']} {r['time_ms']:.3g} ms")
         lines.append(f"  {name} b{batch} {dtype}: " + " | ".join(parts))
     return lines
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for i in items:
-        out[i] = out.get(i, 0) + 1
-    return out
 
 
 # --------------------------------------------------------------------------- plot

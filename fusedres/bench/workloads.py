@@ -15,6 +15,7 @@ in each model's weights metadata.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -220,6 +221,7 @@ def count_macs(model: nn.Module, input_shape) -> list[LayerCall]:
     return calls
 
 
+@functools.lru_cache(maxsize=None)
 def model_gmacs_per_image(name: str, size: int = 224) -> float:
     """Billions of MACs per image of all convs and the classifier of ``name``."""
     return sum(c.macs for c in count_macs(meta_model(name), (1, 3, size, size))) / 1e9
