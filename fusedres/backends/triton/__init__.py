@@ -8,6 +8,9 @@
 An eval ``BasicBlock`` is therefore 2 launches and a ``Bottleneck`` 3.  Kernels:
 ``kernels.py``; host launch, tiles and autotuning: ``launch.py``; op registration: ``ops.py``.
 
+Differentiable: the forward is the fused kernel, the backward runs through ATen
+(``convolution_backward`` plus a recomputed conv for the BN-scale gradient; see ``ops.py``).
+
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
 """
@@ -44,8 +47,6 @@ def unsupported_reason(spec) -> str | None:
         return f"tensors are on {spec.device_type}; the triton backend needs CUDA tensors"
     if spec.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {spec.dtype} is not supported (fp16, bf16, fp32 only)"
-    if spec.requires_grad:
-        return "autograd is needed and the triton kernels are forward-only"
     return None
 
 
