@@ -13,6 +13,8 @@ off or cannot fit:
 * ``BLOCK_N`` larger than the (power-of-two-rounded) output channels per group, and
   ``BLOCK_K`` larger than the input channels per group, only compute padding;
 * ``BLOCK_M`` much larger than the number of output pixels likewise;
+* with the downsample branch two fp32 accumulators are live at once, so tiles whose
+  accumulator needs more than :data:`DS_ACC_REGS` registers per thread are dropped;
 * ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes of pipelined operand
   tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90).
 
@@ -50,26 +52,41 @@ class TileConfig:
     def kwargs(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
 
+    def acc_regs(self) -> int:
+        """fp32 accumulator registers per thread for one ``BLOCK_M x BLOCK_N`` accumulator."""
+        return self.block_m * self.block_n // (32 * self.num_warps)
+
     def smem_bytes(self, elem_size: int) -> int:
         """Shared memory of the pipelined A/B operand tiles (the dominant term)."""
         return self.num_stages * (self.block_m + self.block_n) * self.block_k * elem_size
 
 
 #: Candidate tiles for GPUs, best general-purpose first (the first survivor is also the
-#: untuned default).  128x128x64 with 8 warps is the classic Hopper/Ampere GEMM tile;
-#: 64-wide N tiles serve 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs;
-#: BLOCK_K=16 the 3-channel stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
+#: untuned default).  None needs more than 64 accumulator registers per thread: 128x256
+#: with 8 warps and 128x128 with 4 warps (128 each) spilled on sm_80/sm_90 (aot report).
+#: 128x128x64 with 8 warps is the classic Hopper/Ampere GEMM tile; 64-wide N tiles serve
+#: 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs; BLOCK_K=16 the 3-channel stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
 GPU_CONFIGS = (
     TileConfig(128, 128, 64, 3, 8),
+    TileConfig(128, 64, 64, 3, 8),
+    TileConfig(64, 128, 64, 3, 8),
     TileConfig(128, 64, 64, 4, 4),
     TileConfig(64, 128, 64, 4, 4),
-    TileConfig(128, 256, 64, 3, 8),
     TileConfig(64, 64, 64, 4, 4),
-    TileConfig(128, 128, 32, 4, 4),
     TileConfig(64, 256, 32, 4, 8),
     TileConfig(128, 64, 16, 4, 4),
     TileConfig(128, 32, 32, 4, 4),
     TileConfig(128, 16, 16, 4, 4),
+    TileConfig(32, 16, 16, 2, 4),
+)
+
+#: Tiles for fp32 with TF32 off ("ieee"): tl.dot then runs on FMA units with both operand
+#: tiles in registers, so only BLOCK_K=16 and at most 128x64 outputs per program avoid
+#: register spills (checked by the aot report; 64x64x32 already spills on sm_80).
+FMA_CONFIGS = (
+    TileConfig(128, 64, 16, 2, 8),
+    TileConfig(64, 64, 16, 2, 4),
+    TileConfig(64, 32, 16, 2, 4),
     TileConfig(32, 16, 16, 2, 4),
 )
 
@@ -81,8 +98,25 @@ def _pow2_at_least(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int):
+def base_configs(precision: str) -> tuple[TileConfig, ...]:
+    """The candidate list for a ``DOT_PRECISION``: FMA tiles for IEEE fp32, tensor-core tiles otherwise."""
+    return FMA_CONFIGS if precision == "ieee" else GPU_CONFIGS
+
+
+#: Per-accumulator register cap when the downsample GEMM keeps a second accumulator live
+#: next to the first: 2 x 32 fp32 registers per thread.  Above it ptxas spilled on sm_80
+#: and/or sm_90 (aot report: 128x128 with 8 warps, 128x64 with 4 warps).  The FMA (IEEE
+#: fp32) path also holds its operand tiles in registers, hence its lower cap.
+DS_ACC_REGS = 32
+DS_ACC_REGS_FMA = 16
+
+
+def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
+                  has_downsample: bool = False, fma: bool = False):
     """The configs worth benchmarking for one problem (see the module docstring)."""
+    if has_downsample:
+        cap = DS_ACC_REGS_FMA if fma else DS_ACC_REGS
+        configs = [c for c in configs if c.acc_regs() <= cap]
     k_needed = _pow2_at_least(max(CG, CD))
     n_needed = _pow2_at_least(KG)
     m_needed = _pow2_at_least(M, 32)
@@ -119,15 +153,20 @@ def _early_prune(configs, named_args, **kwargs):
             c.kwargs["GROUP_M"],
         )
         by_cfg[tc] = c
+    candidates = [t for t in by_cfg if t in base_configs(all_args["DOT_PRECISION"])]
     kept = prune_configs(
-        list(by_cfg), M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
+        candidates, M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
         elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
+        has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
     )
     return [by_cfg[t] for t in kept]
 
 
 _autotuned_kernel = triton.autotune(
-    configs=[triton.Config(c.kwargs(), num_stages=c.num_stages, num_warps=c.num_warps) for c in GPU_CONFIGS],
+    configs=[
+        triton.Config(c.kwargs(), num_stages=c.num_stages, num_warps=c.num_warps)
+        for c in dict.fromkeys(GPU_CONFIGS + FMA_CONFIGS)
+    ],
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _early_prune},
 )(_conv_bn_act_fwd_kernel)
@@ -245,8 +284,9 @@ def launch(
         config = INTERPRET_CONFIG
     if config is None and not _autotune_enabled():
         config = prune_configs(
-            GPU_CONFIGS, M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
-            smem_limit=_max_shared_mem(x.device),
+            base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
+            smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
+            fma=flags["DOT_PRECISION"] == "ieee",
         )[0]
     if config is None:
         with torch.cuda.device(x.device):
