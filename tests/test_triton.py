@@ -274,3 +274,26 @@ def test_prune_configs_respects_shared_memory_and_problem_size():
     assert kept and all(c.smem_bytes(4) <= sm80 and c.block_n <= 64 for c in kept)
     tiny = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=8, CG=3, KG=4, CD=0, elem_size=2, smem_limit=sm80)
     assert [(c.block_m, c.block_n, c.block_k) for c in tiny] == [(32, 16, 16)]
+
+
+def test_torch_compile_fullgraph_converted_block():
+    """Dynamo traces a converted block into one graph holding the two custom ops."""
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _bn(16))
+    block = tv.BasicBlock(8, 16, stride=2, downsample=ds)
+    block.bn1, block.bn2 = _bn(16), _bn(16)
+    block = fusedres.convert(block.to(DEVICE).eval(), backend="triton")
+    x = _rand(2, 8, 7, 6, dtype=torch.float32, channels_last=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=record)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("conv_bn_act_triton" in t for t in targets) == 1
+    assert sum("block_tail_triton" in t for t in targets) == 1
