@@ -88,6 +88,7 @@ def _poisoned(shape, dtype, channels_last):
 CONV_CASES = {
     "3x3": (2, 20, 24, 9, 7, 3, 1, 1, 1, 1, True, True),
     "3x3-s2": (2, 20, 24, 9, 8, 3, 2, 1, 1, 1, False, True),
+    "3x3-unpadded": (2, 12, 16, 9, 8, 3, 2, 0, 1, 1, True, True),
     "1x1": (2, 40, 36, 5, 6, 1, 1, 0, 1, 1, True, False),
     "1x1-s2": (3, 24, 40, 7, 7, 1, 2, 0, 1, 1, False, True),
     "stem-7x7": (1, 3, 16, 13, 11, 7, 2, 3, 1, 1, False, True),

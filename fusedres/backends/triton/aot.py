@@ -3,7 +3,8 @@
     python -m fusedres.backends.triton.aot [--arch 80 --arch 90] [--all-configs] [--json PATH]
 
 Compiles every compile-time variant of ``_conv_bn_act_fwd_kernel`` (filter size 1/3/7 x
-residual x ReLU x downsample x dtype, fp32 in both TF32 and IEEE mode) with the first
+residual x ReLU x downsample x dtype, fp32 in both TF32 and IEEE mode; padded exactly
+when the filter is larger than 1x1, as in ResNets) with the first
 tile config that :func:`launch.prune_configs` keeps for a large problem of that dtype on
 that arch, plus every surviving config for the heaviest variants (3x3 block tail with
 both accumulators, bf16 and fp32).  ``--all-configs`` compiles every surviving config for
@@ -91,7 +92,8 @@ def _signature_and_constants(kernel, v: Variant, cfg):
             if name not in _PLAIN_INTS:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constants.update(
-        KH=v.kh, KW=v.kh, HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
+        KH=v.kh, KW=v.kh, PADDED=v.kh > 1,
+        HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
         DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
     )
     return sig, constants, attrs

@@ -28,7 +28,9 @@ A program owns one ``BLOCK_M x BLOCK_N`` output tile of one group: an fp32 accum
 live in shared memory (``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes).
 The per-row decomposition ``m -> (n, oh, ow)`` and the row base addresses are computed
 once, before the reduction loop; inside it a tap only shifts the row addresses by a
-scalar and re-derives a ``BLOCK_M`` boolean vector for the padding border.  The loop is a
+scalar and re-derives a ``BLOCK_M`` boolean vector for the padding border (skipped at
+compile time when ``PADDED`` is false: with zero padding every tap of a valid output
+pixel lies inside ``x``, e.g. all 1x1 convs).  The loop is a
 single flat loop over ``KH * KW * ceil(Cg / BLOCK_K)`` steps (not three nested loops) so
 that Triton's software pipeliner sees every step, even when ``Cg`` fits in one
 ``BLOCK_K`` block (ResNet's 64-channel layers would otherwise give a one-trip inner loop).
@@ -76,7 +78,7 @@ def _conv_bn_act_fwd_kernel(
     # conv geometry
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, ds_sh, ds_sw,
     # compile-time specialisation
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PADDED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_DOWNSAMPLE: tl.constexpr, RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -127,7 +129,10 @@ def _conv_bn_act_fwd_kernel(
         kw = tap - kh * KW
         ih = ih0 + kh * dil_h
         iw = iw0 + kw * dil_w
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if PADDED:
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        else:  # without padding every tap of a valid output pixel lies inside x
+            row_ok = m_ok
         cc = c0 + offs_k
         c_ok = cc < CG
         tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw

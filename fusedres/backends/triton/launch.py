@@ -65,7 +65,8 @@ class TileConfig:
 #: untuned default).  None needs more than 64 accumulator registers per thread: 128x256
 #: with 8 warps and 128x128 with 4 warps (128 each) spilled on sm_80/sm_90 (aot report).
 #: 128x128x64 with 8 warps is the classic Hopper/Ampere GEMM tile; 64-wide N tiles serve
-#: 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs; BLOCK_K=16 the 3-channel stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
+#: 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs; BLOCK_K=16 the 3-channel
+#: stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
 GPU_CONFIGS = (
     TileConfig(128, 128, 64, 3, 8),
     TileConfig(128, 64, 64, 3, 8),
@@ -134,7 +135,7 @@ _AUTOTUNE_KEY = [
     "M", "H", "W", "OH", "OW", "CG", "KG", "CD",
     "sxc", "sdc", "soc", "src",
     "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw",
-    "KH", "KW", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "DOT_PRECISION", "DOT_UPCAST",
+    "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "DOT_PRECISION", "DOT_UPCAST",
 ]
 
 
@@ -271,7 +272,8 @@ def launch(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], ds_stride[0], ds_stride[1],
     )
     flags = dict(
-        KH=kh, KW=kw, HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=ds is not None, RELU=bool(relu),
+        KH=kh, KW=kw, PADDED=padding[0] > 0 or padding[1] > 0,
+        HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=ds is not None, RELU=bool(relu),
         DOT_PRECISION=dot_precision(x.dtype),
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
