@@ -251,6 +251,13 @@ def launch(
         raise ValueError(f"N*H_out*W_out = {m} output pixels exceeds the kernel's int32 row index")
     if w_t.numel() > _INT32_MAX:
         raise ValueError(f"weight has {w_t.numel()} elements; the kernel addresses it with int32")
+    # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
+    # is exact while one image (C * H * W) stays below 2**31 elements.
+    for name, t in (("x", x), ("residual", residual), ("out", out), ("ds input", ds[0] if ds else None)):
+        if t is not None and t[0].numel() > _INT32_MAX:
+            raise ValueError(f"{name}: one image has {t[0].numel()} elements; at most 2**31 - 1 supported")
+    if out.numel() == 0:
+        return out
     kg = k // groups
     if ds is not None:
         xd, wd_t, ds_scale, ds_shift, ds_stride = ds
