@@ -298,3 +298,17 @@ def test_torch_compile_fullgraph_converted_block():
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert sum("conv_bn_act_triton" in t for t in targets) == 1
     assert sum("block_tail_triton" in t for t in targets) == 1
+
+
+def test_autotuner_early_prune_maps_configs(monkeypatch):
+    """The autotuner hook sees Triton Configs and the launch's arguments; check its selection."""
+    monkeypatch.setattr(tl_launch, "_max_shared_mem", lambda device: 227 * 1024)
+    configs = tl_launch._autotuned_kernel.configs
+    x = torch.empty(1, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, M=64 * 28 * 28, CG=128, KG=128, CD=256)
+    tc_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=True, DOT_PRECISION="tf32")
+    fma_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, DOT_PRECISION="ieee")
+    as_tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
+                           for c in cs}
+    assert as_tiles(tc_kept) and all(m * n // (32 * w) <= tl_launch.DS_ACC_REGS for m, n, _, w in as_tiles(tc_kept))
+    assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
