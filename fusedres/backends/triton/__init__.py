@@ -54,16 +54,34 @@ if _HAS_TRITON:
     from . import ops as _ops  # registers torch.ops.fusedres.*_triton
 
 
-def conv_bn_act(x, weight, scale, shift, residual, spec):
-    return torch.ops.fusedres.conv_bn_act_triton(
-        x, weight, scale, shift, residual,
-        list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu,
+def _direct(spec, *tensors) -> bool:
+    """Call the op's implementation without the dispatcher: eager inference on plain tensors.
+
+    ``torch.ops`` dispatch of a Python custom op (autograd wrapper, dispatcher round trip)
+    costs tens of microseconds of host time per call, comparable to a whole small conv
+    on an H100.  When nothing needs it - no autograd, no tracing (``torch.compile``,
+    export), no tensor subclass such as a FakeTensor - the implementation is called
+    directly; it is the very function the op registers, so results are identical.
+    """
+    return (
+        not spec.requires_grad
+        and not torch.compiler.is_compiling()
+        and all(t is None or type(t) is torch.Tensor for t in tensors)
     )
+
+
+def conv_bn_act(x, weight, scale, shift, residual, spec):
+    args = (x, weight, scale, shift, residual,
+            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu)
+    if _direct(spec, x, weight, scale, shift, residual):
+        return _ops.conv_bn_act_impl(*args)
+    return torch.ops.fusedres.conv_bn_act_triton(*args)
 
 
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
-    return torch.ops.fusedres.block_tail_triton(
-        y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
-        list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
-        list(spec.ds_stride), spec.relu,
-    )
+    args = (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
+            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
+            list(spec.ds_stride), spec.relu)
+    if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift):
+        return _ops.block_tail_impl(*args)
+    return torch.ops.fusedres.block_tail_triton(*args)

@@ -27,6 +27,7 @@ exercise several tiles on tiny problems.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .kernels import _conv_bn_act_fwd_kernel
 
 
+# Triton reads TRITON_INTERPRET when it is imported, so it cannot change afterwards.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETING
 
 
 @dataclass(frozen=True)
@@ -297,14 +302,17 @@ def launch(
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
             fma=flags["DOT_PRECISION"] == "ieee",
         )[0]
-    if config is None:
-        with torch.cuda.device(x.device):
+    if x.device.type != "cuda":  # the interpreter, on CPU tensors
+        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
+        return out
+    # Triton launches on the current device; switch only when x lives elsewhere (the
+    # guard costs host time on every call).
+    guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
+    with guard:
+        if config is None:
             _autotuned_kernel[grid](*args, **flags)
-    elif x.device.type == "cuda":
-        with torch.cuda.device(x.device):
+        else:
             _conv_bn_act_fwd_kernel[grid](
                 *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
             )
-    else:
-        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
     return out

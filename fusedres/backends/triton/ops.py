@@ -9,6 +9,9 @@ traces with ``fullgraph=True`` and the eager kernel - weight re-layout cache, au
 and all - runs unchanged inside the compiled graph and inside CUDA-graph capture (warm
 each shape up once before capturing: the first call of a shape autotunes).
 
+The backend module calls ``*_impl`` directly for eager inference on plain tensors (see
+``_direct`` in ``__init__.py``): the same function, without the dispatcher's host cost.
+
 Output memory format: channels_last when the input (``x``, resp. ``y``) is channels_last,
 otherwise contiguous NCHW - what ``torch.nn.functional.conv2d`` returns for these inputs.
 The kernel writes either through the output's strides.
@@ -44,8 +47,7 @@ def _new_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     )
 
 
-@torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())
-def conv_bn_act_triton(
+def conv_bn_act_impl(
     x: Tensor,
     weight: Tensor,
     scale: Tensor,
@@ -69,13 +71,15 @@ def conv_bn_act_triton(
     )
 
 
+conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())(conv_bn_act_impl)
+
+
 @conv_bn_act_triton.register_fake
 def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
     return _new_out(x, weight, stride, padding, dilation)
 
 
-@torch.library.custom_op("fusedres::block_tail_triton", mutates_args=())
-def block_tail_triton(
+def block_tail_impl(
     y: Tensor,
     weight: Tensor,
     scale: Tensor,
@@ -102,6 +106,9 @@ def block_tail_triton(
         y, _launch.kernel_weight(weight), scale, shift, None, out,
         tuple(stride), tuple(padding), tuple(dilation), groups, relu, ds=ds,
     )
+
+
+block_tail_triton = torch.library.custom_op("fusedres::block_tail_triton", mutates_args=())(block_tail_impl)
 
 
 @block_tail_triton.register_fake
