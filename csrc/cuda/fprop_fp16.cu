@@ -1,0 +1,10 @@
+// The fp16 CUTLASS conv kernels (ReLU and identity epilogues); see fprop_impl.cuh.
+#include "fprop_impl.cuh"
+
+namespace fusedres::cuda {
+
+FpropError fprop_fp16(const FpropProblem& p, bool relu, cudaStream_t stream) {
+  return relu ? run_fprop<cutlass::half_t, true>(p, stream) : run_fprop<cutlass::half_t, false>(p, stream);
+}
+
+}  // namespace fusedres::cuda
