@@ -34,6 +34,22 @@ struct FpropError {
 FpropError fprop_bf16(const FpropProblem& p, bool relu, cudaStream_t stream);
 FpropError fprop_fp16(const FpropProblem& p, bool relu, cudaStream_t stream);
 
+// The 1x1 downsample conv of a residual block (no padding or dilation), which yields the
+// same (N, P, Q, K) output as the main conv it is fused with.
+struct DownsampleProblem {
+  const void* input;   // (N, H, W, C)  same dtype as the main input, 16-byte aligned
+  const void* filter;  // (K, 1, 1, C)  BN scale folded in
+  int H, W, C, stride_h, stride_w;
+};
+
+// Block tail in ONE kernel: both implicit GEMMs accumulate into the same fp32 tile,
+//   out = act(acc_main + acc_downsample + bias[k]),
+// `main.bias` being shift + ds_shift and `main.residual` null.
+FpropError block_tail_bf16(const FpropProblem& main, const DownsampleProblem& ds, bool relu,
+                           cudaStream_t stream);
+FpropError block_tail_fp16(const FpropProblem& main, const DownsampleProblem& ds, bool relu,
+                           cudaStream_t stream);
+
 // Channel-count alignment the kernels need: 128-bit accesses of 16-bit elements on the
 // C (activation/filter) and K (output/residual/bias) dimensions.
 constexpr int kAlignment = 8;

@@ -11,11 +11,10 @@
 // since callers recompute scale/shift from the live BN each forward.  The shift stays fp32
 // and is the epilogue's broadcast bias.
 //
-// What block_tail runs (NOT one fused kernel): CUTLASS 2.x has no dual implicit-GEMM conv,
-// and a concatenated-K GEMM would need a custom activation iterator reading two tensors
-// with different strides.  So the 1x1 downsample conv runs first (its BN folded in, no
-// activation) and its output is the residual read by the main conv's epilogue: two CUTLASS
-// launches and one extra (N, P, Q, K) round trip through global memory.
+// block_tail runs as ONE kernel (DualFpropKernel in fprop_impl.cuh): per output tile, the
+// main conv's implicit GEMM and the 1x1 downsample conv's implicit GEMM accumulate into the
+// same fp32 accumulators, and one epilogue adds shift + ds_shift and applies the
+// activation.  Both filters are folded with their own BN scale first (two fold launches).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,7 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <initializer_list>
 
 #include "fprop.h"
 
@@ -146,56 +145,102 @@ std::pair<int64_t, int64_t> check_conv(const char* x_name, const at::Tensor& x,
   return {P, Q};
 }
 
+// CUTLASS's iterators use 32-bit offsets and refuse tensors of 2 GiB or more, so the batch
+// is split into chunks under that size.  channels_last tensors are contiguous per sample,
+// so a chunk is a pointer offset (no copies).  Returns the samples per chunk.
+int64_t batch_chunk(std::initializer_list<const at::Tensor*> per_sample_tensors,
+                    const at::Tensor& filter) {
+  constexpr int64_t kMaxBytes = (int64_t{1} << 31) - 1;
+  int64_t per_sample = 0, N = 0;
+  for (const at::Tensor* t : per_sample_tensors) {
+    N = t->size(0);
+    per_sample = std::max(per_sample, t->numel() / N * t->element_size());
+  }
+  TORCH_CHECK(per_sample <= kMaxBytes && filter.numel() * filter.element_size() <= kMaxBytes,
+              "fusedres cuda: one sample or the filter is 2 GiB or larger, beyond the "
+              "kernels' 32-bit offsets");
+  return std::max<int64_t>(1, std::min<int64_t>(N, kMaxBytes / per_sample));
+}
+
+// Pointer to sample n0 of a channels_last (or any per-sample contiguous) tensor.
+const void* sample_ptr(const at::Tensor& t, int64_t n0) {
+  return static_cast<const char*>(t.const_data_ptr()) + n0 * (t.numel() / t.size(0)) * t.element_size();
+}
+
+FpropProblem conv_problem(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
+                          const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  FpropProblem p;
+  p.filter = filter.const_data_ptr();
+  p.bias = bias.const_data_ptr<float>();
+  p.residual = nullptr;
+  p.H = static_cast<int>(x.size(2));
+  p.W = static_cast<int>(x.size(3));
+  p.C = static_cast<int>(x.size(1));
+  p.K = static_cast<int>(filter.size(0));
+  p.R = static_cast<int>(filter.size(2));
+  p.S = static_cast<int>(filter.size(3));
+  p.P = static_cast<int>(out.size(2));
+  p.Q = static_cast<int>(out.size(3));
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.dilation_h = static_cast<int>(dilation[0]);
+  p.dilation_w = static_cast<int>(dilation[1]);
+  return p;
+}
+
+void check_cutlass(const FpropError& err, const FpropProblem& p) {
+  TORCH_CHECK(!err, "fusedres cuda: CUTLASS conv failed at ", err.step, ": ", err.status,
+              " (N=", p.N, " C=", p.C, " H=", p.H, " W=", p.W, " K=", p.K, " R=", p.R,
+              " S=", p.S, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // One conv through the CUTLASS kernel, writing `out` (channels_last (N, K, P, Q)).
-// `filter` is the folded KRSC filter, `bias` the fp32 shift.  CUTLASS's iterators use
-// 32-bit offsets and refuse tensors of 2 GiB or more, so the batch is split into chunks
-// under that size; channels_last tensors are contiguous per sample, so a chunk is just a
-// pointer offset (no copies).
+// `filter` is the folded KRSC filter, `bias` the fp32 shift.
 void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
               const c10::optional<at::Tensor>& residual, at::Tensor& out, at::IntArrayRef stride,
               at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, cudaStream_t stream) {
   const int64_t N = x.size(0);
-  const int64_t elem = x.element_size();
-  const int64_t per_sample = std::max(x.numel() / N, out.numel() / N) * elem;
-  constexpr int64_t kMaxBytes = (int64_t{1} << 31) - 1;
-  TORCH_CHECK(per_sample <= kMaxBytes && filter.numel() * elem <= kMaxBytes,
-              "fusedres cuda: one sample or the filter is 2 GiB or larger, beyond the "
-              "kernels' 32-bit offsets");
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, kMaxBytes / per_sample));
-  const int64_t x_step = x.numel() / N * elem, out_step = out.numel() / N * elem;
-  const auto* x_ptr = static_cast<const char*>(x.const_data_ptr());
-  const char* res_ptr =
-      residual ? static_cast<const char*>(residual->const_data_ptr()) : nullptr;
-  auto* out_ptr = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t chunk = batch_chunk({&x, &out}, filter);
+  FpropProblem p = conv_problem(x, filter, bias, out, stride, padding, dilation);
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t n = std::min(chunk, N - n0);
-    FpropProblem p;
-    p.input = x_ptr + n0 * x_step;
-    p.filter = filter.const_data_ptr();
-    p.bias = bias.const_data_ptr<float>();
-    p.residual = res_ptr ? res_ptr + n0 * out_step : nullptr;
-    p.output = out_ptr + n0 * out_step;
-    p.N = static_cast<int>(n);
-    p.H = static_cast<int>(x.size(2));
-    p.W = static_cast<int>(x.size(3));
-    p.C = static_cast<int>(x.size(1));
-    p.K = static_cast<int>(filter.size(0));
-    p.R = static_cast<int>(filter.size(2));
-    p.S = static_cast<int>(filter.size(3));
-    p.P = static_cast<int>(out.size(2));
-    p.Q = static_cast<int>(out.size(3));
-    p.pad_h = static_cast<int>(padding[0]);
-    p.pad_w = static_cast<int>(padding[1]);
-    p.stride_h = static_cast<int>(stride[0]);
-    p.stride_w = static_cast<int>(stride[1]);
-    p.dilation_h = static_cast<int>(dilation[0]);
-    p.dilation_w = static_cast<int>(dilation[1]);
-    const FpropError err = x.scalar_type() == at::kBFloat16 ? fprop_bf16(p, relu, stream)
-                                                            : fprop_fp16(p, relu, stream);
-    TORCH_CHECK(!err, "fusedres cuda: CUTLASS conv failed at ", err.step, ": ", err.status,
-                " (N=", p.N, " C=", p.C, " H=", p.H, " W=", p.W, " K=", p.K, " R=", p.R,
-                " S=", p.S, ")");
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.N = static_cast<int>(std::min(chunk, N - n0));
+    p.input = sample_ptr(x, n0);
+    p.residual = residual ? sample_ptr(*residual, n0) : nullptr;
+    p.output = const_cast<void*>(sample_ptr(out, n0));
+    check_cutlass(x.scalar_type() == at::kBFloat16 ? fprop_bf16(p, relu, stream)
+                                                   : fprop_fp16(p, relu, stream),
+                  p);
+  }
+}
+
+// The fused block tail: act(conv(y, filter) + conv1x1(x, ds_filter, ds_stride) + bias).
+void run_block_tail(const at::Tensor& y, const at::Tensor& filter, const at::Tensor& x,
+                    const at::Tensor& ds_filter, const at::Tensor& bias, at::Tensor& out,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    at::IntArrayRef ds_stride, bool relu, cudaStream_t stream) {
+  const int64_t N = y.size(0);
+  const int64_t chunk =
+      std::min(batch_chunk({&y, &out}, filter), batch_chunk({&x, &out}, ds_filter));
+  FpropProblem p = conv_problem(y, filter, bias, out, stride, padding, dilation);
+  DownsampleProblem d;
+  d.filter = ds_filter.const_data_ptr();
+  d.H = static_cast<int>(x.size(2));
+  d.W = static_cast<int>(x.size(3));
+  d.C = static_cast<int>(x.size(1));
+  d.stride_h = static_cast<int>(ds_stride[0]);
+  d.stride_w = static_cast<int>(ds_stride[1]);
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    p.N = static_cast<int>(std::min(chunk, N - n0));
+    p.input = sample_ptr(y, n0);
+    p.output = const_cast<void*>(sample_ptr(out, n0));
+    d.input = sample_ptr(x, n0);
+    check_cutlass(y.scalar_type() == at::kBFloat16 ? block_tail_bf16(p, d, relu, stream)
+                                                   : block_tail_fp16(p, d, relu, stream),
+                  p);
   }
 }
 
@@ -263,13 +308,9 @@ at::Tensor block_tail_cuda(const at::Tensor& y, const at::Tensor& weight, const 
   at::Tensor out = new_output(y, K, P, Q);
   if (y.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
-  // Downsample branch: conv1x1(x, ds_weight * ds_scale) + ds_shift, no activation.
-  at::Tensor skip = new_output(x, K, P, Q);
-  run_conv(x, fold(ds_weight, ds_scale, stream), as_f32_vector(ds_shift), c10::nullopt, skip,
-           ds_stride, ds_pad, ds_dil, /*relu=*/false, stream);
-  // Main branch with the downsample output as the epilogue's residual.
-  run_conv(y, fold(weight, scale, stream), as_f32_vector(shift), skip, out, stride, padding,
-           dilation, relu, stream);
+  const at::Tensor bias = as_f32_vector(shift).add(as_f32_vector(ds_shift));
+  run_block_tail(y, fold(weight, scale, stream), x, fold(ds_weight, ds_scale, stream), bias, out,
+                 stride, padding, dilation, ds_stride, relu, stream);
   return out;
 }
 

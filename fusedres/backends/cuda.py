@@ -9,10 +9,10 @@ What runs, per call (sources in ``csrc/cuda``):
   epilogues only take a scalar alpha, hence the fold; it is recomputed per call rather
   than cached because comparing ``scale``/``shift`` values against a cache would cost a
   device-to-host sync on every call.
-* ``block_tail``: NOT a single fused kernel.  The 1x1 downsample conv runs first
-  (``ds_scale`` folded, ``ds_shift`` as bias, no activation) and its output is the
-  residual of the main conv's kernel: two CUTLASS launches and one extra
-  ``(N, C_out, H_out, W_out)`` round trip through memory.
+* ``block_tail``: one kernel (after folding both filters): each output tile runs the
+  main conv's implicit GEMM and then the 1x1 downsample conv's implicit GEMM into the same
+  fp32 accumulators, and one epilogue computes ``act(acc + shift + ds_shift)``.  The
+  downsample output never goes through memory.
 
 Layout: the kernels read and write channels_last (NHWC).  An NCHW input or residual is
 converted explicitly here (a visible copy per call; keep models channels_last to avoid
