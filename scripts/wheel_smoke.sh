@@ -33,7 +33,8 @@ WHEEL=$(ls "$WORK"/dist/fusedres-*.whl)
 echo "   $(basename "$WHEEL") built in $((SECONDS - t0)) s"
 
 echo "== checking the wheel contents"
-if ! "$PY" -m zipfile -l "$WHEEL" | grep -q "fusedres/_C.*\.so"; then
+listing=$("$PY" -m zipfile -l "$WHEEL")
+if ! grep -q "fusedres/_C.*\.so" <<<"$listing"; then
   grep "fusedres setup:" "$WORK/build.log" || true
   echo "FAIL: the wheel has no fusedres/_C*.so" >&2
   exit 1
