@@ -353,7 +353,10 @@ def test_matches_triton(case):
     x, wt, scale, shift = _inputs(n, cin, h, w, cout, k, torch.bfloat16)
     kw = dict(stride=stride, padding=padding, dilation=dilation)
     out = fusedres.conv_bn_act(x, wt, scale, shift, backend="cuda", **kw)
-    tri = fusedres.conv_bn_act(x, wt, scale, shift, backend="triton", **kw)
+    try:
+        tri = fusedres.conv_bn_act(x, wt, scale, shift, backend="triton", **kw)
+    except backends.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
     spec = _spec_for(x, wt, stride, padding, dilation, True, False)
     ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
     # Both within bf16 rounding of the exact result, hence of each other.
