@@ -32,7 +32,15 @@ status=$?
 set -e
 grep "fusedres setup:" /tmp/fusedres_build_ext.log || true
 echo "build_ext_gpu: pip exit $status, build took $((SECONDS - t0)) s (sm_${FUSEDRES_CUDA_ARCHS}, MAX_JOBS=$MAX_JOBS)"
-[[ $status -eq 0 ]] || { tail -40 /tmp/fusedres_build_ext.log; exit "$status"; }
+if [[ $status -ne 0 ]]; then
+  tail -40 /tmp/fusedres_build_ext.log
+  # An offline machine may lack what pip's editable build needs (setuptools>=64, wheel);
+  # a plain in-place build needs only setuptools and gives the same fusedres/_C*.so.
+  echo "build_ext_gpu: pip failed; trying 'setup.py build_ext --inplace'"
+  t0=$SECONDS
+  "$PY" setup.py build_ext --inplace >/tmp/fusedres_build_ext.log 2>&1 || { tail -40 /tmp/fusedres_build_ext.log; exit 1; }
+  echo "build_ext_gpu: in-place build took $((SECONDS - t0)) s"
+fi
 echo "ptxas: $(grep -c 'bytes spill stores' /tmp/fusedres_build_ext.log) kernel reports," \
   "$(grep 'bytes spill stores' /tmp/fusedres_build_ext.log | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills"
 "$PY" -c "
