@@ -14,6 +14,10 @@ from .modules import BasicBlock, Bottleneck, FusedResNet, convert, revert
 
 __version__ = "0.1.0"
 
+from . import backends as _backends  # noqa: E402
+
+_backends.load_all()
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",

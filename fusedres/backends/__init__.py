@@ -65,9 +65,9 @@ class ConvSpec:
     dilation: tuple[int, int]
     groups: int
     relu: bool
-    has_residual: bool
     channels_last: bool
     requires_grad: bool
+    has_residual: bool = False
     ds_in_channels: int = 0
     ds_stride: tuple[int, int] | None = None
 
@@ -77,8 +77,34 @@ class ConvSpec:
 
 
 _loaded: dict[str, ModuleType | None] = {}
+_available: dict[str, bool] = {}
 _load_errors: dict[str, str] = {}
 _warned: set[tuple] = set()
+_recorders: list[set] = []
+
+
+class record:
+    """Context manager collecting the names of the backends :func:`select` picks inside it.
+
+    >>> with record() as used:
+    ...     model(x)
+    >>> sorted(used)
+    ['cpu']
+    """
+
+    def __enter__(self) -> set:
+        self.used: set = set()
+        _recorders.append(self.used)
+        return self.used
+
+    def __exit__(self, *exc) -> None:
+        _recorders.remove(self.used)
+
+
+def _picked(mod: ModuleType) -> ModuleType:
+    for used in _recorders:
+        used.add(mod.NAME)
+    return mod
 
 
 def _load(name: str) -> ModuleType | None:
@@ -90,7 +116,20 @@ def _load(name: str) -> ModuleType | None:
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
         else:
             _loaded[name] = mod
+            # Availability (library present, extension built, device present) does not change
+            # within a process; caching it keeps selection cheap and traceable by dynamo.
+            _available[name] = bool(mod.is_available())
     return _loaded[name]
+
+
+def load_all() -> None:
+    """Import every backend now (each failure is remembered, not raised).
+
+    Called once when ``fusedres`` is imported, so that backend selection inside
+    ``torch.compile`` only reads this registry and never has to import a module.
+    """
+    for name in BACKENDS:
+        _load(name)
 
 
 def get(name: str) -> ModuleType:
@@ -102,7 +141,7 @@ def get(name: str) -> ModuleType:
         raise BackendUnavailableError(
             f"backend {name!r} is not available: failed to import ({_load_errors[name]})"
         )
-    if not mod.is_available():
+    if not _available[name]:
         raise BackendUnavailableError(f"backend {name!r} is not available: {mod.why_unavailable()}")
     return mod
 
@@ -131,7 +170,9 @@ def requested(backend: str | None) -> str:
 
 
 def _warn_once(key: tuple, msg: str) -> None:
-    if key not in _warned:
+    # warnings.warn cannot be traced by dynamo; a fallback chosen while compiling is warned
+    # about the first time the same call runs eagerly.
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
@@ -150,16 +191,20 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
         reason = mod.unsupported_reason(spec)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot compute this call: {reason}")
-        return mod
+        return _picked(mod)
 
     order = _AUTO_ORDER.get(spec.device_type, ("torch",))
+    if spec.device_type == "cpu" and torch.compiler.is_compiling():
+        # Inductor's CPU backend performs the oneDNN conv + post-op fusion itself on the
+        # reference graph, so under torch.compile the reference is the fused path.
+        order = ("torch",)
     reasons = []
     for cand in order:
         mod = _load(cand)
         if mod is None:
             reasons.append(f"{cand}: import failed ({_load_errors[cand]})")
             continue
-        if not mod.is_available():
+        if not _available[cand]:
             reasons.append(f"{cand}: {mod.why_unavailable()}")
             continue
         reason = mod.unsupported_reason(spec)
@@ -170,6 +215,6 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
                     "fusedres: backend 'auto' falls back to the 'torch' reference for a "
                     f"{spec.device_type} call ({'; '.join(reasons)})",
                 )
-            return mod
+            return _picked(mod)
         reasons.append(f"{cand}: {reason}")
     raise BackendUnavailableError("no fusedres backend can compute this call: " + "; ".join(reasons))

@@ -1,0 +1,50 @@
+"""torch.compile of converted models, and the ``fusedres check`` command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import torch
+from torchvision.models import resnet as tv
+
+import fusedres
+from helpers import randomize
+
+
+def test_compile_fullgraph_eval_block():
+    ds = torch.nn.Sequential(tv.conv1x1(8, 16, 2), torch.nn.BatchNorm2d(16))
+    ref = randomize(tv.BasicBlock(8, 16, 2, ds)).eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_check_cli_json(tmp_path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedres", "check", "--model", "resnet18", "--batch", "1", "--size", "64",
+         "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["numerics_ok"] is True and res["backends_used"] == ["cpu"]
+    assert res["rel_err_fused_vs_fp64"] <= res["rel_err_budget"]
+    assert res["time_fused_ms"] > 0 and res["time_reference_ms"] > 0
+    assert "speedup" in proc.stdout
+
+
+def test_check_cli_fails_on_bad_numerics(monkeypatch):
+    """A wrong kernel must make `check` fail: corrupt the cpu backend's output and expect rc 1."""
+    from fusedres.backends import cpu
+    from fusedres.cli import main
+
+    real = cpu.conv_bn_act
+    monkeypatch.setattr(cpu, "conv_bn_act", lambda *a: real(*a) * 1.01)
+    rc = main(["check", "--model", "resnet18", "--batch", "1", "--size", "32", "--repeats", "1"])
+    assert rc == 1

@@ -1,0 +1,185 @@
+"""``conv_bn_act`` / ``block_tail`` on CPU: numerics per backend, argument checks, backend selection."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends
+from fusedres.backends import torch_ref
+from helpers import assert_within_budget
+
+# (C_in, C_out, k, stride, padding, dilation, groups)
+CONV_CASES = [
+    (3, 16, 7, 2, 3, 1, 1),  # stem
+    (16, 16, 3, 1, 1, 1, 1),
+    (16, 24, 3, 2, 1, 1, 1),
+    (12, 20, 1, 1, 0, 1, 1),
+    (12, 20, 1, 2, 0, 1, 1),
+    (16, 16, 3, 1, 2, 2, 1),  # dilation
+    (16, 32, 3, 1, 1, 1, 8),  # groups
+    (5, 7, 3, 1, 1, 1, 1),  # odd channel counts
+]
+
+
+def _case(cin, cout, k, stride, padding, dilation, groups, n=2, h=11, w=9, dtype=torch.float32, cl=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = (torch.randn(cout, cin // groups, k, k, generator=g) / (cin // groups * k * k) ** 0.5).to(dtype)
+    scale = torch.rand(cout, generator=g) + 0.5
+    shift = torch.randn(cout, generator=g) * 0.1
+    oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    res = torch.randn(n, cout, oh, ow, generator=g).to(dtype)
+    return x, wt, scale, shift, res, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def _ref64(x, wt, scale, shift, res, kw, relu=True):
+    return fusedres.conv_bn_act(
+        x.double(), wt.double(), scale.double(), shift.double(),
+        residual=None if res is None else res.double(), relu=relu, backend="torch", **kw,
+    )
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "c{}-k{}-s{}-p{}-d{}-g{}".format(*c[1:]))
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_cpu_backend_conv_bn_act(case, residual, relu, cl):
+    x, wt, scale, shift, res, kw = _case(*case, cl=cl)
+    res = res if residual else None
+    out = fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu, backend="cpu", **kw)
+    eager = fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu, backend="torch", **kw)
+    truth = _ref64(x, wt, scale, shift, res, kw, relu)
+    assert out.dtype == x.dtype and out.shape == truth.shape
+    assert_within_budget(out, eager, truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backend_block_tail(dtype):
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 8, 5, 5, generator=g).to(dtype)
+    x = torch.randn(2, 12, 10, 10, generator=g).to(dtype)
+    w = (torch.randn(16, 8, 3, 3, generator=g) / 8).to(dtype)
+    wd = (torch.randn(16, 12, 1, 1, generator=g) / 4).to(dtype)
+    s, b, sd, bd = (torch.rand(16, generator=g) + 0.5 for _ in range(4))
+    args = (y, w, s, b, x, wd, sd, bd)
+    kw = dict(padding=1, ds_stride=2)
+    out = fusedres.block_tail(*args, backend="cpu", **kw)
+    eager = fusedres.block_tail(*args, backend="torch", **kw)
+    truth = fusedres.block_tail(*(a.double() for a in args), backend="torch", **kw)
+    assert out.dtype == dtype
+    assert_within_budget(out, eager, truth, dtype)
+    manual = torch.relu(
+        torch.nn.functional.conv2d(y.double(), w.double(), padding=1) * s.double().view(1, -1, 1, 1)
+        + b.double().view(1, -1, 1, 1)
+        + torch.nn.functional.conv2d(x.double(), wd.double(), stride=2) * sd.double().view(1, -1, 1, 1)
+        + bd.double().view(1, -1, 1, 1)
+    )
+    torch.testing.assert_close(truth, manual)
+
+
+def test_torch_reference_matches_first_principles():
+    """The reference is what the docstring says, checked against conv2d + explicit affine."""
+    x, wt, scale, shift, res, kw = _case(*CONV_CASES[2], dtype=torch.float64)
+    out = fusedres.conv_bn_act(x, wt, scale.double(), shift.double(), residual=res, backend="torch", **kw)
+    conv = torch.nn.functional.conv2d(x, wt, None, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+    expected = torch.relu(conv * scale.double()[:, None, None] + shift.double()[:, None, None] + res)
+    torch.testing.assert_close(out, expected)
+
+
+def test_empty_batch():
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1], n=0)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, **kw)
+    assert out.shape == (0, 16, 11, 9)
+
+
+def test_bad_inputs_name_the_argument():
+    x, wt, scale, shift, res, kw = _case(*CONV_CASES[1])
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        fusedres.conv_bn_act(x[0], wt, scale, shift)
+    with pytest.raises(TypeError, match="weight dtype"):
+        fusedres.conv_bn_act(x, wt.double(), scale, shift, **kw)
+    with pytest.raises(ValueError, match="channel mismatch"):
+        fusedres.conv_bn_act(x[:, :8], wt, scale, shift, **kw)
+    with pytest.raises(ValueError, match="scale must have 16"):
+        fusedres.conv_bn_act(x, wt, scale[:4], shift, **kw)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        fusedres.conv_bn_act(x, wt.to("meta"), scale, shift, **kw)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        fusedres.conv_bn_act(x, wt, scale, shift, residual=res[:, :, :3], **kw)
+    with pytest.raises(TypeError, match="x must be a floating"):
+        fusedres.conv_bn_act(x.int(), wt.int(), scale, shift, **kw)
+    with pytest.raises(TypeError, match="shift must be float32"):
+        fusedres.conv_bn_act(x, wt, scale, shift.half(), **kw)
+    with pytest.raises(TypeError, match="stride"):
+        fusedres.conv_bn_act(x, wt, scale, shift, stride="2")
+    with pytest.raises(ValueError, match="groups"):
+        fusedres.conv_bn_act(x, wt, scale, shift, groups=3)
+
+
+def test_named_backend_errors_are_clear():
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedres.conv_bn_act(x, wt, scale, shift, backend="tensorrt", **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(fusedres.BackendUnavailableError, match="'cuda'"):
+            fusedres.conv_bn_act(x, wt, scale, shift, backend="cuda", **kw)
+    # the oneDNN path is inference-only: asked for by name with autograd it refuses, clearly
+    with pytest.raises(fusedres.BackendUnavailableError, match="autograd"):
+        fusedres.conv_bn_act(x.requires_grad_(), wt, scale, shift, backend="cpu", **kw)
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1], dtype=torch.float64)
+    s, b = scale.double(), shift.double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with backends.record() as used:
+            out1 = fusedres.conv_bn_act(x, wt, s, b, **kw)
+            out2 = fusedres.conv_bn_act(x, wt, s, b, **kw)
+    msgs = [str(w.message) for w in caught if "falls back" in str(w.message)]
+    assert len(msgs) == 1 and "float64" in msgs[0], msgs
+    assert used == {"torch"}
+    torch.testing.assert_close(out1, out2)
+
+
+def test_env_var_selects_backend(monkeypatch):
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    monkeypatch.setenv("FUSEDRES_BACKEND", "torch")
+    with backends.record() as used:
+        fusedres.conv_bn_act(x, wt, scale, shift, **kw)
+    assert used == {"torch"}
+    monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedres.conv_bn_act(x, wt, scale, shift, **kw)
+
+
+def test_cpu_fold_cache_tracks_weight_changes():
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    first = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+    wt.mul_(2.0)  # in place: same tensor, new version
+    second = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+    expected = torch_ref.conv_bn_act(x, wt, scale, shift, None, _spec_like(x, wt, kw))
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    third = fusedres.conv_bn_act(x, wt, scale * 0.5, shift, backend="cpu", **kw)
+    expected = torch_ref.conv_bn_act(x, wt, scale * 0.5, shift, None, _spec_like(x, wt, kw))
+    torch.testing.assert_close(third, expected, rtol=1e-5, atol=1e-5)
+
+
+def _spec_like(x, wt, kw):
+    from fusedres.functional import _pair
+
+    return backends.ConvSpec(
+        device_type="cpu", dtype=x.dtype, in_channels=x.shape[1], out_channels=wt.shape[0],
+        kernel_size=tuple(wt.shape[2:]), stride=_pair("s", kw["stride"]), padding=_pair("p", kw["padding"]),
+        dilation=_pair("d", kw["dilation"]), groups=kw["groups"], relu=True, has_residual=False,
+        channels_last=False, requires_grad=False,
+    )
