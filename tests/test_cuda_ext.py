@@ -132,8 +132,8 @@ def test_unavailable_without_gpu_says_why():
         (dict(dtype=torch.float64), "fp16/bf16 only"),
         (dict(requires_grad=True), "forward-only"),
         (dict(groups=2), "groups=2"),
-        (dict(in_channels=3), "in_channels=3 is not a multiple of 8"),
         (dict(out_channels=20), "out_channels=20 is not a multiple of 8"),
+        (dict(in_channels=12, ds_in_channels=16, ds_stride=(2, 2)), "in_channels=12 is not a multiple of 8"),
         (dict(ds_in_channels=12, ds_stride=(2, 2)), "ds_in_channels=12 is not a multiple of 8"),
         (dict(kernel_size=(33, 1)), "exceeds 32"),
     ],
@@ -148,6 +148,21 @@ def test_supported_specs(dtype):
     assert cuda_backend.unsupported_reason(_spec(dtype=dtype)) is None
     assert cuda_backend.unsupported_reason(_spec(dtype=dtype, ds_in_channels=256, ds_stride=(2, 2))) is None
     assert cuda_backend.unsupported_reason(_spec(dtype=dtype, kernel_size=(7, 7), in_channels=8)) is None
+    # conv_bn_act pads input channels (the ResNet stem)
+    assert cuda_backend.unsupported_reason(_spec(dtype=dtype, kernel_size=(7, 7), in_channels=3)) is None
+
+
+@pytest.mark.parametrize("cin", [1, 3, 8, 12])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pad_channels_keeps_the_convolution(cin, channels_last):
+    x = torch.randn(2, cin, 9, 11, dtype=torch.bfloat16)
+    x = _cl(x) if channels_last else x
+    w = torch.randn(16, cin, 7, 7, dtype=torch.bfloat16)
+    xp, wp = cuda_backend._pad_channels(x, w)
+    assert xp.shape[1] % cuda_backend.ALIGNMENT == 0 and xp.shape[1] == wp.shape[1] < cin + 8
+    assert xp.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=3)
+    torch.testing.assert_close(torch.nn.functional.conv2d(xp.double(), wp.double(), padding=3), ref)
 
 
 def test_cpu_tensors_have_no_kernel():
@@ -287,12 +302,25 @@ def test_functional_block_tail_and_auto():
 
 
 @pytest.mark.cuda
-def test_auto_falls_back_for_unaligned_channels():
-    x, wt, scale, shift = _inputs(1, 3, 16, 16, 64, 7, torch.bfloat16)  # the ResNet stem: C_in = 3
-    with pytest.raises(backends.BackendUnavailableError, match="in_channels=3 is not a multiple of 8"):
-        fusedres.conv_bn_act(x, wt, scale, shift, stride=2, padding=3, backend="cuda")
-    out = fusedres.conv_bn_act(x, wt, scale, shift, stride=2, padding=3, backend="auto")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cin", [1, 3, 12])
+def test_input_channel_padding(cin, dtype):
+    """C_in not a multiple of 8 (the ResNet stem has 3): the backend pads with zero channels."""
+    x, wt, scale, shift = _inputs(2, cin, 37, 37, 64, 7, dtype)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, stride=2, padding=3, backend="cuda")
     spec = _spec_for(x, wt, 2, 3, 1, True, False)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
+    same = torch_ref.conv_bn_act(x, wt, scale, shift, None, spec)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_auto_falls_back_for_unaligned_channels():
+    x, wt, scale, shift = _inputs(1, 16, 16, 16, 20, 3, torch.bfloat16)  # C_out = 20
+    with pytest.raises(backends.BackendUnavailableError, match="out_channels=20 is not a multiple of 8"):
+        fusedres.conv_bn_act(x, wt, scale, shift, padding=1, backend="cuda")
+    out = fusedres.conv_bn_act(x, wt, scale, shift, padding=1, backend="auto")
+    spec = _spec_for(x, wt, 1, 1, 1, True, False)
     ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
     same = torch_ref.conv_bn_act(x, wt, scale, shift, None, spec)
     _assert_close_to_ref(out, ref64, same, atol=1e-3)

@@ -18,9 +18,14 @@ Layout: the kernels read and write channels_last (NHWC).  An NCHW input or resid
 converted explicitly here (a visible copy per call; keep models channels_last to avoid
 it).  The output is always channels_last (same values and shape).
 
+Channel counts: the kernels need every channel count to be a multiple of 8 (128-bit
+accesses).  ``conv_bn_act`` with other input channel counts (the ResNet stem, ``C_in = 3``)
+pads the input and the filter with zero channels up to the next multiple of 8: a visible
+copy of the input, and the kernel then spends 8 channels' work per filter tap.
+
 Limits, declined by :func:`unsupported_reason` so ``auto`` falls back: CUDA tensors
-only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, every channel
-count a multiple of 8 (128-bit accesses), filters at most 32x32.
+only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, output channels
+(and, for ``block_tail``, both input channel counts) multiples of 8, filters at most 32x32.
 """
 
 from __future__ import annotations
@@ -105,9 +110,9 @@ def unsupported_reason(spec) -> str | None:
         return "autograd is needed and the CUDA kernels are forward-only"
     if spec.groups != 1:
         return f"groups={spec.groups} (grouped convolution is not implemented)"
-    channels = {"in_channels": spec.in_channels, "out_channels": spec.out_channels}
-    if spec.has_downsample:
-        channels["ds_in_channels"] = spec.ds_in_channels
+    channels = {"out_channels": spec.out_channels}
+    if spec.has_downsample:  # conv_bn_act pads its input channels, block_tail does not
+        channels.update(in_channels=spec.in_channels, ds_in_channels=spec.ds_in_channels)
     for name, c in channels.items():
         if c % ALIGNMENT:
             return f"{name}={c} is not a multiple of {ALIGNMENT} (128-bit accesses)"
@@ -128,9 +133,28 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _pad_channels(x: torch.Tensor, weight: torch.Tensor):
+    """``x`` (channels_last) and ``weight`` with zero input channels appended up to a multiple
+    of :data:`ALIGNMENT`; the convolution is unchanged.  Copies only when padding is needed."""
+    c = x.shape[1]
+    pad = -c % ALIGNMENT
+    if pad == 0:
+        return _nhwc(x), weight
+    xp = torch.empty(
+        (x.shape[0], c + pad, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+        memory_format=torch.channels_last,
+    )
+    xp[:, :c].copy_(x)
+    xp[:, c:].zero_()
+    wp = weight.new_zeros((weight.shape[0], c + pad, weight.shape[2], weight.shape[3]))
+    wp[:, :c].copy_(weight)
+    return xp, wp
+
+
 def conv_bn_act(x, weight, scale, shift, residual, spec):
+    x, weight = _pad_channels(x, weight)
     return torch.ops.fusedres.conv_bn_act_cuda(
-        _nhwc(x), weight, scale, shift, None if residual is None else _nhwc(residual),
+        x, weight, scale, shift, None if residual is None else _nhwc(residual),
         list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu,
     )
 
