@@ -21,6 +21,13 @@ __all__ = ["ChainTrain", "batch_stat_bn", "chain_ready", "chain_forward", "conve
 
 _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 1-tuple (group,)
 
+#: A chain's last conv output is recomputed in backward instead of saved when its reduction
+#: length ``C_in/groups * kH * kW`` is at most this: the extra cost per saved activation element
+#: is that many multiply-adds.  Covers a Bottleneck's 1x1 ``conv3`` (64-512) and the ResNet stem
+#: (3*7*7 = 147), not a BasicBlock's 3x3 ``conv2`` (>= 576), whose recompute would cost about
+#: as much as its forward.
+RECOMPUTE_MAX_REDUCTION = 512
+
 
 def batch_stat_bn(bn: nn.Module) -> bool:
     """A plain ``nn.BatchNorm2d`` that normalises with the batch's own statistics in this call."""
@@ -113,7 +120,15 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
     pool_cfg = None
     if pool is not None:
         pool_cfg = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-    cfg = (tuple(_geom(c) for c, _ in pairs), tuple(float(b.eps) for _, b in pairs), residual, pool_cfg)
+    last = pairs[len(pairs) - 1 - (downsample is not None)][0]
+    reduction = last.in_channels // last.groups * last.kernel_size[0] * last.kernel_size[1]
+    cfg = (
+        tuple(_geom(c) for c, _ in pairs),
+        tuple(float(b.eps) for _, b in pairs),
+        residual,
+        pool_cfg,
+        reduction <= RECOMPUTE_MAX_REDUCTION,
+    )
     out, *stats = ChainTrain.apply(cfg, _sync_group(owner), x.to(dtype), *params)
     for i, (_, bn) in enumerate(pairs):
         _update_running_stats(bn, stats[2 * i], stats[2 * i + 1])

@@ -14,7 +14,10 @@ downsample of it), ReLU and an optional max-pool::
 ``N, H, W`` (optionally over every rank of a process group).
 
 Saved for backward: the chain input ``x``, the pre-BN outputs ``z_i`` (and ``z_d``), the
-per-channel statistics, and ``y``.  Eager PyTorch additionally keeps every ``a_i`` (and the
+per-channel statistics, and ``y``.  With ``recompute_last`` the last ``z_K`` is not saved either
+but recomputed in backward from ``a_{K-1}`` (which backward rebuilds anyway for the conv's weight
+gradient): one extra convolution, worth it when the conv is cheap per output element (a
+Bottleneck's 1x1 ``conv3``, the 3-channel stem) and its output is large.  Eager PyTorch additionally keeps every ``a_i`` (and the
 pool's input and int64 indices); the ReLU masks are recomputed here from ``z_i`` (``a_i > 0``)
 and from ``y`` (``y > 0``), so no mask tensor is stored at all.
 
@@ -104,12 +107,13 @@ class ChainTrain(torch.autograd.Function):
     """Forward/backward of one chain; see the module docstring.
 
     ``apply(cfg, group, x, w_1, gamma_1, beta_1, ..., w_K, gamma_K, beta_K[, w_d, gamma_d, beta_d])``
-    where ``cfg = (geoms, eps, residual, pool)``:
+    where ``cfg = (geoms, eps, residual, pool, recompute_last)``:
 
     * ``geoms``: per conv ``(stride, padding, dilation, groups)``, the downsample's last;
     * ``eps``: per BN, the downsample's last;
     * ``residual``: ``"none" | "identity" | "downsample"``;
     * ``pool``: ``None`` or ``(kernel_size, stride, padding, dilation, ceil_mode)`` of a max-pool;
+    * ``recompute_last``: recompute ``z_K`` in backward instead of saving it;
     * ``group``: ``None`` (local statistics) or the process group to synchronise them over.
 
     ``x`` and the conv weights share one dtype (the autocast dtype under AMP); gammas and
@@ -119,7 +123,7 @@ class ChainTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, group, x, *params):
-        geoms, eps, residual, pool = cfg
+        geoms, eps, residual, pool, recompute_last = cfg
         nconv = len(geoms)
         k = nconv - (residual == "downsample")
         ws, gammas, betas = params[0::3], params[1::3], params[2::3]
@@ -151,9 +155,10 @@ class ChainTrain(torch.autograd.Function):
             out = y if pool is None else F.max_pool2d(y, *pool)
         ctx.cfg, ctx.group, ctx.k, ctx.counts = cfg, group, k, tuple(counts)
         ctx.n = (len(ws), len(zs))
+        if recompute_last:
+            zs[k - 1] = None
         ctx.save_for_backward(
-            x, None if pool is not None else y, *ws, *[g for g in gammas], *[b for b in betas],
-            *zs, *means, *invstds,
+            x, None if pool is not None else y, *ws, *gammas, *betas, *zs, *means, *invstds,
         )
         ctx.mark_non_differentiable(*stats_out)
         return (out, *stats_out)
@@ -162,7 +167,7 @@ class ChainTrain(torch.autograd.Function):
     def backward(ctx, gout, *_stat_grads):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
-        geoms, eps, residual, pool = ctx.cfg
+        geoms, eps, residual, pool, _ = ctx.cfg
         group, k, counts = ctx.group, ctx.k, ctx.counts
         nw, nz = ctx.n
         saved = ctx.saved_tensors
@@ -170,7 +175,7 @@ class ChainTrain(torch.autograd.Function):
         ws = saved[2:2 + nw]
         gammas = saved[2 + nw:2 + 2 * nw]
         betas = saved[2 + 2 * nw:2 + 3 * nw]
-        zs = saved[2 + 3 * nw:2 + 3 * nw + nz]
+        zs = list(saved[2 + 3 * nw:2 + 3 * nw + nz])
         means = saved[2 + 3 * nw + nz:2 + 3 * nw + 2 * nz]
         invstds = saved[2 + 3 * nw + 2 * nz:]
         need = ctx.needs_input_grad  # (cfg, group, x, w_1, gamma_1, beta_1, ...)
@@ -180,6 +185,10 @@ class ChainTrain(torch.autograd.Function):
             return _scale_shift(gammas[i], betas[i], means[i], invstds[i])
 
         with torch.autocast(x.device.type, enabled=False):
+            a_last = None
+            if zs[k - 1] is None:  # recompute_last: rebuild conv_K's input, then z_K
+                a_last = x if k == 1 else ops.bn_act(zs[k - 2], *ab(k - 2), relu=True)
+                zs[k - 1] = _conv(a_last, ws[k - 1], geoms[k - 1])
             if pool is not None:  # recompute y and the pool's argmax instead of having stored them
                 s, t = ab(k - 1)
                 if residual == "downsample":
@@ -212,7 +221,10 @@ class ChainTrain(torch.autograd.Function):
                 gx = gxd
             del gy, y
             for i in range(k - 1, -1, -1):
-                a = x if i == 0 else ops.bn_act(zs[i - 1], *ab(i - 1), relu=True)
+                if i == k - 1 and a_last is not None:
+                    a = a_last
+                else:
+                    a = x if i == 0 else ops.bn_act(zs[i - 1], *ab(i - 1), relu=True)
                 need_in = need[2] if i == 0 else True
                 ga, grads[3 * i] = _conv_backward(gz, a, ws[i], geoms[i], need_in, need[3 + 3 * i])
                 if i > 0:
