@@ -134,8 +134,9 @@ def _bn_bwd_reduce_kernel(
         gp = tl.load(g_ptr + goff, mask=mask, other=0.0).to(tl.float32)
         if HAS_MASK:
             yoff, _ = _tile_offsets(m0, pid_c, M, C, HW, ys_n, ys_c, ys_hw, BLOCK_M, BLOCK_C)
-            y = tl.load(y_ptr + yoff, mask=mask, other=0.0)
-            gp = tl.where(y > 0, gp, 0.0)
+            y = tl.load(y_ptr + yoff, mask=mask, other=0.0).to(tl.float32)
+            # A multiply, not tl.where: tl.where here crashes Triton 3.8's sm_90 compiler (fp32).
+            gp = gp * (y > 0.0).to(tl.float32)
         z = tl.load(z_ptr + zoff, mask=mask, other=0.0).to(tl.float32)
         acc1 += gp
         acc2 += gp * tl.where(mask, z - mean[None, :], 0.0)
@@ -162,8 +163,8 @@ def _bn_bwd_apply_kernel(
     gp = tl.load(g_ptr + goff, mask=mask, other=0.0).to(tl.float32)
     if HAS_MASK:
         yoff, _ = _tile_offsets(m0, pid_c, M, C, HW, ys_n, ys_c, ys_hw, BLOCK_M, BLOCK_C)
-        y = tl.load(y_ptr + yoff, mask=mask, other=0.0)
-        gp = tl.where(y > 0, gp, 0.0)
+        y = tl.load(y_ptr + yoff, mask=mask, other=0.0).to(tl.float32)
+        gp = gp * (y > 0.0).to(tl.float32)  # same mask arithmetic as the reduction kernel
     mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
