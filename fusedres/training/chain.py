@@ -165,8 +165,24 @@ class ChainTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, *_stat_grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = ChainTrain._backward(ctx, gout)
+        if not create_graph:
+            return grads
+        # create_graph=True: hand back gradients whose own backward raises a clear error (what
+        # torch.autograd.function.once_differentiable does, with a message naming fusedres).
+        live = [i for i, g in enumerate(grads) if g is not None]
+        err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD.encode(), len(live))
+        wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        out = list(grads)
+        for i, w in zip(live, wrapped):
+            out[i] = w
+        return tuple(out)
+
+    @staticmethod
+    def _backward(ctx, gout):
         geoms, eps, residual, pool, _ = ctx.cfg
         group, k, counts = ctx.group, ctx.k, ctx.counts
         nw, nz = ctx.n
