@@ -27,8 +27,10 @@ Backward per BN (the standard formula, ``M`` = element count per channel over al
     g_beta  = sum(gp),   g_gamma = invstd * sum(gp * (z - mean))
     g_z     = gamma*invstd * (gp - g_beta/M - (z - mean) * invstd^2 * sum(gp*(z - mean))/M)
 
-with the two sums all-reduced over the group for synchronised BN; the convolutions' data and
-weight gradients come from ATen's ``convolution_backward`` (cuDNN on CUDA, oneDNN/native on CPU).
+with the two sums all-reduced over the group for synchronised BN (for ``g_z`` only: ``g_gamma``
+and ``g_beta`` stay per rank, since DistributedDataParallel reduces parameter gradients).  The
+convolutions' data and weight gradients come from ATen's ``convolution_backward`` (cuDNN on
+CUDA, oneDNN/native on CPU).
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def _scale_shift(gamma, beta, mean, invstd):
 def _bn_backward(g, y, z, mean, invstd, gamma, count, group, *, write_gp: bool):
     """BN(+ReLU via ``y > 0``) backward: ``(g_z, g_gamma, g_beta, gp)``; see the module docstring."""
     sg, sgx = ops.bn_bwd_reduce(g, y, z, mean)
-    if group is not None:
+    # gamma/beta get this rank's share only: DDP reduces parameter gradients itself.
+    g_gamma, g_beta = sgx * invstd, sg
+    if group is not None:  # g_z needs the sums over the whole (global) batch
         both = torch.stack([sg, sgx])
         dist.all_reduce(both, group=group)
         sg, sgx = both[0], both[1]
@@ -86,7 +90,7 @@ def _bn_backward(g, y, z, mean, invstd, gamma, count, group, *, write_gp: bool):
     b = -scale * invstd * invstd * sgx / count
     c = -scale * sg / count
     gz, gp = ops.bn_bwd_apply(g, y, z, mean, scale, b, c, write_gp=write_gp)
-    return gz, sgx * invstd, sg, gp
+    return gz, g_gamma, g_beta, gp
 
 
 def _conv(a, w, geom):
