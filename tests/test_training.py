@@ -46,7 +46,7 @@ def _run(module, x):
     x = x.detach().clone().requires_grad_()
     out = module(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    out.backward(g.to(out.dtype))
+    out.backward(g.to(device=out.device, dtype=out.dtype))
     grads = {"x": x.grad, **{n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()}}
     return out, grads
 
@@ -95,6 +95,37 @@ def test_block_train_bf16(name):
 def _tiny_resnet(block=tv.BasicBlock, layers=(1, 1, 1, 1)):
     torch.manual_seed(0)
     return randomize(tv.ResNet(block, list(layers), num_classes=10))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck", "resnext", "dilated"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_block_train_cuda_fp32(name, channels_last):
+    """On CUDA the statistics, BN-apply and BN-backward passes are the Triton kernels."""
+    ref, cin = make_block(name)
+    ref.train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = _inputs((4, cin, 12, 11), channels_last).cuda()
+    _compare(ref.cuda(), fused.cuda(), x, torch.float32, expect_chains=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_model_autocast_cuda(dtype):
+    ref = _tiny_resnet(tv.Bottleneck).train().cuda().to(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    truth = copy.deepcopy(ref).double()
+    x = _inputs((8, 3, 64, 64), True).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out_f, gr_f = _run(fused, x)
+        out_r, gr_r = _run(ref, x)
+    out_t, gr_t = _run(truth, x.double())
+    assert out_f.dtype == dtype and _chain_nodes(out_f) == 5
+    assert_within_budget(out_f, out_r, out_t, dtype)
+    for name, gt in gr_t.items():
+        assert_within_budget(gr_f[name], gr_r[name], gt, dtype, what=f"grad of {name}")
+    for (n, bf), br in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(bf, br, rtol=2e-2, atol=2e-2, msg=lambda m: f"buffer {n}: {m}")
 
 
 @pytest.mark.parametrize("block", [tv.BasicBlock, tv.Bottleneck], ids=["basic", "bottleneck"])
