@@ -2,7 +2,7 @@
 
 One step = forward under AMP autocast + backward + SGD(momentum) update, channels_last, random
 data (the kernels do not care about values).  Per (model, batch, mode) it reports images/s
-over ``--iters`` timed steps (after ``--warmup``) and the peak of
+over ``--iters`` timed steps (after ``--warmup``; wall clock around a device synchronize) and the peak of
 ``torch.cuda.max_memory_allocated`` over those steps, both in total and minus the memory held
 before the step (parameters, gradients, optimizer state): the activation peak.  Modes:
 
@@ -57,20 +57,25 @@ def _versions() -> dict:
     return v
 
 
-def run_one(name: str, batch: int, mode: str, dtype: torch.dtype, iters: int, warmup: int, size: int) -> dict:
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(name, batch, mode, dtype, iters, warmup, size, dev: torch.device) -> dict:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().cuda().to(memory_format=torch.channels_last).train()
+    model = getattr(torchvision.models, name)().to(dev).to(memory_format=torch.channels_last).train()
     if mode == "fused":
         model = fusedres.convert(model)
     step_model = torch.compile(model) if mode == "compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (batch,), device="cuda")
+    x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device=dev)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(dev.type, dtype=dtype):
             loss = loss_fn(step_model(x), target)
         loss.backward()
         opt.step()
@@ -78,24 +83,25 @@ def run_one(name: str, batch: int, mode: str, dtype: torch.dtype, iters: int, wa
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync(dev)
     warm_s = time.perf_counter() - t0
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    cuda = dev.type == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     for _ in range(iters):
         step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / iters
-    peak = torch.cuda.max_memory_allocated()
+    _sync(dev)
+    ms = (time.perf_counter() - t0) / iters * 1e3
+    peak = torch.cuda.max_memory_allocated() if cuda else 0  # no allocator statistics on CPU
     row = {
         "model": name, "batch": batch, "mode": mode, "ms_per_step": ms, "img_per_s": batch / ms * 1e3,
         "peak_bytes": peak, "activation_peak_bytes": peak - base, "warmup_s": warm_s,
     }
     del model, step_model, opt, x
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return row
 
 
@@ -110,10 +116,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a quick smoke run (no memory stats)")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/train_step-<gpu>.json)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("train_step.py needs a CUDA GPU", file=sys.stderr)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("train_step.py: no CUDA GPU (use --device cpu for a smoke run)", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
     modes = args.modes.split(",")
@@ -125,9 +133,10 @@ def main(argv=None) -> int:
                 if mode == "compile" and compile_set is not None and f"{name}:{batch}" not in compile_set:
                     continue
                 try:
-                    row = run_one(name, batch, mode, _DTYPES[args.dtype], args.iters, args.warmup, args.size)
+                    row = run_one(name, batch, mode, _DTYPES[args.dtype], args.iters, args.warmup, args.size, dev)
                 except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                     row = {"model": name, "batch": batch, "mode": mode, "error": "out of memory"}
                 rows.append(row)
                 if "error" in row:
@@ -149,12 +158,12 @@ def main(argv=None) -> int:
                 ratios.append({
                     "model": name, "batch": batch, "vs": other,
                     "speedup": r["img_per_s"] / o["img_per_s"],
-                    "peak_ratio": r["peak_bytes"] / o["peak_bytes"],
-                    "activation_peak_ratio": r["activation_peak_bytes"] / o["activation_peak_bytes"],
+                    "peak_ratio": r["peak_bytes"] / max(o["peak_bytes"], 1),
+                    "activation_peak_ratio": r["activation_peak_bytes"] / max(o["activation_peak_bytes"], 1),
                 })
                 print(f"{name:9s} b{batch:<4d} fused/{other:7s} speedup {ratios[-1]['speedup']:.3f}  "
                       f"activation-peak ratio {ratios[-1]['activation_peak_ratio']:.3f}", flush=True)
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     out = Path(args.json) if args.json else (
         Path(__file__).resolve().parent / "results" / f"train_step-{gpu.replace(' ', '_')}.json"
     )

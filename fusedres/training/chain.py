@@ -48,7 +48,8 @@ _NO_DOUBLE_BACKWARD = (
 
 
 def _group_stats(z: torch.Tensor, group):
-    """``(mean, biased var, count)`` of ``z`` per channel; over all ranks of ``group`` when given.
+    """``(mean, biased var, count)`` of ``z`` per channel; over all ranks of ``group`` when given
+    (then ``count`` is a 0-d tensor, else an int).
 
     Ranks exchange ``(count, mean, var)`` with one ``all_gather`` and combine them with Chan's
     parallel formula (no ``E[x^2] - E[x]^2`` across ranks, so no cancellation).
@@ -66,7 +67,8 @@ def _group_stats(z: torch.Tensor, group):
     total = counts.sum()
     gmean = (counts * allp[:, :c]).sum(0) / total
     m2 = (counts * (allp[:, c:2 * c] + (allp[:, :c] - gmean) ** 2)).sum(0)
-    return gmean, m2 / total, int(total.item())
+    # The global count stays a device tensor: no host sync per BN layer.
+    return gmean, m2 / total, total
 
 
 def _scale_shift(gamma, beta, mean, invstd):
@@ -138,7 +140,7 @@ class ChainTrain(torch.autograd.Function):
                 src = x if i == k else a
                 z = _conv(src, ws[i], geoms[i])
                 mean, var, count = _group_stats(z, group)
-                if count <= 1:
+                if isinstance(count, int) and count <= 1:
                     raise ValueError(
                         f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}"
                     )
