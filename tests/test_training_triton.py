@@ -22,6 +22,8 @@ tk = pytest.importorskip("fusedres.training.triton_kernels")
 # M = N*H*W = 2*33*34 = 2244 rows: more than one reduction program (2048 rows each), a ragged
 # last row-tile, and C = 70 (two channel tiles, the second ragged).
 SHAPE = (2, 70, 33, 34)
+# Degenerate spatial sizes (a ResNet's layer4 on small inputs): H or W of 1 changes the strides.
+EDGE_SHAPES = [(3, 5, 1, 1), (2, 5, 1, 7), (2, 5, 7, 1)]
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.interpret),
@@ -52,9 +54,10 @@ def _torch_ref(fn, *args, **kw):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_channel_stats(device, dtype, channels_last):
+@pytest.mark.parametrize("shape", [SHAPE, *EDGE_SHAPES], ids=lambda s: "x".join(map(str, s)))
+def test_channel_stats(device, dtype, channels_last, shape):
     # A mean of 300 with unit spread: a naive E[z^2] - E[z]^2 in fp32 loses the variance.
-    z = _rand(SHAPE, dtype, device, channels_last, offset=300.0)
+    z = _rand(shape, dtype, device, channels_last, offset=300.0)
     mean, var = tk.channel_stats(z)
     zd = z.double().cpu()
     torch.testing.assert_close(mean.cpu().double(), zd.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
@@ -85,11 +88,12 @@ def test_bn_act(device, dtype, channels_last, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("masked", [True, False], ids=["relu-mask", "no-mask"])
-def test_bn_backward_kernels(device, dtype, channels_last, masked):
-    c = SHAPE[1]
-    g = _rand(SHAPE, dtype, device, channels_last, seed=8)
-    z = _rand(SHAPE, dtype, device, channels_last, offset=5.0, seed=9)
-    y = _rand(SHAPE, dtype, device, channels_last, seed=10) if masked else None
+@pytest.mark.parametrize("shape", [SHAPE, EDGE_SHAPES[1]], ids=lambda s: "x".join(map(str, s)))
+def test_bn_backward_kernels(device, dtype, channels_last, masked, shape):
+    c = shape[1]
+    g = _rand(shape, dtype, device, channels_last, seed=8)
+    z = _rand(shape, dtype, device, channels_last, offset=5.0, seed=9)
+    y = _rand(shape, dtype, device, channels_last, seed=10) if masked else None
     mean = z.float().mean((0, 2, 3))
     sg, sgx = tk.bn_bwd_reduce(g, y, z, mean)
     rsg, rsgx = _torch_ref(ops.bn_bwd_reduce, g.float(), y, z.float(), mean)

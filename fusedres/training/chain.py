@@ -109,6 +109,21 @@ def _conv_backward(gz, a, w, geom, need_input: bool, need_weight: bool):
     return ga, gw
 
 
+def _save(ctx, **groups) -> None:
+    """``save_for_backward`` by name: each value is a tensor (or ``None``) or a list of them."""
+    ctx.saved_layout = tuple((name, len(v) if isinstance(v, (list, tuple)) else None) for name, v in groups.items())
+    flat = []
+    for v in groups.values():
+        flat += list(v) if isinstance(v, (list, tuple)) else [v]
+    ctx.save_for_backward(*flat)
+
+
+def _load(ctx) -> dict:
+    """The groups given to :func:`_save`, by name (lists come back as lists)."""
+    it = iter(ctx.saved_tensors)
+    return {name: (next(it) if n is None else [next(it) for _ in range(n)]) for name, n in ctx.saved_layout}
+
+
 class ChainTrain(torch.autograd.Function):
     """Forward/backward of one chain; see the module docstring.
 
@@ -160,11 +175,11 @@ class ChainTrain(torch.autograd.Function):
                 y = ops.bn_act(zs[k - 1], s, t, residual=x if residual == "identity" else None, relu=True)
             out = y if pool is None else F.max_pool2d(y, *pool)
         ctx.cfg, ctx.group, ctx.k, ctx.counts = cfg, group, k, tuple(counts)
-        ctx.n = (len(ws), len(zs))
         if recompute_last:
             zs[k - 1] = None
-        ctx.save_for_backward(
-            x, None if pool is not None else y, *ws, *gammas, *betas, *zs, *means, *invstds,
+        _save(
+            ctx, x=x, y=None if pool is not None else y, ws=ws, gammas=gammas, betas=betas,
+            zs=zs, means=means, invstds=invstds,
         )
         ctx.mark_non_differentiable(*stats_out)
         return (out, *stats_out)
@@ -191,15 +206,10 @@ class ChainTrain(torch.autograd.Function):
     def _backward(ctx, gout):
         geoms, eps, residual, pool, _ = ctx.cfg
         group, k, counts = ctx.group, ctx.k, ctx.counts
-        nw, nz = ctx.n
-        saved = ctx.saved_tensors
-        x, y = saved[0], saved[1]
-        ws = saved[2:2 + nw]
-        gammas = saved[2 + nw:2 + 2 * nw]
-        betas = saved[2 + 2 * nw:2 + 3 * nw]
-        zs = list(saved[2 + 3 * nw:2 + 3 * nw + nz])
-        means = saved[2 + 3 * nw + nz:2 + 3 * nw + 2 * nz]
-        invstds = saved[2 + 3 * nw + 2 * nz:]
+        saved = _load(ctx)
+        x, y, ws, gammas, betas = saved["x"], saved["y"], saved["ws"], saved["gammas"], saved["betas"]
+        zs, means, invstds = saved["zs"], saved["means"], saved["invstds"]
+        nw = len(ws)
         need = ctx.needs_input_grad  # (cfg, group, x, w_1, gamma_1, beta_1, ...)
         grads = [None] * (3 * nw)
 
