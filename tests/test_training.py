@@ -303,3 +303,10 @@ def test_torch_syncbatchnorm_on_converted_model_uses_reference():
     out = model(x)  # one process, no group: SyncBatchNorm acts as BatchNorm, on CPU too
     assert _chain_nodes(out) == 0
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_one_value_per_channel_raises_like_batchnorm():
+    fused = fusedres.convert(make_block("basic")[0].train())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fused(torch.randn(1, 16, 1, 1))
+    assert fused(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)  # empty batch: BatchNorm's semantics

@@ -47,7 +47,8 @@ def _plain_conv(conv: nn.Module) -> bool:
 
 def chain_ready(x, pairs, relu, downsample) -> bool:
     """Whether ``(conv, bn)`` pairs (+ ReLU module, + downsample) can run through :class:`ChainTrain`."""
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
+    # An empty batch keeps torchvision's forward (BatchNorm's own empty-input semantics).
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel() > 0):
         return False
     if type(relu) is not nn.ReLU or not all(_plain_conv(c) and batch_stat_bn(b) for c, b in pairs):
         return False

@@ -155,7 +155,7 @@ class ChainTrain(torch.autograd.Function):
                 src = x if i == k else a
                 z = _conv(src, ws[i], geoms[i])
                 mean, var, count = _group_stats(z, group)
-                if isinstance(count, int) and count <= 1:
+                if isinstance(count, int) and count == 1:  # nn.BatchNorm2d's own check
                     raise ValueError(
                         f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}"
                     )
