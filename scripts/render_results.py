@@ -34,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.readme.is_file():
         print(f"render_results: --readme {args.readme} does not exist", file=sys.stderr)
         return 2
+    skipped: list[Path] = []
     try:
-        found = report.latest_results(args.results)
+        found = report.latest_results(args.results, skipped)
     except ValueError as exc:
         print(f"render_results: {exc}", file=sys.stderr)
         return 2
+    for path in skipped:
+        print(f"render_results: {path.name} is not a `fusedres bench` result; left out", file=sys.stderr)
     if not found:
-        print(f"render_results: no result files (*.json) in --results {args.results}", file=sys.stderr)
+        print(f"render_results: no `fusedres bench` result files (*.json) in --results {args.results}",
+              file=sys.stderr)
         return 2
     entries = []
     for res, path in found:

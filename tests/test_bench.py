@@ -312,3 +312,15 @@ def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
     assert report.git_state() == {"commit": "a" * 40, "dirty": None}
     monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "not-a-hash")
     assert report.git_state()["commit"] == "unknown"
+
+
+def test_render_results_leaves_out_other_tools_json(tiny_run, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    for f in (tiny_run / "results").iterdir():
+        (results / f.name).write_bytes(f.read_bytes())
+    (results / "triton_blocks.json").write_text('{"rows": []}')
+    text = f"{report.MARK_BEGIN}\n{report.MARK_END}\n"
+    rc, err, readme = _render(tmp_path, text, results, capsys)
+    assert rc == 0 and "triton_blocks.json is not a `fusedres bench` result" in err
+    assert "basic_64-64-s1_8x8" in readme.read_text()

@@ -372,10 +372,11 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
     return "\n".join(out)
 
 
-def latest_results(results_dir) -> list[tuple[dict, Path]]:
-    """The newest result file per device and run label in ``results_dir``, GPUs first.
+def latest_results(results_dir, skipped: list | None = None) -> list[tuple[dict, Path]]:
+    """The newest ``fusedres bench`` result per device and run label in ``results_dir``, GPUs first.
 
-    Raises ``ValueError`` naming any JSON file there that is not a fusedres bench result.
+    JSON files of other tools (without ``"schema": "fusedres-bench/1"``) are left out and, when
+    ``skipped`` is given, appended to it.  Raises ``ValueError`` naming a file that is not JSON.
     """
     latest: dict[tuple[str, str], tuple[dict, Path]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
@@ -385,7 +386,9 @@ def latest_results(results_dir) -> list[tuple[dict, Path]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(res, dict) or res.get("schema") != SCHEMA_ID:
-            raise ValueError(f"{path}: not a fusedres bench result (expected \"schema\": \"{SCHEMA_ID}\")")
+            if skipped is not None:
+                skipped.append(path)
+            continue
         key = (res["device"]["slug"], run_label(res))
         if key not in latest or (res["date"], path.name) > (latest[key][0]["date"], latest[key][1].name):
             latest[key] = (res, path)
