@@ -93,6 +93,13 @@ def test_block_ops_by_hand():
     assert sum(op.flops for op in train) == 3 * sum(op.flops for op in ops)
 
 
+def test_matmul_as_conv_is_the_matmul():
+    a, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    x, w = roofline.matmul_as_conv_operands(a, b)
+    out = torch.nn.functional.conv2d(x, w)
+    torch.testing.assert_close(out[0, :, :, 0].t(), a @ b)
+
+
 def test_peaks_floor():
     p = roofline.Peaks(flops_per_s=1e12, bytes_per_s=1e11, matmul_n=1, copy_bytes=1, note="")
     ops = [roofline.Op("a", 2e12, 1e9), roofline.Op("b", 1e9, 1e11)]
