@@ -331,3 +331,30 @@ def test_render_results_leaves_out_other_tools_json(tiny_run, tmp_path, capsys):
     rc, err, readme = _render(tmp_path, text, results, capsys)
     assert rc == 0 and "triton_blocks.json is not a `fusedres bench` result" in err
     assert "basic_64-64-s1_8x8" in readme.read_text()
+
+
+def test_sigterm_still_writes_the_results(tmp_path):
+    """A run stopped by SIGTERM (a step timeout) prints and saves what it measured, marked interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "fusedres", "bench", "--blocks", "resnet50", "--model", "none", "--batch", "1",
+           "--size", "32", "--device", "cpu", "--contenders", "eager", "--repeats", "2", "--warmup", "0",
+           "--threads", "1", "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the file appears after the first workload
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    res = json.loads(out.read_text())
+    report.validate(res)
+    if proc.returncode == 0:  # it finished before the signal arrived: nothing to check but the file
+        assert res["interrupted"] is False
+    else:
+        assert proc.returncode == 130 and res["interrupted"] is True, stdout
+        assert 1 <= len(res["rows"]) < 8 and "fusedres bench" in stdout

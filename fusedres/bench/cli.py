@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 from pathlib import Path
 
 import torch
@@ -268,8 +269,16 @@ def _run(a, cons, dtypes, wls, console) -> int:
     result["notes"] = a.notes
     result["peaks"] = {}
     result["rows"] = []
-    result["interrupted"] = False
+    # "interrupted" stays true in the JSON files rewritten after every workload until the run
+    # completes, so a run killed from outside (a step timeout) still leaves its rows behind.
+    result["interrupted"] = True
+    json_paths = [a.json_path] if a.json_path else []
+    if a.results_dir:
+        stem = Path(a.results_dir) / report.result_stem(result)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        json_paths.append(stem.with_suffix(".json"))
     status = 0
+    prev_sigterm = signal.signal(signal.SIGTERM, _sigterm)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
@@ -278,16 +287,19 @@ def _run(a, cons, dtypes, wls, console) -> int:
             result["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
             for rows in runner.iter_rows(wls, cfg, peaks, prog):
                 result["rows"] += rows
+                for path in json_paths:
+                    report.write_json(result, path)
+        result["interrupted"] = False
     except KeyboardInterrupt:
-        result["interrupted"] = True
         status = 130
     finally:
+        signal.signal(signal.SIGTERM, prev_sigterm)
         # Whatever happened, show and save what was measured.
         result["host"]["loadavg_end"] = report.loadavg()
         if result["peaks"]:
             report.print_table(result, console)
-            if a.json_path:
-                report.write_json(result, a.json_path)
+            for path in json_paths:
+                report.write_json(result, path)
             if a.csv_path:
                 report.write_csv(result, a.csv_path)
             if a.plot_path:
@@ -296,9 +308,11 @@ def _run(a, cons, dtypes, wls, console) -> int:
                 with open(a.summary_path, "w") as f:
                     f.write("\n".join(report.summary_lines(result)) + "\n")
             if a.results_dir:
-                stem = Path(a.results_dir) / report.result_stem(result)
-                stem.parent.mkdir(parents=True, exist_ok=True)
-                report.write_json(result, stem.with_suffix(".json"))
                 report.plot(result, stem.with_suffix(".png"))
                 console.print(f"results written to {stem}.json and .png")
     return status
+
+
+def _sigterm(signum, frame):
+    """SIGTERM (e.g. from ``timeout``) ends the run like Ctrl-C: the table and files are still written."""
+    raise KeyboardInterrupt

@@ -141,9 +141,12 @@ def result_stem(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> None:
-    with open(path, "w") as f:
+    """Write ``result`` atomically: a reader (or a kill mid-write) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def validate(result: dict) -> None:
