@@ -332,6 +332,7 @@ def test_cuda_activation_peak_resnet50_bf16():
     eager = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last).train()
     fused = fusedres.convert(copy.deepcopy(eager))
     x = torch.randn(32, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-    peak(fused, x)  # first call: Triton JIT and cuDNN workspaces out of the way
+    peak(fused, x)  # first calls: Triton JIT, cuDNN/cuBLAS workspaces out of the way
+    peak(eager, x)
     ratio = peak(fused, x) / peak(eager, x)
     assert ratio <= 0.7, ratio
