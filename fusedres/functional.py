@@ -81,6 +81,24 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra) -> ConvSpec:
+    return ConvSpec(
+        device_type=x.device.type,
+        dtype=x.dtype,
+        in_channels=x.shape[1],
+        out_channels=weight.shape[0],
+        kernel_size=(weight.shape[2], weight.shape[3]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=bool(relu),
+        channels_last=_is_channels_last(x),
+        requires_grad=_wants_grad(*operands),
+        **extra,
+    )
+
+
 def _empty_like_out(x, cout, oh, ow):
     return x.new_empty((0, cout, oh, ow))
 
@@ -131,21 +149,8 @@ def conv_bn_act(
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
-    spec = ConvSpec(
-        device_type=x.device.type,
-        dtype=x.dtype,
-        in_channels=x.shape[1],
-        out_channels=cout,
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        relu=bool(relu),
-        has_residual=residual is not None,
-        channels_last=_is_channels_last(x),
-        requires_grad=_wants_grad(x, weight, scale, shift, residual),
-    )
+    spec = _spec(x, weight, stride, padding, dilation, groups, relu, (x, weight, scale, shift, residual),
+                 has_residual=residual is not None)
     mod = backends.select(backend, spec)
     if x.shape[0] == 0:
         return _empty_like_out(x, cout, oh, ow)
@@ -202,23 +207,9 @@ def block_tail(
             f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
         )
     cout = weight.shape[0]
-    spec = ConvSpec(
-        device_type=y.device.type,
-        dtype=y.dtype,
-        in_channels=y.shape[1],
-        out_channels=cout,
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        relu=bool(relu),
-        has_residual=False,
-        channels_last=_is_channels_last(y),
-        requires_grad=_wants_grad(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
-        ds_in_channels=x.shape[1],
-        ds_stride=ds_stride,
-    )
+    spec = _spec(y, weight, stride, padding, dilation, groups, relu,
+                 (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
+                 ds_in_channels=x.shape[1], ds_stride=ds_stride)
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:
         return _empty_like_out(y, cout, oh, ow)

@@ -214,6 +214,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         fused = _FUSED.get(type(mod))
         if fused is not None:
             mod.__class__ = fused
+        if type(mod) in _REFERENCE:  # converting again only changes the backend
             mod.backend = backend
     return model
 

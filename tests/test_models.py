@@ -104,6 +104,8 @@ def test_convert_inside_other_modules():
     fusedres.convert(body, backend="torch")
     assert type(body[1]) is fusedres.BasicBlock and body[1].backend == "torch"
     assert type(body) is torch.nn.Sequential
+    fusedres.convert(body, backend="cpu")  # converting again changes the backend only
+    assert type(body[1]) is fusedres.BasicBlock and body[1].backend == "cpu"
 
 
 def test_convert_rejects_bad_arguments():

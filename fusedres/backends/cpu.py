@@ -14,7 +14,7 @@ Activations run channels_last (oneDNN's fast layout on CPU).  An NCHW input is c
 explicitly once; the output is channels_last either way, which is the same values and
 shape.
 
-Folded weights are cached per weight tensor (weakly, so nothing outlives the model) and
+Folded weights (reordered into oneDNN's blocked layout per input shape) are cached per weight tensor (weakly, so nothing outlives the model) and
 reused only while the weight's version counter and the exact ``scale``/``shift`` values are
 unchanged, so changing a parameter, loading a checkpoint or toggling train/eval can never
 leave a stale fold behind.
@@ -62,14 +62,19 @@ def unsupported_reason(spec) -> str | None:
 
 
 class _Fold:
-    __slots__ = ("version", "scale", "shift", "weight", "bias")
+    __slots__ = ("version", "scale", "shift", "weight", "bias", "packed")
+
+
+# oneDNN picks a blocked weight layout per problem; the reorder costs about as much as the
+# fold, so reordered weights are kept per input shape (a few shapes per model at most).
+_MAX_PACKED_SHAPES = 8
 
 
 _cache = WeakIdKeyDictionary()
 
 
-def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
-    """``(weight * scale[:, None, None, None], shift)`` in the weight's dtype, cached."""
+def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> _Fold:
+    """``weight * scale[:, None, None, None]`` and ``shift`` in the weight's dtype, cached."""
     entry = _cache.get(weight)
     if (
         entry is not None
@@ -77,7 +82,7 @@ def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
         and torch.equal(entry.scale, scale)
         and torch.equal(entry.shift, shift)
     ):
-        return entry.weight, entry.bias
+        return entry
     w = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
     w = w.contiguous(memory_format=torch.channels_last)
     entry = _Fold()
@@ -86,8 +91,23 @@ def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
     entry.shift = shift.detach().clone()
     entry.weight = w
     entry.bias = shift.detach().to(weight.dtype).contiguous()
+    entry.packed = {}
     _cache[weight] = entry
-    return entry.weight, entry.bias
+    return entry
+
+
+def _packed(entry: _Fold, x: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """The folded weight reordered into oneDNN's preferred blocked layout for ``x``'s shape."""
+    key = tuple(x.shape)
+    w = entry.packed.get(key)
+    if w is None:
+        if len(entry.packed) >= _MAX_PACKED_SHAPES:
+            entry.packed.clear()
+        w = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            entry.weight.to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(key)
+        )
+        entry.packed[key] = w
+    return w
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -106,14 +126,18 @@ def _conv(x, w, b, spec_stride, spec_padding, spec_dilation, groups, residual, r
     )
 
 
+def _fused_conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu):
+    fold = _folded(weight, scale, shift)
+    x = _cl(x)
+    w = _packed(fold, x, stride, padding, dilation, groups)
+    return _conv(x, w, fold.bias, stride, padding, dilation, groups, residual, relu)
+
+
 def conv_bn_act(x, weight, scale, shift, residual, spec):
-    w, b = _folded(weight, scale, shift)
     res = _cl(residual) if residual is not None else None
-    return _conv(_cl(x), w, b, spec.stride, spec.padding, spec.dilation, spec.groups, res, spec.relu)
+    return _fused_conv(x, weight, scale, shift, spec.stride, spec.padding, spec.dilation, spec.groups, res, spec.relu)
 
 
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
-    wd, bd = _folded(ds_weight, ds_scale, ds_shift)
-    skip = _conv(_cl(x), wd, bd, spec.ds_stride, (0, 0), (1, 1), 1, None, False)
-    w, b = _folded(weight, scale, shift)
-    return _conv(_cl(y), w, b, spec.stride, spec.padding, spec.dilation, spec.groups, skip, spec.relu)
+    skip = _fused_conv(x, ds_weight, ds_scale, ds_shift, spec.ds_stride, (0, 0), (1, 1), 1, None, False)
+    return _fused_conv(y, weight, scale, shift, spec.stride, spec.padding, spec.dilation, spec.groups, skip, spec.relu)

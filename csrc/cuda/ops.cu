@@ -1,0 +1,324 @@
+// CUDA implementations of fusedres::conv_bn_act_cuda and fusedres::block_tail_cuda
+// (schemas in csrc/fusedres.cpp): input checks, BN-scale folding, batch chunking, and the
+// calls into the CUTLASS kernels of fprop_{bf16,fp16}.cu.
+//
+// Why the BN scale is folded into the filter instead of applied in the epilogue:
+// CUTLASS 2.x's conv epilogues take alpha as a scalar (its per-channel-scaling output ops
+// exist only for the 3.x collective epilogues), so act(conv(x, W) * scale + shift) runs as
+// act(conv(x, W * scale) + shift).  The fold is one small kernel per call over the filter
+// (W * scale in fp32, one rounding to the activation dtype), not a cache: a cache keyed on
+// scale/shift *values* would need a device-to-host comparison (a sync) on every call,
+// since callers recompute scale/shift from the live BN each forward.  The shift stays fp32
+// and is the epilogue's broadcast bias.
+//
+// block_tail runs as ONE kernel (DualFpropKernel in fprop_impl.cuh): per output tile, the
+// main conv's implicit GEMM and the 1x1 downsample conv's implicit GEMM accumulate into the
+// same fp32 accumulators, and one epilogue adds shift + ds_shift and applies the
+// activation.  Both filters are folded with their own BN scale first (two fold launches).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include "fprop.h"
+
+namespace fusedres::cuda {
+namespace {
+
+// out[k, r, s, c] (KRSC, i.e. a channels_last (K, C, R, S) tensor) = w[k, c, r, s] * scale[k],
+// computed in fp32 and rounded once.  Reads `w` through its strides, so an NCHW or a
+// channels_last filter both work.
+template <typename T>
+__global__ void _fold_weight_kernel(const T* __restrict__ w, const float* __restrict__ scale,
+                                    T* __restrict__ out, int64_t total, int64_t C, int64_t R,
+                                    int64_t S, int64_t sk, int64_t sc, int64_t sr, int64_t ss) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += step) {
+    int64_t t = i;
+    const int64_t c = t % C;
+    t /= C;
+    const int64_t s = t % S;
+    t /= S;
+    const int64_t r = t % R;
+    const int64_t k = t / R;
+    out[i] = T(static_cast<float>(w[k * sk + c * sc + r * sr + s * ss]) * scale[k]);
+  }
+}
+
+template <typename T>
+at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_f32, cudaStream_t stream) {
+  const int64_t K = weight.size(0), C = weight.size(1), R = weight.size(2), S = weight.size(3);
+  at::Tensor out =
+      at::empty({K, C, R, S}, weight.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t total = weight.numel();
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4096);
+  _fold_weight_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(weight.const_data_ptr()), scale_f32.const_data_ptr<float>(),
+      static_cast<T*>(out.mutable_data_ptr()), total, C, R, S, weight.stride(0), weight.stride(1),
+      weight.stride(2), weight.stride(3));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// fp32, contiguous and 32-byte aligned (the epilogue loads 8 fp32 per access).
+at::Tensor as_f32_vector(const at::Tensor& v) {
+  at::Tensor out = v.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 32 != 0) out = out.clone();
+  return out;
+}
+
+void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& x,
+                       const char* x_name) {
+  TORCH_CHECK(t.is_cuda(), "fusedres cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), "fusedres cuda: ", name, " is on ", t.device(), " but ",
+              x_name, " is on ", x.device());
+}
+
+void check_activation(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, "fusedres cuda: ", name, " must be 4-D (N, C, H, W), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              "fusedres cuda: ", name, " must be bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "fusedres cuda: ", name,
+              " must be channels_last-contiguous (x.contiguous(memory_format=torch.channels_last))");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0, "fusedres cuda: ", name,
+              " data must be 16-byte aligned for 128-bit loads");
+}
+
+// Checks one conv's operands; returns the output spatial size.
+std::pair<int64_t, int64_t> check_conv(const char* x_name, const at::Tensor& x,
+                                       const char* w_name, const at::Tensor& weight,
+                                       const char* s_name, const at::Tensor& scale,
+                                       const char* b_name, const at::Tensor& shift,
+                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                       at::IntArrayRef dilation, int64_t groups) {
+  check_activation(x_name, x);
+  check_cuda_tensor(x_name, x, x, x_name);
+  check_cuda_tensor(w_name, weight, x, x_name);
+  check_cuda_tensor(s_name, scale, x, x_name);
+  check_cuda_tensor(b_name, shift, x, x_name);
+  TORCH_CHECK(weight.dim() == 4, "fusedres cuda: ", w_name, " must be 4-D (K, C, R, S), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fusedres cuda: ", w_name, " dtype ",
+              weight.scalar_type(), " does not match ", x_name, " dtype ", x.scalar_type());
+  TORCH_CHECK(groups == 1, "fusedres cuda: groups must be 1 (grouped conv is not implemented), got ",
+              groups);
+  TORCH_CHECK(weight.size(1) == x.size(1), "fusedres cuda: ", w_name, " expects ",
+              weight.size(1), " input channels but ", x_name, " has ", x.size(1));
+  const int64_t K = weight.size(0);
+  TORCH_CHECK(x.size(1) % kAlignment == 0 && K % kAlignment == 0, "fusedres cuda: in/out channels (",
+              x.size(1), ", ", K, ") must be multiples of ", kAlignment,
+              " for the kernels' 128-bit accesses");
+  TORCH_CHECK(weight.size(2) <= kMaxFilterSize && weight.size(3) <= kMaxFilterSize,
+              "fusedres cuda: ", w_name, " spatial size must be at most ", kMaxFilterSize,
+              ", got ", weight.sizes());
+  for (const auto& [n, v] : {std::pair{s_name, &scale}, std::pair{b_name, &shift}}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == K, "fusedres cuda: ", n, " must have shape (", K,
+                ",), got ", v->sizes());
+    TORCH_CHECK(v->scalar_type() == at::kFloat || v->scalar_type() == x.scalar_type(),
+                "fusedres cuda: ", n, " must be float32 or ", x.scalar_type(), ", got ",
+                v->scalar_type());
+  }
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fusedres cuda: stride, padding and dilation must have 2 elements");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              "fusedres cuda: invalid stride=", stride, " padding=", padding,
+              " dilation=", dilation);
+  const int64_t P =
+      (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t Q =
+      (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(P >= 1 && Q >= 1, "fusedres cuda: ", x_name, " spatial size ",
+              x.sizes().slice(2), " is too small for this kernel/padding");
+  return {P, Q};
+}
+
+// CUTLASS's iterators use 32-bit offsets and refuse tensors of 2 GiB or more, so the batch
+// is split into chunks under that size.  channels_last tensors are contiguous per sample,
+// so a chunk is a pointer offset (no copies).  Returns the samples per chunk.
+int64_t batch_chunk(std::initializer_list<const at::Tensor*> per_sample_tensors,
+                    const at::Tensor& filter) {
+  constexpr int64_t kMaxBytes = (int64_t{1} << 31) - 1;
+  int64_t per_sample = 0, N = 0;
+  for (const at::Tensor* t : per_sample_tensors) {
+    N = t->size(0);
+    per_sample = std::max(per_sample, t->numel() / N * t->element_size());
+  }
+  TORCH_CHECK(per_sample <= kMaxBytes && filter.numel() * filter.element_size() <= kMaxBytes,
+              "fusedres cuda: one sample or the filter is 2 GiB or larger, beyond the "
+              "kernels' 32-bit offsets");
+  return std::max<int64_t>(1, std::min<int64_t>(N, kMaxBytes / per_sample));
+}
+
+// Pointer to sample n0 of a channels_last (or any per-sample contiguous) tensor.
+const void* sample_ptr(const at::Tensor& t, int64_t n0) {
+  return static_cast<const char*>(t.const_data_ptr()) + n0 * (t.numel() / t.size(0)) * t.element_size();
+}
+
+FpropProblem conv_problem(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
+                          const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  FpropProblem p;
+  p.filter = filter.const_data_ptr();
+  p.bias = bias.const_data_ptr<float>();
+  p.residual = nullptr;
+  p.H = static_cast<int>(x.size(2));
+  p.W = static_cast<int>(x.size(3));
+  p.C = static_cast<int>(x.size(1));
+  p.K = static_cast<int>(filter.size(0));
+  p.R = static_cast<int>(filter.size(2));
+  p.S = static_cast<int>(filter.size(3));
+  p.P = static_cast<int>(out.size(2));
+  p.Q = static_cast<int>(out.size(3));
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.dilation_h = static_cast<int>(dilation[0]);
+  p.dilation_w = static_cast<int>(dilation[1]);
+  return p;
+}
+
+void check_cutlass(const FpropError& err, const FpropProblem& p) {
+  TORCH_CHECK(!err, "fusedres cuda: CUTLASS conv failed at ", err.step, ": ", err.status,
+              " (N=", p.N, " C=", p.C, " H=", p.H, " W=", p.W, " K=", p.K, " R=", p.R,
+              " S=", p.S, ")");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One conv through the CUTLASS kernel, writing `out` (channels_last (N, K, P, Q)).
+// `filter` is the folded KRSC filter, `bias` the fp32 shift.
+void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
+              const c10::optional<at::Tensor>& residual, at::Tensor& out, at::IntArrayRef stride,
+              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, cudaStream_t stream) {
+  const int64_t N = x.size(0);
+  const int64_t chunk = batch_chunk({&x, &out}, filter);
+  FpropProblem p = conv_problem(x, filter, bias, out, stride, padding, dilation);
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    p.N = static_cast<int>(std::min(chunk, N - n0));
+    p.input = sample_ptr(x, n0);
+    p.residual = residual ? sample_ptr(*residual, n0) : nullptr;
+    p.output = const_cast<void*>(sample_ptr(out, n0));
+    check_cutlass(x.scalar_type() == at::kBFloat16 ? fprop_bf16(p, relu, stream)
+                                                   : fprop_fp16(p, relu, stream),
+                  p);
+  }
+}
+
+// The fused block tail: act(conv(y, filter) + conv1x1(x, ds_filter, ds_stride) + bias).
+void run_block_tail(const at::Tensor& y, const at::Tensor& filter, const at::Tensor& x,
+                    const at::Tensor& ds_filter, const at::Tensor& bias, at::Tensor& out,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    at::IntArrayRef ds_stride, bool relu, cudaStream_t stream) {
+  const int64_t N = y.size(0);
+  const int64_t chunk =
+      std::min(batch_chunk({&y, &out}, filter), batch_chunk({&x, &out}, ds_filter));
+  FpropProblem p = conv_problem(y, filter, bias, out, stride, padding, dilation);
+  DownsampleProblem d;
+  d.filter = ds_filter.const_data_ptr();
+  d.H = static_cast<int>(x.size(2));
+  d.W = static_cast<int>(x.size(3));
+  d.C = static_cast<int>(x.size(1));
+  d.stride_h = static_cast<int>(ds_stride[0]);
+  d.stride_w = static_cast<int>(ds_stride[1]);
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    p.N = static_cast<int>(std::min(chunk, N - n0));
+    p.input = sample_ptr(y, n0);
+    p.output = const_cast<void*>(sample_ptr(out, n0));
+    d.input = sample_ptr(x, n0);
+    check_cutlass(y.scalar_type() == at::kBFloat16 ? block_tail_bf16(p, d, relu, stream)
+                                                   : block_tail_fp16(p, d, relu, stream),
+                  p);
+  }
+}
+
+at::Tensor fold(const at::Tensor& weight, const at::Tensor& scale, cudaStream_t stream) {
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  return weight.scalar_type() == at::kBFloat16 ? fold_weight<c10::BFloat16>(weight, s, stream)
+                                               : fold_weight<c10::Half>(weight, s, stream);
+}
+
+at::Tensor new_output(const at::Tensor& x, int64_t K, int64_t P, int64_t Q) {
+  return at::empty({x.size(0), K, P, Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                            const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const auto [P, Q] = check_conv("x", x, "weight", weight, "scale", scale, "shift", shift, stride,
+                                 padding, dilation, groups);
+  const int64_t K = weight.size(0);
+  if (residual) {
+    check_activation("residual", *residual);
+    check_cuda_tensor("residual", *residual, x, "x");
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "fusedres cuda: residual dtype ",
+                residual->scalar_type(), " does not match x dtype ", x.scalar_type());
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({x.size(0), K, P, Q}),
+                "fusedres cuda: residual must have the output's shape (", x.size(0), ", ", K,
+                ", ", P, ", ", Q, "), got ", residual->sizes());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = new_output(x, K, P, Q);
+  if (x.size(0) == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const at::Tensor filter = fold(weight, scale, stream);
+  const at::Tensor bias = as_f32_vector(shift);
+  run_conv(x, filter, bias, residual, out, stride, padding, dilation, relu, stream);
+  return out;
+}
+
+at::Tensor block_tail_cuda(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& scale,
+                           const at::Tensor& shift, const at::Tensor& x,
+                           const at::Tensor& ds_weight, const at::Tensor& ds_scale,
+                           const at::Tensor& ds_shift, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           at::IntArrayRef ds_stride, bool relu) {
+  const auto [P, Q] = check_conv("y", y, "weight", weight, "scale", scale, "shift", shift, stride,
+                                 padding, dilation, groups);
+  const int64_t ds_pad[2] = {0, 0}, ds_dil[2] = {1, 1};
+  TORCH_CHECK(ds_weight.dim() == 4 && ds_weight.size(2) == 1 && ds_weight.size(3) == 1,
+              "fusedres cuda: ds_weight must be a 1x1 kernel (K, C, 1, 1), got ",
+              ds_weight.sizes());
+  const auto [dP, dQ] = check_conv("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale,
+                                   "ds_shift", ds_shift, ds_stride, ds_pad, ds_dil, 1);
+  check_cuda_tensor("x", x, y, "y");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "fusedres cuda: x dtype ", x.scalar_type(),
+              " does not match y dtype ", y.scalar_type());
+  TORCH_CHECK(x.size(0) == y.size(0), "fusedres cuda: x batch ", x.size(0),
+              " does not match y batch ", y.size(0));
+  const int64_t K = weight.size(0);
+  TORCH_CHECK(ds_weight.size(0) == K, "fusedres cuda: ds_weight has ", ds_weight.size(0),
+              " output channels but weight has ", K);
+  TORCH_CHECK(P == dP && Q == dQ, "fusedres cuda: main branch output ", P, "x", Q,
+              " and downsample output ", dP, "x", dQ, " differ; check ds_stride");
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = new_output(y, K, P, Q);
+  if (y.size(0) == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  const at::Tensor bias = as_f32_vector(shift).add(as_f32_vector(ds_shift));
+  run_block_tail(y, fold(weight, scale, stream), x, fold(ds_weight, ds_scale, stream), bias, out,
+                 stride, padding, dilation, ds_stride, relu, stream);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("conv_bn_act_cuda", &conv_bn_act_cuda);
+  m.impl("block_tail_cuda", &block_tail_cuda);
+}
+
+}  // namespace fusedres::cuda

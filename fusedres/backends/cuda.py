@@ -1,0 +1,167 @@
+"""The ``cuda`` backend: CUTLASS implicit-GEMM conv kernels from the compiled ``fusedres._C``.
+
+What runs, per call (sources in ``csrc/cuda``):
+
+* ``conv_bn_act``: one small kernel folds the BN scale into the filter
+  (``W * scale`` in fp32, rounded once, written KRSC), then one CUTLASS 2.x implicit-GEMM
+  conv2d forward on tensor cores (fp16/bf16 in, fp32 accumulate) whose epilogue computes
+  ``act(acc + shift[k] (+ residual))`` in fp32 and rounds once.  CUTLASS 2.x conv
+  epilogues only take a scalar alpha, hence the fold; it is recomputed per call rather
+  than cached because comparing ``scale``/``shift`` values against a cache would cost a
+  device-to-host sync on every call.
+* ``block_tail``: one kernel (after folding both filters): each output tile runs the
+  main conv's implicit GEMM and then the 1x1 downsample conv's implicit GEMM into the same
+  fp32 accumulators, and one epilogue computes ``act(acc + shift + ds_shift)``.  The
+  downsample output never goes through memory.
+
+Layout: the kernels read and write channels_last (NHWC).  An NCHW input or residual is
+converted explicitly here (a visible copy per call; keep models channels_last to avoid
+it).  The output is always channels_last (same values and shape).
+
+Channel counts: the kernels need every channel count to be a multiple of 8 (128-bit
+accesses).  ``conv_bn_act`` with other input channel counts (the ResNet stem, ``C_in = 3``)
+pads the input and the filter with zero channels up to the next multiple of 8: a visible
+copy of the input, and the kernel then spends 8 channels' work per filter tap.
+
+Limits, declined by :func:`unsupported_reason` so ``auto`` falls back: CUDA tensors
+only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, output channels
+(and, for ``block_tail``, both input channel counts) multiples of 8, filters at most 32x32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "cuda"
+
+#: Channel counts must be multiples of this (8 x 16-bit = one 128-bit access).
+ALIGNMENT = 8
+#: CUTLASS's optimized activation iterator keeps one mask bit per filter row/column.
+MAX_FILTER = 32
+_MIN_CAPABILITY = (8, 0)
+
+try:
+    from fusedres import _C  # noqa: F401  (loading it registers torch.ops.fusedres.*_cuda)
+except ImportError as exc:
+    _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+
+def _out_hw(h, w, kernel_size, stride, padding, dilation):
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip((h, w), kernel_size, stride, padding, dilation)
+    )
+
+
+def _empty_out(x: torch.Tensor, cout: int, oh: int, ow: int) -> torch.Tensor:
+    return torch.empty(
+        (x.shape[0], cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("fusedres::conv_bn_act_cuda")
+    def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+        torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
+        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        return _empty_out(x, weight.shape[0], oh, ow)
+
+    @torch.library.register_fake("fusedres::block_tail_cuda")
+    def _block_tail_fake(
+        y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride, padding, dilation, groups,
+        ds_stride, relu,
+    ):
+        torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
+        oh, ow = _out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
+        return _empty_out(y, weight.shape[0], oh, ow)
+
+
+def is_available() -> bool:
+    return _IMPORT_ERROR is None and torch.cuda.is_available() and _capable()
+
+
+def _capable() -> bool:
+    return torch.cuda.get_device_capability() >= _MIN_CAPABILITY
+
+
+def why_unavailable() -> str:
+    if _IMPORT_ERROR is not None:
+        return (
+            "the compiled extension fusedres._C is not importable (the package was built "
+            f"without it, or it does not load here): {_IMPORT_ERROR}"
+        )
+    if not torch.cuda.is_available():
+        return "fusedres._C is built, but torch.cuda.is_available() is False (no usable GPU)"
+    if not _capable():
+        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        return f"the kernels need compute capability 8.0 or newer (tensor-core mma.sync), this GPU has {cap}"
+    return ""
+
+
+def unsupported_reason(spec) -> str | None:
+    if spec.device_type != "cuda":
+        return f"tensors are on {spec.device_type}, the cuda backend runs on CUDA tensors"
+    if spec.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {spec.dtype} is not supported (the CUTLASS kernels are fp16/bf16 only)"
+    if spec.requires_grad:
+        return "autograd is needed and the CUDA kernels are forward-only"
+    if spec.groups != 1:
+        return f"groups={spec.groups} (grouped convolution is not implemented)"
+    channels = {"out_channels": spec.out_channels}
+    if spec.has_downsample:  # conv_bn_act pads its input channels, block_tail does not
+        channels.update(in_channels=spec.in_channels, ds_in_channels=spec.ds_in_channels)
+    for name, c in channels.items():
+        if c % ALIGNMENT:
+            return f"{name}={c} is not a multiple of {ALIGNMENT} (128-bit accesses)"
+    if max(spec.kernel_size) > MAX_FILTER:
+        return f"kernel_size={spec.kernel_size} exceeds {MAX_FILTER}"
+    return None
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a channels_last tensor the kernels can read with 128-bit accesses.
+
+    A no-op for a channels_last tensor; one explicit copy for NCHW or for a view whose
+    data pointer is not 16-byte aligned.
+    """
+    t = t.contiguous(memory_format=torch.channels_last)
+    if t.data_ptr() % 16:
+        t = t.clone(memory_format=torch.channels_last)
+    return t
+
+
+def _pad_channels(x: torch.Tensor, weight: torch.Tensor):
+    """``x`` (channels_last) and ``weight`` with zero input channels appended up to a multiple
+    of :data:`ALIGNMENT`; the convolution is unchanged.  Copies only when padding is needed."""
+    c = x.shape[1]
+    pad = -c % ALIGNMENT
+    if pad == 0:
+        return _nhwc(x), weight
+    xp = torch.empty(
+        (x.shape[0], c + pad, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+        memory_format=torch.channels_last,
+    )
+    xp[:, :c].copy_(x)
+    xp[:, c:].zero_()
+    wp = weight.new_zeros((weight.shape[0], c + pad, weight.shape[2], weight.shape[3]))
+    wp[:, :c].copy_(weight)
+    return xp, wp
+
+
+def conv_bn_act(x, weight, scale, shift, residual, spec):
+    x, weight = _pad_channels(x, weight)
+    return torch.ops.fusedres.conv_bn_act_cuda(
+        x, weight, scale, shift, None if residual is None else _nhwc(residual),
+        list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu,
+    )
+
+
+def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
+    return torch.ops.fusedres.block_tail_cuda(
+        _nhwc(y), weight, scale, shift, _nhwc(x), ds_weight, ds_scale, ds_shift,
+        list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
+        list(spec.ds_stride), spec.relu,
+    )

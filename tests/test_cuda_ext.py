@@ -1,0 +1,407 @@
+"""The compiled extension ``fusedres._C`` and the ``cuda`` backend.
+
+Without a GPU: the extension loads, its schemas are registered, the fake (meta)
+implementations give the right shapes and layout, and the backend declines or refuses
+with clear reasons.  With a GPU (``@pytest.mark.cuda``): numerics against the float64
+reference for every shape family, ``opcheck`` on both ops, and agreement with Triton.
+
+Tolerance (flash-attention style): the error of the fused kernel against the float64
+reference may be at most twice PyTorch's own error in the same dtype, plus a small atol.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends
+from fusedres.backends import ConvSpec
+from fusedres.backends import torch_ref
+
+if importlib.util.find_spec("fusedres._C") is None:
+    pytest.skip(
+        "fusedres._C is not built (no CUDA compiler / CUTLASS headers, or FUSEDRES_SKIP_CUDA_BUILD=1)",
+        allow_module_level=True,
+    )
+
+# Built: it must load (a broken build fails here instead of being skipped).
+import fusedres._C  # noqa: E402,F401
+from fusedres.backends import cuda as cuda_backend  # noqa: E402
+
+CONV_SCHEMA = (
+    "fusedres::conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+    "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor"
+)
+TAIL_SCHEMA = (
+    "fusedres::block_tail_cuda(Tensor y, Tensor weight, Tensor scale, Tensor shift, Tensor x, "
+    "Tensor ds_weight, Tensor ds_scale, Tensor ds_shift, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, int[2] ds_stride, bool relu) -> Tensor"
+)
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _spec(**kw):
+    base = dict(
+        device_type="cuda", dtype=torch.bfloat16, in_channels=64, out_channels=64, kernel_size=(3, 3),
+        stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False,
+        channels_last=True, requires_grad=False,
+    )
+    base.update(kw)
+    return ConvSpec(**base)
+
+
+# --------------------------------------------------------------------------- no GPU needed
+
+
+def test_schemas_registered():
+    assert str(torch.ops.fusedres.conv_bn_act_cuda.default._schema) == CONV_SCHEMA
+    assert str(torch.ops.fusedres.block_tail_cuda.default._schema) == TAIL_SCHEMA
+
+
+def test_cuda_kernel_registered_for_cuda_key_only():
+    for op in (torch.ops.fusedres.conv_bn_act_cuda, torch.ops.fusedres.block_tail_cuda):
+        name = op.default.name()
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+
+
+@pytest.mark.parametrize(
+    "n,cin,h,w,cout,k,stride,padding,dilation",
+    [
+        (2, 64, 56, 56, 64, 3, (1, 1), (1, 1), (1, 1)),
+        (3, 32, 17, 15, 48, 3, (2, 2), (1, 1), (1, 1)),
+        (1, 16, 20, 21, 24, 3, (1, 2), (2, 0), (2, 1)),
+        (2, 8, 33, 33, 64, 7, (2, 2), (3, 3), (1, 1)),
+        (4, 256, 14, 14, 1024, 1, (1, 1), (0, 0), (1, 1)),
+    ],
+)
+def test_fake_conv_shape_and_layout(n, cin, h, w, cout, k, stride, padding, dilation):
+    x = _cl(torch.empty(n, cin, h, w, dtype=torch.bfloat16, device="meta"))
+    wt = torch.empty(cout, cin, k, k, dtype=torch.bfloat16, device="meta")
+    s = torch.empty(cout, device="meta")
+    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, s, s, None, stride, padding, dilation, 1, True)
+    ref = torch.nn.functional.conv2d(
+        torch.empty(n, cin, h, w, device="meta"), torch.empty(cout, cin, k, k, device="meta"),
+        None, stride, padding, dilation,
+    )
+    assert out.shape == ref.shape
+    assert out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fake_block_tail_shape():
+    y = _cl(torch.empty(2, 128, 28, 28, dtype=torch.float16, device="meta"))
+    x = _cl(torch.empty(2, 64, 56, 56, dtype=torch.float16, device="meta"))
+    w = torch.empty(128, 128, 3, 3, dtype=torch.float16, device="meta")
+    wd = torch.empty(128, 64, 1, 1, dtype=torch.float16, device="meta")
+    s = torch.empty(128, device="meta")
+    out = torch.ops.fusedres.block_tail_cuda(y, w, s, s, x, wd, s, s, [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+    assert out.shape == (2, 128, 28, 28)
+    assert out.dtype == torch.float16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fake_rejects_groups():
+    x = _cl(torch.empty(1, 16, 8, 8, dtype=torch.bfloat16, device="meta"))
+    w = torch.empty(16, 8, 3, 3, dtype=torch.bfloat16, device="meta")
+    s = torch.empty(16, device="meta")
+    with pytest.raises(RuntimeError, match="groups must be 1"):
+        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, [1, 1], [1, 1], [1, 1], 2, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_unavailable_without_gpu_says_why():
+    assert not cuda_backend.is_available()
+    assert "torch.cuda.is_available() is False" in cuda_backend.why_unavailable()
+    x = torch.randn(1, 8, 6, 6)
+    with pytest.raises(backends.BackendUnavailableError, match="no usable GPU"):
+        fusedres.conv_bn_act(x, torch.randn(8, 8, 3, 3), torch.ones(8), torch.zeros(8), backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(device_type="cpu"), "CUDA tensors"),
+        (dict(dtype=torch.float32), "fp16/bf16 only"),
+        (dict(dtype=torch.float64), "fp16/bf16 only"),
+        (dict(requires_grad=True), "forward-only"),
+        (dict(groups=2), "groups=2"),
+        (dict(out_channels=20), "out_channels=20 is not a multiple of 8"),
+        (dict(in_channels=12, ds_in_channels=16, ds_stride=(2, 2)), "in_channels=12 is not a multiple of 8"),
+        (dict(ds_in_channels=12, ds_stride=(2, 2)), "ds_in_channels=12 is not a multiple of 8"),
+        (dict(kernel_size=(33, 1)), "exceeds 32"),
+    ],
+)
+def test_unsupported_reasons(kw, needle):
+    reason = cuda_backend.unsupported_reason(_spec(**kw))
+    assert reason is not None and needle in reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_supported_specs(dtype):
+    assert cuda_backend.unsupported_reason(_spec(dtype=dtype)) is None
+    assert cuda_backend.unsupported_reason(_spec(dtype=dtype, ds_in_channels=256, ds_stride=(2, 2))) is None
+    assert cuda_backend.unsupported_reason(_spec(dtype=dtype, kernel_size=(7, 7), in_channels=8)) is None
+    # conv_bn_act pads input channels (the ResNet stem)
+    assert cuda_backend.unsupported_reason(_spec(dtype=dtype, kernel_size=(7, 7), in_channels=3)) is None
+
+
+@pytest.mark.parametrize("cin", [1, 3, 8, 12])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pad_channels_keeps_the_convolution(cin, channels_last):
+    x = torch.randn(2, cin, 9, 11, dtype=torch.bfloat16)
+    x = _cl(x) if channels_last else x
+    w = torch.randn(16, cin, 7, 7, dtype=torch.bfloat16)
+    xp, wp = cuda_backend._pad_channels(x, w)
+    assert xp.shape[1] % cuda_backend.ALIGNMENT == 0 and xp.shape[1] == wp.shape[1] < cin + 8
+    assert xp.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=3)
+    torch.testing.assert_close(torch.nn.functional.conv2d(xp.double(), wp.double(), padding=3), ref)
+
+
+def test_cpu_tensors_have_no_kernel():
+    x = _cl(torch.randn(1, 8, 6, 6, dtype=torch.bfloat16))
+    w = torch.randn(8, 8, 3, 3, dtype=torch.bfloat16)
+    s = torch.ones(8)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+# --------------------------------------------------------------------------- GPU
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation): every shape family.  Odd
+# spatial sizes and channel counts that are not multiples of the 128x128x64 tile exercise
+# the predicated edges.
+CONV_CASES = {
+    "1x1": (2, 64, 14, 14, 256, 1, 1, 0, 1),
+    "1x1_s2_odd": (2, 64, 15, 15, 128, 1, 2, 0, 1),
+    "3x3": (2, 64, 13, 11, 64, 3, 1, 1, 1),
+    "3x3_s2": (3, 32, 17, 17, 48, 3, 2, 1, 1),
+    "3x3_dil2": (1, 16, 20, 19, 24, 3, 1, 2, 2),
+    "3x3_nopad": (2, 24, 9, 9, 40, 3, 1, 0, 1),
+    "3x3_asym": (2, 16, 12, 15, 32, 3, (1, 2), (0, 1), (2, 1)),
+    "7x7_s2": (2, 8, 33, 33, 64, 7, 2, 3, 1),
+    "n1_7x7_spatial": (1, 512, 7, 7, 512, 3, 1, 1, 1),
+    "r18_layer1": (4, 64, 56, 56, 64, 3, 1, 1, 1),
+    "r18_layer2_conv1": (4, 64, 56, 56, 128, 3, 2, 1, 1),
+    "r50_layer1_conv1": (4, 256, 56, 56, 64, 1, 1, 0, 1),
+    "r50_layer3_conv2": (4, 256, 14, 14, 256, 3, 1, 1, 1),
+    "r50_layer4_conv3": (4, 512, 7, 7, 2048, 1, 1, 0, 1),
+}
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _inputs(n, cin, h, w, cout, k, dtype, scale_dtype=torch.float32):
+    x = _cl(torch.randn(n, cin, h, w, device="cuda", dtype=dtype))
+    wt = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
+    scale = (torch.rand(cout, device="cuda") + 0.5).to(scale_dtype)
+    shift = (torch.randn(cout, device="cuda") * 0.1).to(scale_dtype)
+    return x, wt, scale, shift
+
+
+def _spec_for(x, w, stride, padding, dilation, relu, residual, **kw):
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return ConvSpec(
+        device_type="cuda", dtype=x.dtype, in_channels=x.shape[1], out_channels=w.shape[0],
+        kernel_size=tuple(w.shape[2:]), stride=pair(stride), padding=pair(padding),
+        dilation=pair(dilation), groups=1, relu=relu, has_residual=residual, channels_last=True,
+        requires_grad=False, **kw,
+    )
+
+
+def _f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def _assert_close_to_ref(out, ref64, torch_same_dtype, atol):
+    err = (out.double() - ref64).abs().max().item()
+    err_torch = (torch_same_dtype.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + atol, f"max error {err:.3e} vs torch {err_torch:.3e} (+atol {atol})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "id"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_bn_act_matches_reference(case, relu, residual, dtype):
+    n, cin, h, w, cout, k, stride, padding, dilation = CONV_CASES[case]
+    x, wt, scale, shift = _inputs(n, cin, h, w, cout, k, dtype)
+    spec = _spec_for(x, wt, stride, padding, dilation, relu, residual)
+    oh, ow = fusedres.functional.conv_out_hw(h, w, spec.kernel_size, spec.stride, spec.padding, spec.dilation)
+    res = _cl(torch.randn(n, cout, oh, ow, device="cuda", dtype=dtype)) if residual else None
+
+    out = torch.ops.fusedres.conv_bn_act_cuda(
+        x, wt, scale, shift, res, list(spec.stride), list(spec.padding), list(spec.dilation), 1, relu
+    )
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, res), spec)
+    same = torch_ref.conv_bn_act(x, wt, scale, shift, res, spec)
+    assert out.shape == ref64.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+# (N, C_mid, H', W', C_out, kernel, stride, padding, C_in, H, W, ds_stride)
+TAIL_CASES = {
+    "r18_layer2": (2, 128, 28, 28, 128, 3, 1, 1, 64, 56, 56, 2),
+    "r18_layer4": (2, 512, 7, 7, 512, 3, 1, 1, 256, 14, 14, 2),
+    "r50_layer1": (2, 64, 56, 56, 256, 1, 1, 0, 64, 56, 56, 1),
+    "r50_layer3": (2, 256, 14, 14, 1024, 1, 1, 0, 512, 28, 28, 2),
+    "odd": (3, 24, 9, 9, 40, 3, 1, 1, 16, 17, 17, 2),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "id"])
+@pytest.mark.parametrize("case", list(TAIL_CASES))
+def test_block_tail_matches_reference(case, relu, dtype):
+    n, cmid, h, w, cout, k, stride, padding, cin, xh, xw, ds_stride = TAIL_CASES[case]
+    y, wt, scale, shift = _inputs(n, cmid, h, w, cout, k, dtype)
+    x, wd, ds_scale, ds_shift = _inputs(n, cin, xh, xw, cout, 1, dtype)
+    spec = _spec_for(y, wt, stride, padding, 1, relu, False, ds_in_channels=cin, ds_stride=(ds_stride, ds_stride))
+
+    out = torch.ops.fusedres.block_tail_cuda(
+        y, wt, scale, shift, x, wd, ds_scale, ds_shift, [stride] * 2, [padding] * 2, [1, 1], 1,
+        [ds_stride] * 2, relu,
+    )
+    ref64 = torch_ref.block_tail(*_f64(y, wt, scale, shift, x, wd, ds_scale, ds_shift), spec)
+    same = torch_ref.block_tail(y, wt, scale, shift, x, wd, ds_scale, ds_shift, spec)
+    assert out.shape == ref64.shape
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_functional_nchw_and_same_dtype_scale(dtype):
+    """Through ``fusedres.conv_bn_act(backend="cuda")``: NCHW input (converted by the
+    backend), scale/shift in the activation dtype, NCHW-strided weight."""
+    x, wt, scale, shift = _inputs(2, 32, 15, 15, 64, 3, dtype, scale_dtype=dtype)
+    x = x.contiguous()
+    res = torch.randn(2, 64, 8, 8, device="cuda", dtype=dtype)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, stride=2, padding=1, residual=res, backend="cuda")
+    spec = _spec_for(x, wt, 2, 1, 1, True, True)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, res), spec)
+    same = torch_ref.conv_bn_act(x, wt, scale, shift, res, spec)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_functional_block_tail_and_auto():
+    y, wt, scale, shift = _inputs(2, 64, 28, 28, 128, 3, torch.bfloat16)
+    x, wd, sd, bd = _inputs(2, 32, 56, 56, 128, 1, torch.bfloat16)
+    out = fusedres.block_tail(y, wt, scale, shift, x, wd, sd, bd, padding=1, ds_stride=2, backend="cuda")
+    auto = fusedres.block_tail(y, wt, scale, shift, x, wd, sd, bd, padding=1, ds_stride=2, backend="auto")
+    torch.testing.assert_close(out, auto, rtol=0, atol=0)  # auto picks this backend first
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cin", [1, 3, 12])
+def test_input_channel_padding(cin, dtype):
+    """C_in not a multiple of 8 (the ResNet stem has 3): the backend pads with zero channels."""
+    x, wt, scale, shift = _inputs(2, cin, 37, 37, 64, 7, dtype)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, stride=2, padding=3, backend="cuda")
+    spec = _spec_for(x, wt, 2, 3, 1, True, False)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
+    same = torch_ref.conv_bn_act(x, wt, scale, shift, None, spec)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_auto_falls_back_for_unaligned_channels():
+    x, wt, scale, shift = _inputs(1, 16, 16, 16, 20, 3, torch.bfloat16)  # C_out = 20
+    with pytest.raises(backends.BackendUnavailableError, match="out_channels=20 is not a multiple of 8"):
+        fusedres.conv_bn_act(x, wt, scale, shift, padding=1, backend="cuda")
+    out = fusedres.conv_bn_act(x, wt, scale, shift, padding=1, backend="auto")
+    spec = _spec_for(x, wt, 1, 1, 1, True, False)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
+    same = torch_ref.conv_bn_act(x, wt, scale, shift, None, spec)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_kernel_errors_are_clear():
+    x, wt, scale, shift = _inputs(1, 12, 8, 8, 16, 3, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True)
+    x, wt, scale, shift = _inputs(1, 16, 8, 8, 16, 3, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x must be channels_last"):
+        torch.ops.fusedres.conv_bn_act_cuda(
+            x.contiguous(), wt, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True
+        )
+    with pytest.raises(RuntimeError, match="x must be bfloat16 or float16"):
+        torch.ops.fusedres.conv_bn_act_cuda(
+            x.float(), wt.float(), scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True
+        )
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale[:8], shift, None, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+@pytest.mark.cuda
+def test_empty_batch():
+    x, wt, scale, shift = _inputs(1, 16, 8, 8, 16, 3, torch.bfloat16)
+    out = torch.ops.fusedres.conv_bn_act_cuda(x[:0], wt, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True)
+    assert out.shape == (0, 16, 8, 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_conv_bn_act(residual):
+    x, wt, scale, shift = _inputs(2, 16, 10, 10, 32, 3, torch.bfloat16)
+    res = _cl(torch.randn(2, 32, 5, 5, device="cuda", dtype=torch.bfloat16)) if residual else None
+    torch.library.opcheck(
+        torch.ops.fusedres.conv_bn_act_cuda.default,
+        (x, wt, scale, shift, res, [2, 2], [1, 1], [1, 1], 1, True),
+    )
+
+
+@pytest.mark.cuda
+def test_opcheck_block_tail():
+    y, wt, scale, shift = _inputs(2, 16, 6, 6, 32, 3, torch.float16)
+    x, wd, sd, bd = _inputs(2, 8, 11, 11, 32, 1, torch.float16)
+    torch.library.opcheck(
+        torch.ops.fusedres.block_tail_cuda.default,
+        (y, wt, scale, shift, x, wd, sd, bd, [1, 1], [1, 1], [1, 1], 1, [2, 2], True),
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["3x3_s2", "r50_layer1_conv1", "7x7_s2"])
+def test_matches_triton(case):
+    if not backends.is_available("triton"):
+        pytest.skip("triton backend not available")
+    n, cin, h, w, cout, k, stride, padding, dilation = CONV_CASES[case]
+    x, wt, scale, shift = _inputs(n, cin, h, w, cout, k, torch.bfloat16)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, backend="cuda", **kw)
+    try:
+        tri = fusedres.conv_bn_act(x, wt, scale, shift, backend="triton", **kw)
+    except backends.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    spec = _spec_for(x, wt, stride, padding, dilation, True, False)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, None), spec)
+    # Both within bf16 rounding of the exact result, hence of each other.
+    tol = 4 * 2.0**-8 * ref64.abs().max().item()
+    assert (out.double() - tri.double()).abs().max().item() <= tol
+
+
+@pytest.mark.cuda
+def test_batch_chunking_over_2gib():
+    """Tensors of 2 GiB or more run in batch chunks (CUTLASS's 32-bit offsets); each output
+    element's accumulation order does not depend on its batch index, so the first and last
+    samples must match single-sample calls bit for bit."""
+    n = 1100  # x, residual and out are 1100 * 64 * 128 * 128 * 2 B = 2.3 GB each
+    x, wt, scale, shift = _inputs(n, 64, 128, 128, 64, 1, torch.bfloat16)
+    res = _cl(torch.randn(n, 64, 128, 128, device="cuda", dtype=torch.bfloat16))
+    args = ([1, 1], [0, 0], [1, 1], 1, True)
+    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale, shift, res, *args)
+    for i in (0, n - 1):
+        one = torch.ops.fusedres.conv_bn_act_cuda(x[i : i + 1], wt, scale, shift, res[i : i + 1], *args)
+        assert torch.equal(out[i : i + 1], one), f"sample {i} differs"

@@ -1,0 +1,81 @@
+"""Converted models on a CUDA GPU: every fused backend against torchvision (needs a GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import fusedres
+from helpers import assert_within_budget, randomize
+
+pytestmark = pytest.mark.cuda
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if fusedres.backends.is_available(b)]
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return randomize(torchvision.models.get_model(name, weights=None)).eval().cuda()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend"))])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_model_matches_torchvision(backend, name, dtype):
+    ref = _model(name)
+    truth_model = copy.deepcopy(ref).double()
+    ref = ref.to(dtype)
+    fused = fusedres.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    with torch.inference_mode(), fusedres.backends.record() as used:
+        out = fused(x.to(dtype).contiguous(memory_format=torch.channels_last))
+    with torch.inference_mode():
+        truth = truth_model(x.double())
+        eager = ref(x.to(dtype))
+    assert used == {backend}
+    assert_within_budget(out, eager, truth, dtype, what=f"{name}/{backend}")
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_auto(allow_tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    ref = _model("resnet18")
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        truth = copy.deepcopy(ref).double()(x.double())
+        assert_within_budget(fused(x), ref(x), truth, torch.float32)
+
+
+def test_compile_fullgraph_converted_resnet18():
+    ref = _model("resnet18").to(torch.bfloat16)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(8, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        truth = copy.deepcopy(ref).double()(x.double())
+        assert_within_budget(compiled(x), ref(x), truth, torch.bfloat16)
+
+
+def test_cuda_graph_capture_converted_resnet18():
+    ref = _model("resnet18").to(torch.bfloat16)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm up (autotuning, weight caches) outside the capture
+                fused(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fused(x)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, fused(x), rtol=0, atol=0)
