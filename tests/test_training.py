@@ -336,3 +336,26 @@ def test_cuda_activation_peak_resnet50_bf16():
     peak(eager, x)
     ratio = peak(fused, x) / peak(eager, x)
     assert ratio <= 0.7, ratio
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
+def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
+    """The whole chain with every per-channel pass on the Triton kernels (interpreter on CPU):
+    the integration the CUDA path uses, checked without a GPU."""
+    from fusedres.training import ops
+
+    tk = pytest.importorskip("fusedres.training.triton_kernels")
+    monkeypatch.setattr(ops, "use_triton", lambda t: t.dtype != torch.float64)
+    calls = {}
+    for fn in ("channel_stats", "bn_act", "bn_bwd_reduce", "bn_bwd_apply"):
+        def counted(*a, _f=getattr(tk, fn), _n=fn, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(tk, fn, counted)
+    ref, cin = make_block(name)
+    ref.train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    _compare(ref, fused, _inputs((2, cin, 6, 5), True), torch.float32, expect_chains=1)
+    nbn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())  # one pass of each per BN
+    assert calls["channel_stats"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
