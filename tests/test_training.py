@@ -339,7 +339,7 @@ def test_cuda_activation_peak_resnet50_bf16():
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("name", ["basic-down", "bottleneck"])
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck", "resnet"])
 def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
     """The whole chain with every per-channel pass on the Triton kernels (interpreter on CPU):
     the integration the CUDA path uses, checked without a GPU."""
@@ -353,9 +353,12 @@ def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*a, **k)
         monkeypatch.setattr(tk, fn, counted)
-    ref, cin = make_block(name)
-    ref.train()
+    if name == "resnet":  # the stem chain with its max-pool, and 4 blocks
+        ref, x, chains = _tiny_resnet().train(), _inputs((3, 3, 35, 33), True), 5
+    else:
+        ref, cin = make_block(name)
+        ref, x, chains = ref.train(), _inputs((2, cin, 6, 5), True), 1
     fused = fusedres.convert(copy.deepcopy(ref))
-    _compare(ref, fused, _inputs((2, cin, 6, 5), True), torch.float32, expect_chains=1)
+    _compare(ref, fused, x, torch.float32, expect_chains=chains)
     nbn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())  # one pass of each per BN
     assert calls["channel_stats"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
