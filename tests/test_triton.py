@@ -313,3 +313,21 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
                            for c in cs}
     assert as_tiles(tc_kept) and all(m * n // (32 * w) <= tl_launch.DS_ACC_REGS for m, n, _, w in as_tiles(tc_kept))
     assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
+
+
+def test_direct_eager_path_equals_registered_op():
+    """Eager inference skips the dispatcher; it must compute exactly what the op computes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mod = backends.get("triton")
+    x = _rand(2, 8, 6, 5, dtype=torch.bfloat16, channels_last=True)
+    w = nn.Parameter(_rand(16, 8, 3, 3, dtype=torch.bfloat16) / 8, requires_grad=False)
+    s, b = _affine(16)
+    spec = backends.ConvSpec(x.device.type, x.dtype, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
+                             False, True, False)
+    assert mod._direct(spec, x, w, s, b, None)
+    with FakeTensorMode() as fake_mode:
+        assert not mod._direct(spec, fake_mode.from_tensor(x), w, s, b, None)
+    direct = mod.conv_bn_act(x, w, s, b, None, spec)
+    via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, [1, 1], [1, 1], [1, 1], 1, True)
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
