@@ -124,11 +124,12 @@ def unsupported_reason(spec) -> str | None:
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a channels_last tensor the kernels can read with 128-bit accesses.
 
-    A no-op for a channels_last tensor; one explicit copy for NCHW or for a view whose
-    data pointer is not 16-byte aligned.
+    A no-op for a channels_last tensor; one explicit copy for NCHW or (eagerly) for a view
+    whose data pointer is not 16-byte aligned.  Under ``torch.compile`` there is no data
+    pointer to look at; the op itself then rejects a misaligned view with a clear error.
     """
     t = t.contiguous(memory_format=torch.channels_last)
-    if t.data_ptr() % 16:
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
         t = t.clone(memory_format=torch.channels_last)
     return t
 
