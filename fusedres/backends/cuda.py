@@ -21,7 +21,10 @@ it).  The output is always channels_last (same values and shape).
 Channel counts: the kernels need every channel count to be a multiple of 8 (128-bit
 accesses).  ``conv_bn_act`` with other input channel counts (the ResNet stem, ``C_in = 3``)
 pads the input and the filter with zero channels up to the next multiple of 8: a visible
-copy of the input, and the kernel then spends 8 channels' work per filter tap.
+copy of the input.  It is correct but not fast: the kernel's K tile covers 32 channels of
+one filter tap, so with 8 channels three quarters of each tile are masked off (the stem
+runs at a fraction of the tensor cores' rate; CUTLASS's few-channels iterator would fix
+that and is not built here).
 
 Limits, declined by :func:`unsupported_reason` so ``auto`` falls back: CUDA tensors
 only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, output channels
