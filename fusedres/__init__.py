@@ -6,11 +6,13 @@ Public API::
     fusedres.revert(model)
     fusedres.BasicBlock, fusedres.Bottleneck  # drop-in torchvision block classes
     fusedres.conv_bn_act(...), fusedres.block_tail(...)  # the fused functional ops
+    fusedres.convert_sync_batchnorm(model, process_group=None)  # sync train-mode BN stats
 """
 
 from .backends import BACKENDS, BackendUnavailableError, available as available_backends
 from .functional import block_tail, bn_scale_shift, conv_bn_act
 from .modules import BasicBlock, Bottleneck, FusedResNet, convert, revert
+from .training import convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -29,5 +31,6 @@ __all__ = [
     "bn_scale_shift",
     "conv_bn_act",
     "convert",
+    "convert_sync_batchnorm",
     "revert",
 ]

@@ -11,8 +11,12 @@ Forward, per BatchNorm state:
   each conv+BN(+ReLU)(+residual) runs as one :func:`fusedres.conv_bn_act`, the last conv of
   a block with a 1x1-conv+BN downsample as one :func:`fusedres.block_tail`.  ``scale``/``shift``
   are recomputed from the live BN parameters and buffers on every call, so they never go stale.
-* anything else (train mode, ``track_running_stats=False``, a custom norm layer or
-  downsample): torchvision's own forward, i.e. exactly the reference semantics.
+* BN with batch statistics (train mode, or ``track_running_stats=False``): the block (or the
+  stem with its max-pool) runs as one train-mode chain of :mod:`fusedres.training`, which
+  keeps only pre-BN conv outputs for backward and updates the running stats like
+  ``nn.BatchNorm2d``.
+* anything else (a custom norm layer or downsample, ``SyncBatchNorm`` in train mode, BNs of
+  one block in different modes): torchvision's own forward, i.e. exactly the reference semantics.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .functional import block_tail, bn_scale_shift, conv_bn_act
+from .training import chain_forward, chain_ready
 
 __all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "revert"]
 
@@ -111,7 +116,10 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fused_eval_ready(((self.conv1, self.bn1), (self.conv2, self.bn2))):
+        pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2))
+        if not self._fused_eval_ready(pairs):
+            if chain_ready(x, pairs, self.relu, self.downsample):
+                return chain_forward(self, x, pairs, downsample=self.downsample, identity=self.downsample is None)
             return super().forward(x)
         y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
         return _tail(self.conv2, self.bn2, y, x, self.downsample, self.backend)
@@ -126,9 +134,10 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fused_eval_ready(
-            ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-        ):
+        pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
+        if not self._fused_eval_ready(pairs):
+            if chain_ready(x, pairs, self.relu, self.downsample):
+                return chain_forward(self, x, pairs, downsample=self.downsample, identity=self.downsample is None)
             return super().forward(x)
         y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
         y = _conv_bn(self.conv2, self.bn2, y, relu=True, backend=self.backend)
@@ -150,9 +159,16 @@ class FusedResNet(tv_resnet.ResNet):
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
+            x = self.maxpool(x)
+        elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None):
+            # The max-pool joins the chain when it is a plain MaxPool2d: its input and
+            # indices are then recomputed in backward instead of stored.
+            plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices
+            x = chain_forward(self, x, ((self.conv1, self.bn1),), pool=self.maxpool if plain_pool else None)
+            if not plain_pool:
+                x = self.maxpool(x)
         else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -1,0 +1,87 @@
+"""The ``triton`` backend: fused implicit-GEMM conv kernels written in Triton.
+
+* ``conv_bn_act`` -> ``torch.ops.fusedres.conv_bn_act_triton``: one launch computing
+  ``act(conv2d(x, w) * scale + shift (+ residual))``.
+* ``block_tail`` -> ``torch.ops.fusedres.block_tail_triton``: one launch computing the main
+  conv and the 1x1 downsample conv as two GEMMs into one epilogue.
+
+An eval ``BasicBlock`` is therefore 2 launches and a ``Bottleneck`` 3.  Kernels:
+``kernels.py``; host launch, tiles and autotuning: ``launch.py``; op registration: ``ops.py``.
+
+Differentiable: the forward is the fused kernel, the backward runs through ATen
+(``convolution_backward`` plus a recomputed conv for the BN-scale gradient; see ``ops.py``).
+
+Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when
+``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+NAME = "triton"
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available() -> bool:
+    return _HAS_TRITON and (torch.cuda.is_available() or _interpreting())
+
+
+def why_unavailable() -> str:
+    if not _HAS_TRITON:
+        return "the triton package is not installed"
+    return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on CPU tensors)"
+
+
+def unsupported_reason(spec) -> str | None:
+    if spec.device_type != "cuda" and not (spec.device_type == "cpu" and _interpreting()):
+        return f"tensors are on {spec.device_type}; the triton backend needs CUDA tensors"
+    if spec.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {spec.dtype} is not supported (fp16, bf16, fp32 only)"
+    return None
+
+
+if _HAS_TRITON:
+    from . import ops as _ops  # registers torch.ops.fusedres.*_triton
+
+
+def _direct(spec, *tensors) -> bool:
+    """Call the op's implementation without the dispatcher: eager inference on plain tensors.
+
+    ``torch.ops`` dispatch of a Python custom op (autograd wrapper, dispatcher round trip)
+    costs tens of microseconds of host time per call, comparable to a whole small conv
+    on an H100.  When nothing needs it - no autograd, no tracing (``torch.compile``,
+    export), no tensor subclass such as a FakeTensor - the implementation is called
+    directly; it is the very function the op registers, so results are identical.
+    """
+    return (
+        not spec.requires_grad
+        and not torch.compiler.is_compiling()
+        and all(t is None or type(t) is torch.Tensor for t in tensors)
+    )
+
+
+def conv_bn_act(x, weight, scale, shift, residual, spec):
+    args = (x, weight, scale, shift, residual,
+            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu)
+    if _direct(spec, x, weight, scale, shift, residual):
+        return _ops.conv_bn_act_impl(*args)
+    return torch.ops.fusedres.conv_bn_act_triton(*args)
+
+
+def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
+    args = (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
+            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
+            list(spec.ds_stride), spec.relu)
+    if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift):
+        return _ops.block_tail_impl(*args)
+    return torch.ops.fusedres.block_tail_triton(*args)

@@ -1,0 +1,245 @@
+"""Ahead-of-time compilation check of the Triton conv kernel for sm_80 and sm_90, no GPU needed.
+
+    python -m fusedres.backends.triton.aot [--arch 80 --arch 90] [--all-configs] [--json PATH]
+
+Compiles every compile-time variant of ``_conv_bn_act_fwd_kernel`` (filter size 1/3/7 x
+residual x ReLU x downsample x dtype, fp32 in both TF32 and IEEE mode; padded exactly
+when the filter is larger than 1x1, as in ResNets) with the first
+tile config that :func:`launch.prune_configs` keeps for a large problem of that dtype on
+that arch, plus every surviving config for the heaviest variants (3x3 block tail with
+both accumulators, bf16 and fp32).  ``--all-configs`` compiles every surviving config for
+every variant (slow).
+
+The signature mirrors what the JIT sees on the channels_last fast path: the unit strides
+(channel stride of activations, output-channel stride of the re-laid-out weight) are the
+constant 1, pointers and the other strides are 16-divisible.
+
+For each binary it reports registers per thread, spill bytes and shared memory, and
+fails (exit status 1) on a compile error, any register spill, or shared memory above the
+arch's per-block limit (sm_80: 163 KB, sm_90: 227 KB).  Registers and spills come from
+``ptxas -v`` (Triton's bundled ptxas, run on the PTX Triton generated): a CompiledKernel
+only learns ``n_regs``/``n_spills`` when it is loaded onto a GPU.  Shared memory is the
+compiled kernel's ``metadata.shared``.
+
+Must run in a process where ``TRITON_INTERPRET`` is not 1 (the JIT would then hand out
+interpreted functions instead of compilable ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+_ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Arguments that are exactly 1 on the channels_last fast path (JIT specialises them to constants).
+_UNIT_STRIDES = ("sxc", "swk", "src", "soc", "sdc", "swdk")
+# Geometry arguments that vary per layer: left as plain i32 (no divisibility assumption).
+_PLAIN_INTS = ("H", "W", "OH", "OW", "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw")
+
+
+@dataclass(frozen=True)
+class Variant:
+    dtype: str
+    precision: str
+    kh: int
+    has_residual: bool
+    has_downsample: bool
+    relu: bool
+
+    @property
+    def name(self) -> str:
+        prec = f"-{self.precision}" if self.dtype == "fp32" else ""
+        flags = "".join(f for f, on in (("+res", self.has_residual), ("+ds", self.has_downsample),
+                                        ("+relu", self.relu)) if on)
+        return f"{self.dtype}{prec}-k{self.kh}{flags}"
+
+
+def variants() -> list[Variant]:
+    """Every constexpr combination the backend can launch (residual and downsample are exclusive)."""
+    out = []
+    dtypes = (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
+    for (dt, prec), kh, relu, (res, ds) in itertools.product(
+        dtypes, (1, 3, 7), (True, False), ((False, False), (True, False), (False, True))
+    ):
+        out.append(Variant(dt, prec, kh, res, ds, relu))
+    return out
+
+
+def _signature_and_constants(kernel, v: Variant, cfg):
+    sig, constants, attrs = {}, {}, {}
+    act = "*" + _TRITON_DTYPE[v.dtype]
+    for i, name in enumerate(kernel.arg_names):
+        if name.endswith("_ptr"):
+            sig[name] = "*fp32" if ("scale" in name or "shift" in name) else act
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _UNIT_STRIDES:
+            sig[name] = "constexpr"
+            constants[name] = 1
+        elif kernel.params[i].is_constexpr:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+            if name not in _PLAIN_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constants.update(
+        KH=v.kh, KW=v.kh, PADDED=v.kh > 1,
+        HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
+        DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
+    )
+    return sig, constants, attrs
+
+
+_PTXAS_RE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # older Triton: no per-arch ptxas
+        ptxas = get_ptxas().path
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    log = proc.stderr + proc.stdout
+    out = {}
+    for key, rx in _PTXAS_RE.items():
+        vals = [int(m) for m in rx.findall(log)]
+        out[key] = max(vals) if vals else 0
+    return out
+
+
+@dataclass
+class Result:
+    arch: int
+    variant: str
+    config: str
+    ok: bool
+    regs: int = 0
+    spill_bytes: int = 0
+    shared: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def compile_one(arch: int, v: Variant, cfg) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .kernels import _conv_bn_act_fwd_kernel as kernel
+
+    cfg_name = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}-s{cfg.num_stages}-w{cfg.num_warps}"
+    t0 = time.perf_counter()
+    try:
+        sig, constants, attrs = _signature_and_constants(kernel, v, cfg)
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
+        ck = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
+        usage = _ptxas_usage(ck.asm["ptx"], arch)
+    except Exception as exc:  # reported, and fails the run
+        return Result(arch, v.name, cfg_name, False, seconds=time.perf_counter() - t0,
+                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    spill = usage["spill_stores"] + usage["spill_loads"]
+    shared = int(ck.metadata.shared)
+    problems = []
+    if spill:
+        problems.append(f"{spill} bytes of register spills")
+    if shared > SMEM_LIMIT[arch]:
+        problems.append(f"shared memory {shared} B > {SMEM_LIMIT[arch]} B")
+    return Result(arch, v.name, cfg_name, not problems, usage["regs"], spill, shared,
+                  time.perf_counter() - t0, "; ".join(problems))
+
+
+def plan(archs, all_configs: bool):
+    """(arch, variant, config) triples to compile.
+
+    Default (CI, a couple of minutes on 2 cores): per arch, every flag combination in bf16
+    at the default tile; the other dtypes/precisions for the representative flag sets; and
+    every tile the autotuner may pick for the heaviest variants (3x3 with residual, 3x3
+    block tail) in bf16, fp32-TF32 and fp32-IEEE.  ``all_configs``: every variant x every tile.
+    """
+    from .launch import base_configs, prune_configs
+
+    representative = {"k3+res+relu", "k3+ds+relu", "k7+relu"}
+    heavy = {"bf16-k3+res+relu", "bf16-k3+ds+relu", "fp32-tf32-k3+ds+relu", "fp32-ieee-k3+ds+relu"}
+    jobs = []
+    for arch in archs:
+        for v in variants():
+            kept = prune_configs(
+                base_configs(v.precision), M=1 << 20, CG=512, KG=512, CD=512 if v.has_downsample else 0,
+                elem_size=_ELEM[v.dtype], smem_limit=SMEM_LIMIT[arch],
+                has_downsample=v.has_downsample, fma=v.precision == "ieee",
+            )
+            flags = v.name.split("-k", 1)[1]
+            if all_configs or v.name in heavy:
+                chosen = kept
+            elif v.dtype == "bf16" or "k" + flags in representative:
+                chosen = kept[:1]
+            else:
+                chosen = []
+            jobs.extend((arch, v, c) for c in chosen)
+    return jobs
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("aot: TRITON_INTERPRET=1 is set; run this in a process without it", file=sys.stderr)
+        return 2
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT))
+    p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--json", help="write the per-kernel report here")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args(argv)
+    jobs = plan(args.arch or [80, 90], args.all_configs)
+
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_compile_job, jobs))
+    else:
+        results = [_compile_job(j) for j in jobs]
+    print(f"{'arch':>4} {'variant':<24} {'config':<22} {'regs':>4} {'spill':>5} {'smem KB':>7}  status")
+    for r in results:
+        status = "ok" if r.ok else f"FAIL: {r.error}"
+        print(f"sm{r.arch:<2} {r.variant:<24} {r.config:<22} {r.regs:>4} {r.spill_bytes:>5} "
+              f"{r.shared / 1024:>7.1f}  {status}")
+    bad = [r for r in results if not r.ok]
+    print(f"aot: {len(results)} kernels compiled in {time.perf_counter() - t0:.0f}s, {len(bad)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return 1 if bad else 0
+
+
+def _compile_job(job):
+    return compile_one(*job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Triton implicit-GEMM convolution with a fused BatchNorm/residual/downsample/ReLU epilogue.
+
+The math, for one output element ``out[n, k, oh, ow]`` of a conv with ``G`` groups,
+``Cg = C_in / G`` input and ``Kg = C_out / G`` output channels per group, ``g = k // Kg``::
+
+    acc  = sum_{kh, kw, c < Cg} x[n, g*Cg + c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw] * w[k, c, kh, kw]
+    z    = acc * scale[k] + shift[k]
+    z   += residual[n, k, oh, ow]                                   (HAS_RESIDUAL)
+    z   += (sum_{c < C_d} xd[n, c, oh*dsh, ow*dsw] * wd[k, c]) * ds_scale[k] + ds_shift[k]
+                                                                    (HAS_DOWNSAMPLE)
+    out  = max(z, 0) if RELU else z
+
+(taps that fall into the zero padding contribute nothing).  As a GEMM this is
+``(M x Kred) @ (Kred x Kg)`` per group with ``M = N * OH * OW`` output pixels (rows),
+``Kg`` output channels (columns) and ``Kred = KH * KW * Cg`` reduction terms; the ``A``
+operand is never materialised (no im2col): each ``BLOCK_M x BLOCK_K`` tile is gathered
+straight from ``x`` for one filter tap ``(kh, kw)`` and one block of ``BLOCK_K`` input
+channels.  The downsample branch is a second, plain GEMM ``(M x C_d) @ (C_d x Kg)`` over
+the block input in the same program, so the block tail is one launch and no intermediate
+tensor ever reaches global memory.  Accumulation is fp32; the epilogue runs on the fp32
+accumulator and rounds once, on the store.
+
+Tiling and register pressure
+----------------------------
+A program owns one ``BLOCK_M x BLOCK_N`` output tile of one group: an fp32 accumulator of
+``BLOCK_M * BLOCK_N / (32 * num_warps)`` registers per thread (64 at 128x128 with 8 warps,
+128 with the downsample accumulator too), plus the pipelined ``A``/``B`` tiles, which
+live in shared memory (``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes).
+The per-row decomposition ``m -> (n, oh, ow)`` and the row base addresses are computed
+once, before the reduction loop; inside it a tap only shifts the row addresses by a
+scalar and re-derives a ``BLOCK_M`` boolean vector for the padding border (skipped at
+compile time when ``PADDED`` is false: with zero padding every tap of a valid output
+pixel lies inside ``x``, e.g. all 1x1 convs).  The loop is a
+single flat loop over ``KH * KW * ceil(Cg / BLOCK_K)`` steps (not three nested loops) so
+that Triton's software pipeliner sees every step, even when ``Cg`` fits in one
+``BLOCK_K`` block (ResNet's 64-channel layers would otherwise give a one-trip inner loop).
+
+Layouts
+-------
+Every tensor is addressed through its strides, so NCHW and channels_last inputs,
+residuals and outputs all work without copies.  channels_last is the fast path: the
+channel stride is then 1 (Triton specialises integer arguments equal to 1), so the ``A``
+tile's ``BLOCK_K`` channels are contiguous and load as 16-byte vectors, as do the
+output's ``BLOCK_N`` channels on the store.  The weight is expected as
+``(KH, KW, Cg, C_out)`` contiguous (output channel fastest), which makes the ``B`` tile
+load contiguous too; the host re-arranges it once and caches it.
+
+``DOT_UPCAST`` feeds ``tl.dot`` fp32 copies of bf16 tiles.  Only the host's interpreter
+path sets it: the Triton interpreter keeps bf16 as raw 16-bit integers in numpy and its
+``dot`` multiplies those bit patterns.  Products of bf16 values are exact in fp32, so the
+upcast computes what the bf16 tensor-core MMA computes (fp32 accumulation).
+
+Offsets that scale with the batch (``n * stride_n`` and the spatial terms) are computed in
+int64 once per row, so tensors beyond 2**31 elements are addressed correctly; per-tile
+channel offsets stay int32.  The weight is limited to < 2**31 elements (checked on the host).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    # tensors
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    xd_ptr, wd_ptr, ds_scale_ptr, ds_shift_ptr,
+    # problem size (M = N * OH * OW rows; CG/KG channels per group; CD downsample channels)
+    M, H, W, OH, OW, CG, KG, CD,
+    # strides, in elements
+    sxn, sxc, sxh, sxw,
+    swh, sww, swc, swk,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    sdn, sdc, sdh, sdw,
+    swdc, swdk,
+    # conv geometry
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w, ds_sh, ds_sw,
+    # compile-time specialisation
+    KH: tl.constexpr, KW: tl.constexpr, PADDED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_DOWNSAMPLE: tl.constexpr, RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+
+    # Grouped ("L2-swizzled") order: GROUP_M consecutive row tiles sweep all column tiles
+    # together, so their A rows and the whole weight slice stay L2-resident.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(KG, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_rows
+    pid_n = (pid % num_in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < KG
+    k_out = g * KG + offs_n  # global output channel of each column
+
+    # Row decomposition m -> (n, oh, ow), once per program.
+    ohw = OH * OW
+    nb = offs_m // ohw
+    rem = offs_m - nb * ohw
+    oh = rem // OW
+    ow = rem - oh * OW
+    nb64 = nb.to(tl.int64)
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    ih0 = oh * conv_sh - pad_h
+    iw0 = ow * conv_sw - pad_w
+    # Row base of x for tap (0, 0), channel g*CG; int64 because n * sxn grows with the batch.
+    x_row = nb64 * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw + (g * CG).to(tl.int64) * sxc
+    w_col = k_out * swk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_blocks = tl.cdiv(CG, BLOCK_K)
+    for step in range(KH * KW * c_blocks):
+        tap = step // c_blocks
+        c0 = (step - tap * c_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        if PADDED:
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        else:  # without padding every tap of a valid output pixel lies inside x
+            row_ok = m_ok
+        cc = c0 + offs_k
+        c_ok = cc < CG
+        tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
+        a = tl.load(
+            x_ptr + (x_row + tap_off)[:, None] + (cc * sxc)[None, :],
+            mask=row_ok[:, None] & c_ok[None, :], other=0.0,
+        )
+        b = tl.load(
+            w_ptr + (kh * swh + kw * sww) + (cc * swc)[:, None] + w_col[None, :],
+            mask=c_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        if DOT_UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    scale = tl.load(scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+    z = acc * scale[None, :] + shift[None, :]
+
+    if HAS_DOWNSAMPLE:
+        # 1x1 conv with stride (ds_sh, ds_sw), no padding: row (n, oh, ow) reads pixel
+        # (oh * ds_sh, ow * ds_sw) of the block input; a plain GEMM over its CD channels.
+        xd_row = nb64 * sdn + (oh64 * ds_sh) * sdh + (ow64 * ds_sw) * sdw
+        wd_col = k_out * swdk
+        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, CD, BLOCK_K):
+            cc = c0 + offs_k
+            c_ok = cc < CD
+            a = tl.load(
+                xd_ptr + xd_row[:, None] + (cc * sdc)[None, :],
+                mask=m_ok[:, None] & c_ok[None, :], other=0.0,
+            )
+            b = tl.load(
+                wd_ptr + (cc * swdc)[:, None] + wd_col[None, :],
+                mask=c_ok[:, None] & n_ok[None, :], other=0.0,
+            )
+            if DOT_UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc_d = tl.dot(a, b, acc_d, input_precision=DOT_PRECISION)
+        ds_scale = tl.load(ds_scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        ds_shift = tl.load(ds_shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        z += acc_d * ds_scale[None, :] + ds_shift[None, :]
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    k_out64 = k_out.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_row = nb64 * srn + oh64 * srh + ow64 * srw
+        res = tl.load(res_ptr + r_row[:, None] + (k_out64 * src)[None, :], mask=mask, other=0.0)
+        z += res.to(tl.float32)
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    o_row = nb64 * son + oh64 * soh + ow64 * sow
+    tl.store(out_ptr + o_row[:, None] + (k_out64 * soc)[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,318 @@
+"""Host side of the Triton conv kernels: weight layout, tile configs, autotuning, launch.
+
+``launch`` writes into a caller-provided output (the ops allocate it; the tests pass a
+NaN-poisoned one so an element the kernel forgets to write fails the comparison).
+
+Tile configs
+------------
+On a GPU the kernel is autotuned over :data:`GPU_CONFIGS`, keyed on the problem shape,
+the compile-time flags and the dtypes; Triton caches the winner per key for the life of
+the process.  Before benchmarking, :func:`prune_configs` drops configs that cannot pay
+off or cannot fit:
+
+* ``BLOCK_N`` larger than the (power-of-two-rounded) output channels per group, and
+  ``BLOCK_K`` larger than the input channels per group, only compute padding;
+* ``BLOCK_M`` much larger than the number of output pixels likewise;
+* with the downsample branch two fp32 accumulators are live at once, so tiles whose
+  accumulator needs more than :data:`DS_ACC_REGS` registers per thread are dropped;
+* ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes of pipelined operand
+  tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90).
+
+``FUSEDRES_TRITON_AUTOTUNE=0`` skips the benchmarking and takes the first surviving
+config (useful for fast test runs).  Under ``TRITON_INTERPRET=1`` (CPU tensors) there is
+nothing to time, so a small fixed :data:`INTERPRET_CONFIG` is used; tests may change it to
+exercise several tiles on tiny problems.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .kernels import _conv_bn_act_fwd_kernel
+
+
+# Triton reads TRITON_INTERPRET when it is imported, so it cannot change afterwards.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting() -> bool:
+    return _INTERPRETING
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+    group_m: int = 8
+
+    def kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+
+    def acc_regs(self) -> int:
+        """fp32 accumulator registers per thread for one ``BLOCK_M x BLOCK_N`` accumulator."""
+        return self.block_m * self.block_n // (32 * self.num_warps)
+
+    def smem_bytes(self, elem_size: int) -> int:
+        """Shared memory of the pipelined A/B operand tiles (the dominant term)."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * elem_size
+
+
+#: Candidate tiles for GPUs, best general-purpose first (the first survivor is also the
+#: untuned default).  None needs more than 64 accumulator registers per thread: 128x256
+#: with 8 warps and 128x128 with 4 warps (128 each) spilled on sm_80/sm_90 (aot report).
+#: 128x128x64 with 8 warps is the classic Hopper/Ampere GEMM tile; 64-wide N tiles serve
+#: 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs; BLOCK_K=16 the 3-channel
+#: stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
+GPU_CONFIGS = (
+    TileConfig(128, 128, 64, 3, 8),
+    TileConfig(128, 64, 64, 3, 8),
+    TileConfig(64, 128, 64, 3, 8),
+    TileConfig(128, 64, 64, 4, 4),
+    TileConfig(64, 128, 64, 4, 4),
+    TileConfig(64, 64, 64, 4, 4),
+    TileConfig(64, 256, 32, 4, 8),
+    TileConfig(128, 64, 16, 4, 4),
+    TileConfig(128, 32, 32, 4, 4),
+    TileConfig(128, 16, 16, 4, 4),
+    TileConfig(32, 16, 16, 2, 4),
+)
+
+#: Tiles for fp32 with TF32 off ("ieee"): tl.dot then runs on FMA units with both operand
+#: tiles in registers, so only BLOCK_K=16 and at most 128x64 outputs per program avoid
+#: register spills (checked by the aot report; 64x64x32 already spills on sm_80).
+FMA_CONFIGS = (
+    TileConfig(128, 64, 16, 2, 8),
+    TileConfig(64, 64, 16, 2, 4),
+    TileConfig(64, 32, 16, 2, 4),
+    TileConfig(32, 16, 16, 2, 4),
+)
+
+#: Fixed tile for the interpreter: tiny, so test problems span several tiles per dim.
+INTERPRET_CONFIG = TileConfig(32, 16, 16, 1, 4, group_m=2)
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def base_configs(precision: str) -> tuple[TileConfig, ...]:
+    """The candidate list for a ``DOT_PRECISION``: FMA tiles for IEEE fp32, tensor-core tiles otherwise."""
+    return FMA_CONFIGS if precision == "ieee" else GPU_CONFIGS
+
+
+#: Per-accumulator register cap when the downsample GEMM keeps a second accumulator live
+#: next to the first: 2 x 32 fp32 registers per thread.  Above it ptxas spilled on sm_80
+#: and/or sm_90 (aot report: 128x128 with 8 warps, 128x64 with 4 warps).  The FMA (IEEE
+#: fp32) path also holds its operand tiles in registers, hence its lower cap.
+DS_ACC_REGS = 32
+DS_ACC_REGS_FMA = 16
+
+
+def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
+                  has_downsample: bool = False, fma: bool = False):
+    """The configs worth benchmarking for one problem (see the module docstring)."""
+    if has_downsample:
+        cap = DS_ACC_REGS_FMA if fma else DS_ACC_REGS
+        configs = [c for c in configs if c.acc_regs() <= cap]
+    k_needed = _pow2_at_least(max(CG, CD))
+    n_needed = _pow2_at_least(KG)
+    m_needed = _pow2_at_least(M, 32)
+    kept = [
+        c for c in configs
+        if c.block_n <= n_needed and c.block_k <= k_needed and c.block_m <= m_needed
+        and c.smem_bytes(elem_size) <= smem_limit
+    ]
+    if not kept:  # tiny problem: the smallest tile that fits
+        kept = [min(configs, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))]
+    return kept
+
+
+_AUTOTUNE_KEY = [
+    "M", "H", "W", "OH", "OW", "CG", "KG", "CD",
+    "sxc", "sdc", "soc", "src",
+    "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw",
+    "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "DOT_PRECISION", "DOT_UPCAST",
+]
+
+
+def _max_shared_mem(device: torch.device) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    return int(props["max_shared_mem"])
+
+
+def _early_prune(configs, named_args, **kwargs):
+    all_args = {**named_args, **kwargs}
+    x = all_args["x_ptr"]
+    by_cfg = {}
+    for c in configs:
+        tc = TileConfig(
+            c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps,
+            c.kwargs["GROUP_M"],
+        )
+        by_cfg[tc] = c
+    candidates = [t for t in by_cfg if t in base_configs(all_args["DOT_PRECISION"])]
+    kept = prune_configs(
+        candidates, M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
+        elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
+        has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
+    )
+    return [by_cfg[t] for t in kept]
+
+
+_autotuned_kernel = triton.autotune(
+    configs=[
+        triton.Config(c.kwargs(), num_stages=c.num_stages, num_warps=c.num_warps)
+        for c in dict.fromkeys(GPU_CONFIGS + FMA_CONFIGS)
+    ],
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _early_prune},
+)(_conv_bn_act_fwd_kernel)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("FUSEDRES_TRITON_AUTOTUNE", "1") != "0"
+
+
+# --------------------------------------------------------------------------- weights
+
+_weight_cache = WeakIdKeyDictionary()
+
+
+def _relayout(w: torch.Tensor) -> torch.Tensor:
+    # (C_out, Cg, KH, KW) -> (KH, KW, Cg, C_out): output channel fastest, so a B tile row
+    # (one input channel, BLOCK_N output channels) is one contiguous run.
+    return w.detach().permute(2, 3, 1, 0).contiguous()
+
+
+def kernel_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as ``(KH, KW, Cg, C_out)`` contiguous, cached per weight tensor.
+
+    The cache holds the weight weakly (keyed by identity) and is valid while the weight's
+    version counter is unchanged, so in-place updates (optimizer steps, ``load_state_dict``)
+    invalidate it.  Inference tensors have no version counter and are re-laid-out per call.
+    """
+    if w.is_inference():
+        return _relayout(w)
+    entry = _weight_cache.get(w)
+    if entry is not None and entry[0] == w._version and entry[1].dtype == w.dtype:
+        return entry[1]
+    wt = _relayout(w)
+    _weight_cache[w] = (w._version, wt)
+    return wt
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 convs use TF32 tensor cores exactly when PyTorch's cuDNN convs would."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"  # fp16/bf16 ignore it; fp32 with allow_tf32 (PyTorch's conv default)
+
+
+def _strides4(t: torch.Tensor | None):
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def launch(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu: bool,
+    ds: tuple | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Run the fused conv into ``out`` ``(N, C_out, OH, OW)`` (any strides) and return it.
+
+    ``w_t`` is the weight from :func:`kernel_weight`.  ``ds`` is ``None`` or
+    ``(xd, wd_t, ds_scale, ds_shift, ds_stride)`` for the fused 1x1 downsample branch.
+    ``config`` forces a tile (no autotuning).
+    """
+    n, c, h, w = x.shape
+    kh, kw, cg, k = w_t.shape
+    _, _, oh, ow = out.shape
+    m = n * oh * ow
+    if m > _INT32_MAX - 256:
+        raise ValueError(f"N*H_out*W_out = {m} output pixels exceeds the kernel's int32 row index")
+    if w_t.numel() > _INT32_MAX:
+        raise ValueError(f"weight has {w_t.numel()} elements; the kernel addresses it with int32")
+    # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
+    # is exact while one image (C * H * W) stays below 2**31 elements.
+    for name, t in (("x", x), ("residual", residual), ("out", out), ("ds input", ds[0] if ds else None)):
+        if t is not None and t[0].numel() > _INT32_MAX:
+            raise ValueError(f"{name}: one image has {t[0].numel()} elements; at most 2**31 - 1 supported")
+    if out.numel() == 0:
+        return out
+    kg = k // groups
+    if ds is not None:
+        xd, wd_t, ds_scale, ds_shift, ds_stride = ds
+        cd = xd.shape[1]
+        swdc, swdk = wd_t.stride(2), wd_t.stride(3)
+    else:
+        xd, wd_t, ds_scale, ds_shift, ds_stride = out, w_t, scale, shift, (1, 1)
+        cd, swdc, swdk = 0, 0, 0
+    args = (
+        x, w_t, scale, shift, residual if residual is not None else out, out,
+        xd, wd_t, ds_scale, ds_shift,
+        m, h, w, oh, ow, cg, kg, cd,
+        *x.stride(),
+        *w_t.stride(),
+        *_strides4(residual),
+        *out.stride(),
+        *(xd.stride() if ds is not None else (0, 0, 0, 0)),
+        swdc, swdk,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], ds_stride[0], ds_stride[1],
+    )
+    flags = dict(
+        KH=kh, KW=kw, PADDED=padding[0] > 0 or padding[1] > 0,
+        HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=ds is not None, RELU=bool(relu),
+        DOT_PRECISION=dot_precision(x.dtype),
+        # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
+        DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is None and not _autotune_enabled():
+        config = prune_configs(
+            base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
+            smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
+            fma=flags["DOT_PRECISION"] == "ieee",
+        )[0]
+    if x.device.type != "cuda":  # the interpreter, on CPU tensors
+        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
+        return out
+    # Triton launches on the current device; switch only when x lives elsewhere (the
+    # guard costs host time on every call).
+    guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
+    with guard:
+        if config is None:
+            _autotuned_kernel[grid](*args, **flags)
+        else:
+            _conv_bn_act_fwd_kernel[grid](
+                *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
+            )
+    return out

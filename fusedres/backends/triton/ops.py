@@ -1,0 +1,194 @@
+"""``torch.library`` registration of the Triton ops: schema, eager kernel, fake, autograd.
+
+The forward is one Triton launch; the backward (bottom of this file) runs through ATen.
+
+``fusedres::conv_bn_act_triton`` and ``fusedres::block_tail_triton`` are ``custom_op`` s:
+opaque to ``torch.compile`` (Dynamo records one call, the fake implementation gives it the
+output's shape, dtype and strides without running anything), so a converted ResNet
+traces with ``fullgraph=True`` and the eager kernel - weight re-layout cache, autotuner
+and all - runs unchanged inside the compiled graph and inside CUDA-graph capture (warm
+each shape up once before capturing: the first call of a shape autotunes).
+
+The backend module calls ``*_impl`` directly for eager inference on plain tensors (see
+``_direct`` in ``__init__.py``): the same function, without the dispatcher's host cost.
+
+Output memory format: channels_last when the input (``x``, resp. ``y``) is channels_last,
+otherwise contiguous NCHW - what ``torch.nn.functional.conv2d`` returns for these inputs.
+The kernel writes either through the output's strides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import launch as _launch
+
+
+def _out_hw(h, w, kh, kw, stride, padding, dilation):
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # Same rule as fusedres.functional: channels_last only when it is not also plain-contiguous.
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _new_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return torch.empty(
+        (x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
+
+
+def conv_bn_act_impl(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """``act(conv2d(x, weight) * scale[k] + shift[k] (+ residual))``, one Triton launch.
+
+    ``x`` ``(N, C, H, W)``, ``weight`` ``(K, C / groups, KH, KW)``, ``scale``/``shift`` ``(K,)``,
+    ``residual`` ``(N, K, OH, OW)`` or None; returns ``(N, K, OH, OW)`` in ``x.dtype``.
+    """
+    out = _new_out(x, weight, stride, padding, dilation)
+    return _launch.launch(
+        x, _launch.kernel_weight(weight), scale, shift, residual, out,
+        tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+    )
+
+
+conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())(conv_bn_act_impl)
+
+
+@conv_bn_act_triton.register_fake
+def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    return _new_out(x, weight, stride, padding, dilation)
+
+
+def block_tail_impl(
+    y: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    x: Tensor,
+    ds_weight: Tensor,
+    ds_scale: Tensor,
+    ds_shift: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    ds_stride: list[int],
+    relu: bool,
+) -> Tensor:
+    """``act(conv2d(y, weight)*scale + shift + conv2d(x, ds_weight, stride=ds_stride)*ds_scale + ds_shift)``.
+
+    Both GEMMs run in one Triton launch (see ``kernels.py``).  ``y`` ``(N, C, H, W)``,
+    ``x`` ``(N, C_d, H_d, W_d)``, ``ds_weight`` ``(K, C_d, 1, 1)``; returns ``(N, K, OH, OW)``.
+    """
+    out = _new_out(y, weight, stride, padding, dilation)
+    ds = (x, _launch.kernel_weight(ds_weight), ds_scale, ds_shift, tuple(ds_stride))
+    return _launch.launch(
+        y, _launch.kernel_weight(weight), scale, shift, None, out,
+        tuple(stride), tuple(padding), tuple(dilation), groups, relu, ds=ds,
+    )
+
+
+block_tail_triton = torch.library.custom_op("fusedres::block_tail_triton", mutates_args=())(block_tail_impl)
+
+
+@block_tail_triton.register_fake
+def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride, padding, dilation, groups, ds_stride, relu):
+    return _new_out(y, weight, stride, padding, dilation)
+
+
+# --------------------------------------------------------------------------- autograd
+#
+# Backward runs through ATen (the kernels are forward-only).  With g the gradient at the
+# pre-activation z (g = grad_out where out > 0 under ReLU, which is what
+# threshold_backward does on the ReLU output):
+#     d residual = g
+#     d shift    = sum_{n,h,w} g,    d scale = sum_{n,h,w} g * conv2d(x, w)   (conv recomputed)
+#     d x, d w   = convolution_backward(g * scale, x, w)
+# Reductions run in fp32 and are cast to each input's dtype.  For the block tail the same
+# holds per branch, with the downsample conv's own scale and stride.
+
+
+def _grad_at_preact(grad_out: Tensor, out: Tensor, relu: bool) -> Tensor:
+    return torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
+
+
+def _branch_grads(g32, inp, weight, scale, shift, stride, padding, dilation, groups, needs):
+    """Grads of ``conv2d(inp, weight) * scale + shift`` for the flags ``needs`` = (inp, weight, scale, shift)."""
+    need_in, need_w, need_scale, need_shift = needs
+    g_scale = g_shift = g_in = g_w = None
+    if need_scale:
+        conv = torch.nn.functional.conv2d(inp, weight, None, stride, padding, dilation, groups)
+        g_scale = (g32 * conv.float()).sum((0, 2, 3)).to(scale.dtype)
+    if need_shift:
+        g_shift = g32.sum((0, 2, 3)).to(shift.dtype)
+    if need_in or need_w:
+        g_conv = (g32 * scale.float().view(1, -1, 1, 1)).to(inp.dtype)
+        g_in, g_w, _ = torch.ops.aten.convolution_backward(
+            g_conv, inp, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_in, need_w, False],
+        )
+    return g_in, g_w, g_scale, g_shift
+
+
+def _conv_bn_act_setup(ctx, inputs, output):
+    x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
+    ctx.save_for_backward(x, weight, scale, shift, output)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.relu = relu
+
+
+def _conv_bn_act_backward(ctx, grad_out):
+    x, weight, scale, shift, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    need = ctx.needs_input_grad
+    g = _grad_at_preact(grad_out, out, ctx.relu)
+    g_x, g_w, g_scale, g_shift = _branch_grads(
+        g.float(), x, weight, scale, shift, stride, padding, dilation, groups, need[:4]
+    )
+    g_res = g if need[4] else None
+    return g_x, g_w, g_scale, g_shift, g_res, None, None, None, None, None
+
+
+conv_bn_act_triton.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+
+def _block_tail_setup(ctx, inputs, output):
+    (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
+     stride, padding, dilation, groups, ds_stride, relu) = inputs
+    ctx.save_for_backward(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, output)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.ds_stride = ds_stride
+    ctx.relu = relu
+
+
+def _block_tail_backward(ctx, grad_out):
+    y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    need = ctx.needs_input_grad
+    g32 = _grad_at_preact(grad_out, out, ctx.relu).float()
+    main = _branch_grads(g32, y, weight, scale, shift, stride, padding, dilation, groups, need[:4])
+    skip = _branch_grads(g32, x, ds_weight, ds_scale, ds_shift, ctx.ds_stride, [0, 0], [1, 1], 1, need[4:8])
+    return (*main, *skip, None, None, None, None, None, None)
+
+
+block_tail_triton.register_autograd(_block_tail_backward, setup_context=_block_tail_setup)

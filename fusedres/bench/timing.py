@@ -1,0 +1,136 @@
+"""Timing: contenders measured round-robin on rotated inputs, reported as median and spread.
+
+Methodology (the same loop on both devices, only the clock differs):
+
+* every contender is warmed up first (the first call, which compiles, is made and timed
+  separately by the runner, so ``warmup`` here only settles caches and autotuners);
+* each round times every contender once, in an order rotated by one per round, so drift of
+  the machine (clock boost, other processes, thermal state) is spread evenly over all of them
+  and no contender is always first after a cache flush;
+* round ``r`` feeds input set ``r % len(inputs)``: several distinct input tensors so that an
+  input left in cache by the previous call does not flatter the next one;
+* GPU: each call is bracketed by CUDA events and preceded by overwriting a 256 MB buffer
+  (larger than any current L2), the method ``triton.testing.do_bench`` uses, so every call
+  starts from a cold L2; the events measure device time only, and the flush is outside them;
+* CPU: ``time.perf_counter`` around each call (PyTorch CPU ops are synchronous).
+
+The result per contender is the median and the 20th/80th percentiles of all rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Larger than the L2 of any current GPU (H100: 50 MB, B200: 126 MB); what do_bench flushes.
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call: median, 20th/80th percentiles and minimum of ``n`` timed calls."""
+
+    median: float
+    p20: float
+    p80: float
+    n: int
+    min: float
+
+    @classmethod
+    def of(cls, samples) -> Stats:
+        a = np.asarray(samples, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("samples must not be empty")
+        p20, med, p80 = np.percentile(a, [20, 50, 80])
+        return cls(float(med), float(p20), float(p80), int(a.size), float(a.min()))
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: ``names`` rotated left by ``r``."""
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict, inputs: list, device: torch.device, repeats: int, warmup: int,
+                     on_round=None) -> tuple[dict[str, Stats], dict[str, str]]:
+    """Time ``fns[name](x)`` for every name, round-robin, ``repeats`` rounds after ``warmup``.
+
+    Args:
+        fns: name -> callable taking one input.
+        inputs: input sets, rotated per round (``len(inputs) >= 1``).
+        on_round: called after each timed round (progress bars).
+
+    Returns:
+        ``(stats, errors)``: :class:`Stats` per name that ran every round, and for a name
+        whose call raised, the error text instead (the others go on without it).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not inputs:
+        raise ValueError("inputs must hold at least one input set")
+    live = dict(fns)
+    errors: dict[str, str] = {}
+
+    def call(name, x):
+        try:
+            return live[name](x)
+        except Exception as exc:  # one contender failing must not end the run
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            del live[name]
+            return None
+
+    for i in range(warmup):
+        for name in list(live):
+            call(name, inputs[i % len(inputs)])
+    sync(device)
+
+    if device.type == "cuda":
+        flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        pending: dict[str, list] = {n: [] for n in live}
+        for r in range(repeats):
+            x = inputs[r % len(inputs)]
+            for name in round_order(list(live), r):
+                flush.zero_()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(name, x)
+                end.record()
+                if name in live:
+                    pending[name].append((start, end))
+            if on_round is not None:
+                on_round()
+        sync(device)
+        samples = {n: [s.elapsed_time(e) / 1e3 for s, e in ev] for n, ev in pending.items() if n in live}
+    else:
+        samples = {n: [] for n in live}
+        for r in range(repeats):
+            x = inputs[r % len(inputs)]
+            for name in round_order(list(live), r):
+                t0 = time.perf_counter()
+                call(name, x)
+                dt = time.perf_counter() - t0
+                if name in live:
+                    samples[name].append(dt)
+            if on_round is not None:
+                on_round()
+    return {n: Stats.of(s) for n, s in samples.items() if n in live}, errors
+
+
+def time_once(fn, device: torch.device) -> tuple[object, float]:
+    """Run ``fn()`` once and return ``(result, wall seconds)``, synchronised on both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,166 @@
+"""Fused training path: batch-statistics BatchNorm inside one autograd node per block (or stem).
+
+Used by :mod:`fusedres.modules` whenever a block's BatchNorms use batch statistics (train mode,
+or ``track_running_stats=False``).  Each block runs as one :class:`~fusedres.training.chain.ChainTrain`
+node that stores only pre-BN conv outputs and recomputes BN-apply + ReLU in backward; the
+running statistics are then updated here exactly as ``nn.BatchNorm2d`` does.
+
+:func:`convert_sync_batchnorm` makes the fused blocks synchronise their statistics over a
+process group (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .chain import ChainTrain
+
+__all__ = ["ChainTrain", "batch_stat_bn", "chain_ready", "chain_forward", "convert_sync_batchnorm"]
+
+_ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 1-tuple (group,)
+
+#: A chain's last conv output is recomputed in backward instead of saved when its reduction
+#: length ``C_in/groups * kH * kW`` is at most this: the extra cost per saved activation element
+#: is that many multiply-adds.  Covers a Bottleneck's 1x1 ``conv3`` (64-512) and the ResNet stem
+#: (3*7*7 = 147), not a BasicBlock's 3x3 ``conv2`` (>= 576), whose recompute would cost about
+#: as much as its forward.
+RECOMPUTE_MAX_REDUCTION = 512
+
+
+def batch_stat_bn(bn: nn.Module) -> bool:
+    """A plain ``nn.BatchNorm2d`` that normalises with the batch's own statistics in this call."""
+    return type(bn) is nn.BatchNorm2d and (bn.training or (bn.running_mean is None and bn.running_var is None))
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        # A bias before a batch-statistics BN cancels in the output but not in autograd's
+        # bookkeeping; torchvision never has one, so such layers keep the reference path.
+        and conv.bias is None
+    )
+
+
+def chain_ready(x, pairs, relu, downsample) -> bool:
+    """Whether ``(conv, bn)`` pairs (+ ReLU module, + downsample) can run through :class:`ChainTrain`."""
+    # An empty batch keeps torchvision's forward (BatchNorm's own empty-input semantics).
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel() > 0):
+        return False
+    if type(relu) is not nn.ReLU or not all(_plain_conv(c) and batch_stat_bn(b) for c, b in pairs):
+        return False
+    if downsample is None:
+        return True
+    return (
+        type(downsample) is nn.Sequential
+        and len(downsample) == 2
+        and _plain_conv(downsample[0])
+        and downsample[0].kernel_size == (1, 1)
+        and downsample[0].padding == (0, 0)
+        and downsample[0].dilation == (1, 1)
+        and downsample[0].groups == 1
+        and batch_stat_bn(downsample[1])
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _sync_group(owner: nn.Module):
+    """The process group to synchronise over, or ``None`` (not marked, not initialised, or 1 rank)."""
+    mark = getattr(owner, _ATTR, None)
+    if mark is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = mark[0] if mark[0] is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update: momentum, or a cumulative average if ``None``."""
+    if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole.
+            f = 1.0 / bn.num_batches_tracked if bn.num_batches_tracked is not None else 0.0
+        else:
+            f = bn.momentum
+        bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
+        bn.running_var.copy_(bn.running_var * (1 - f) + var.to(bn.running_var.dtype) * f)
+
+
+def _geom(conv: nn.Conv2d):
+    return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None):
+    """Run ``pairs = ((conv, bn), ...)`` as one fused train-mode chain and update running stats.
+
+    ``y = relu(bn_K(conv_K(... relu(bn_1(conv_1(x))) ...)) [+ x | + downsample(x)])``, then
+    ``pool(y)`` when ``pool`` (an ``nn.MaxPool2d``) is given.  ``owner`` is the module that
+    :func:`convert_sync_batchnorm` may have marked.  Input ``(N, C_in, H, W)``.
+    """
+    dtype = _compute_dtype(x)
+    pairs = list(pairs)
+    residual = "identity" if identity else "none"
+    if downsample is not None:
+        pairs.append((downsample[0], downsample[1]))
+        residual = "downsample"
+    params = []
+    for conv, bn in pairs:
+        params += [conv.weight.to(dtype), bn.weight, bn.bias]
+    pool_cfg = None
+    if pool is not None:
+        pool_cfg = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    last = pairs[len(pairs) - 1 - (downsample is not None)][0]
+    reduction = last.in_channels // last.groups * last.kernel_size[0] * last.kernel_size[1]
+    cfg = (
+        tuple(_geom(c) for c, _ in pairs),
+        tuple(float(b.eps) for _, b in pairs),
+        residual,
+        pool_cfg,
+        reduction <= RECOMPUTE_MAX_REDUCTION,
+    )
+    out, *stats = ChainTrain.apply(cfg, _sync_group(owner), x.to(dtype), *params)
+    for i, (_, bn) in enumerate(pairs):
+        _update_running_stats(bn, stats[2 * i], stats[2 * i + 1])
+    return out
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every fused block (and fused stem) of ``model`` synchronise its BN statistics.
+
+    The fusedres counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``: in train mode the
+    per-channel ``(count, mean, var)`` of each BN are gathered over ``process_group`` (default:
+    the world) with ``torch.distributed`` and combined, and the backward sums are all-reduced,
+    so every rank normalises with the statistics of the global batch.  Works with gloo (CPU)
+    and nccl (GPU).  BN modules are *not* replaced: parameters, buffers and ``state_dict`` are
+    unchanged.  Only fused modules are marked (call :func:`fusedres.convert` first); other
+    BatchNorm layers in ``model`` are left alone.  Without an initialised process group, or
+    with one rank, the blocks behave as unsynchronised.  Returns ``model``.
+    """
+    from ..modules import FusedResNet, _FusedBlockMixin
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
+        )
+    marked = 0
+    for mod in model.modules():
+        if isinstance(mod, (_FusedBlockMixin, FusedResNet)):
+            setattr(mod, _ATTR, (process_group,))
+            marked += 1
+    if not marked:
+        raise ValueError("model contains no fusedres blocks; call fusedres.convert(model) first")
+    return model

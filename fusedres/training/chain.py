@@ -1,0 +1,284 @@
+"""Train-mode conv+BN chains (a ResNet block or the stem) as one autograd node with a lean backward.
+
+A *chain* is ``K`` convs, each followed by a batch-statistics BatchNorm; every BN but the last is
+followed by ReLU, the last by an optional residual (the block input, or a 1x1 conv+BN
+downsample of it), ReLU and an optional max-pool::
+
+    a_0 = x
+    z_i = conv_i(a_{i-1})                                  (pre-BN output, saved)
+    a_i = relu(bn_i(z_i))                 i < K            (recomputed in backward, never saved)
+    y   = relu(bn_K(z_K) [+ x | + bn_d(conv_d(x))])        (saved: it is the next chain's input anyway)
+    out = y, or max_pool(y)                                (with a pool, y is recomputed, not saved)
+
+``bn_i(z) = (z - mean_i) * invstd_i * gamma_i + beta_i`` with ``mean_i`` / biased ``var_i`` over
+``N, H, W`` (optionally over every rank of a process group).
+
+Saved for backward: the chain input ``x``, the pre-BN outputs ``z_i`` (and ``z_d``), the
+per-channel statistics, and ``y``.  With ``recompute_last`` the last ``z_K`` is not saved either
+but recomputed in backward from ``a_{K-1}`` (which backward rebuilds anyway for the conv's weight
+gradient): one extra convolution, worth it when the conv is cheap per output element (a
+Bottleneck's 1x1 ``conv3``, the 3-channel stem) and its output is large.  Eager PyTorch additionally keeps every ``a_i`` (and the
+pool's input and int64 indices); the ReLU masks are recomputed here from ``z_i`` (``a_i > 0``)
+and from ``y`` (``y > 0``), so no mask tensor is stored at all.
+
+Backward per BN (the standard formula, ``M`` = element count per channel over all ranks)::
+
+    gp      = g * (a > 0)
+    g_beta  = sum(gp),   g_gamma = invstd * sum(gp * (z - mean))
+    g_z     = gamma*invstd * (gp - g_beta/M - (z - mean) * invstd^2 * sum(gp*(z - mean))/M)
+
+with the two sums all-reduced over the group for synchronised BN (for ``g_z`` only: ``g_gamma``
+and ``g_beta`` stay per rank, since DistributedDataParallel reduces parameter gradients).  The
+convolutions' data and weight gradients come from ATen's ``convolution_backward`` (cuDNN on
+CUDA, oneDNN/native on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import ops
+
+_NO_DOUBLE_BACKWARD = (
+    "fusedres train-mode blocks do not support double backward (create_graph=True / higher-order "
+    "gradients); revert the model with fusedres.revert() for that"
+)
+
+
+def _group_stats(z: torch.Tensor, group):
+    """``(mean, biased var, count)`` of ``z`` per channel; over all ranks of ``group`` when given
+    (then ``count`` is a 0-d tensor, else an int).
+
+    Ranks exchange ``(count, mean, var)`` with one ``all_gather`` and combine them with Chan's
+    parallel formula (no ``E[x^2] - E[x]^2`` across ranks, so no cancellation).
+    """
+    mean, var = ops.batch_stats(z)
+    n = z.numel() // z.shape[1]
+    if group is None:
+        return mean, var, n
+    local = torch.cat([mean, var, mean.new_full((1,), n)])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    allp = torch.stack(parts)
+    c = mean.shape[0]
+    counts = allp[:, 2 * c:]
+    total = counts.sum()
+    gmean = (counts * allp[:, :c]).sum(0) / total
+    m2 = (counts * (allp[:, c:2 * c] + (allp[:, :c] - gmean) ** 2)).sum(0)
+    # The global count stays a device tensor: no host sync per BN layer.
+    return gmean, m2 / total, total
+
+
+def _scale_shift(gamma, beta, mean, invstd):
+    scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.to(invstd.dtype)
+    return scale, shift
+
+
+def _bn_backward(g, y, z, mean, invstd, gamma, count, group, *, write_gp: bool):
+    """BN(+ReLU via ``y > 0``) backward: ``(g_z, g_gamma, g_beta, gp)``; see the module docstring."""
+    sg, sgx = ops.bn_bwd_reduce(g, y, z, mean)
+    # gamma/beta get this rank's share only: DDP reduces parameter gradients itself.
+    g_gamma, g_beta = sgx * invstd, sg
+    if group is not None:  # g_z needs the sums over the whole (global) batch
+        both = torch.stack([sg, sgx])
+        dist.all_reduce(both, group=group)
+        sg, sgx = both[0], both[1]
+    scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+    b = -scale * invstd * invstd * sgx / count
+    c = -scale * sg / count
+    gz, gp = ops.bn_bwd_apply(g, y, z, mean, scale, b, c, write_gp=write_gp)
+    return gz, g_gamma, g_beta, gp
+
+
+def _conv(a, w, geom):
+    stride, padding, dilation, groups = geom
+    return F.conv2d(a, w, None, stride, padding, dilation, groups)
+
+
+def _conv_backward(gz, a, w, geom, need_input: bool, need_weight: bool):
+    stride, padding, dilation, groups = geom
+    ga, gw, _ = torch.ops.aten.convolution_backward(
+        gz, a, w, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [need_input, need_weight, False],
+    )
+    return ga, gw
+
+
+def _save(ctx, **groups) -> None:
+    """``save_for_backward`` by name: each value is a tensor (or ``None``) or a list of them."""
+    ctx.saved_layout = tuple((name, len(v) if isinstance(v, (list, tuple)) else None) for name, v in groups.items())
+    flat = []
+    for v in groups.values():
+        flat += list(v) if isinstance(v, (list, tuple)) else [v]
+    ctx.save_for_backward(*flat)
+
+
+def _load(ctx) -> dict:
+    """The groups given to :func:`_save`, by name (lists come back as lists)."""
+    it = iter(ctx.saved_tensors)
+    return {name: (next(it) if n is None else [next(it) for _ in range(n)]) for name, n in ctx.saved_layout}
+
+
+class ChainTrain(torch.autograd.Function):
+    """Forward/backward of one chain; see the module docstring.
+
+    ``apply(cfg, group, x, w_1, gamma_1, beta_1, ..., w_K, gamma_K, beta_K[, w_d, gamma_d, beta_d])``
+    where ``cfg = (geoms, eps, residual, pool, recompute_last)``:
+
+    * ``geoms``: per conv ``(stride, padding, dilation, groups)``, the downsample's last;
+    * ``eps``: per BN, the downsample's last;
+    * ``residual``: ``"none" | "identity" | "downsample"``;
+    * ``pool``: ``None`` or ``(kernel_size, stride, padding, dilation, ceil_mode)`` of a max-pool;
+    * ``recompute_last``: recompute ``z_K`` in backward instead of saving it;
+    * ``group``: ``None`` (local statistics) or the process group to synchronise them over.
+
+    ``x`` and the conv weights share one dtype (the autocast dtype under AMP); gammas and
+    betas may be fp32.  Returns ``(out, mean_1, var_1, ...)``: batch mean and *unbiased* batch
+    variance per BN (what the running statistics need), non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, cfg, group, x, *params):
+        geoms, eps, residual, pool, recompute_last = cfg
+        nconv = len(geoms)
+        k = nconv - (residual == "downsample")
+        ws, gammas, betas = params[0::3], params[1::3], params[2::3]
+        with torch.autocast(x.device.type, enabled=False):
+            a = x
+            zs, means, invstds, counts, stats_out = [], [], [], [], []
+            for i in range(nconv):
+                src = x if i == k else a
+                z = _conv(src, ws[i], geoms[i])
+                mean, var, count = _group_stats(z, group)
+                if isinstance(count, int) and count == 1:  # nn.BatchNorm2d's own check
+                    raise ValueError(
+                        f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}"
+                    )
+                counts.append(count)
+                invstd = torch.rsqrt(var + eps[i])
+                if i < k - 1:
+                    a = ops.bn_act(z, *_scale_shift(gammas[i], betas[i], mean, invstd), relu=True)
+                zs.append(z)
+                means.append(mean)
+                invstds.append(invstd)
+                stats_out += [mean, var * (count / (count - 1))]
+            s, t = _scale_shift(gammas[k - 1], betas[k - 1], means[k - 1], invstds[k - 1])
+            if residual == "downsample":
+                sd, td = _scale_shift(gammas[k], betas[k], means[k], invstds[k])
+                y = ops.bn_act(zs[k - 1], s, t, zd=zs[k], dscale=sd, dshift=td, relu=True)
+            else:
+                y = ops.bn_act(zs[k - 1], s, t, residual=x if residual == "identity" else None, relu=True)
+            out = y if pool is None else F.max_pool2d(y, *pool)
+        ctx.cfg, ctx.group, ctx.k, ctx.counts = cfg, group, k, tuple(counts)
+        if recompute_last:
+            zs[k - 1] = None
+        _save(
+            ctx, x=x, y=None if pool is not None else y, ws=ws, gammas=gammas, betas=betas,
+            zs=zs, means=means, invstds=invstds,
+        )
+        ctx.mark_non_differentiable(*stats_out)
+        return (out, *stats_out)
+
+    @staticmethod
+    def backward(ctx, gout, *_stat_grads):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = ChainTrain._backward(ctx, gout)
+        if not create_graph:
+            return grads
+        # create_graph=True: hand back gradients whose own backward raises a clear error (what
+        # torch.autograd.function.once_differentiable does, with a message naming fusedres).
+        live = [i for i, g in enumerate(grads) if g is not None]
+        err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD.encode(), len(live))
+        wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        out = list(grads)
+        for i, w in zip(live, wrapped):
+            out[i] = w
+        return tuple(out)
+
+    @staticmethod
+    def _backward(ctx, gout):
+        geoms, eps, residual, pool, _ = ctx.cfg
+        group, k, counts = ctx.group, ctx.k, ctx.counts
+        saved = _load(ctx)
+        x, y, ws, gammas, betas = saved["x"], saved["y"], saved["ws"], saved["gammas"], saved["betas"]
+        zs, means, invstds = saved["zs"], saved["means"], saved["invstds"]
+        nw = len(ws)
+        need = ctx.needs_input_grad  # (cfg, group, x, w_1, gamma_1, beta_1, ...)
+        grads = [None] * (3 * nw)
+
+        def ab(i):
+            return _scale_shift(gammas[i], betas[i], means[i], invstds[i])
+
+        with torch.autocast(x.device.type, enabled=False):
+            a_last = None
+            if zs[k - 1] is None:  # recompute_last: rebuild conv_K's input, then z_K
+                a_last = x if k == 1 else ops.bn_act(zs[k - 2], *ab(k - 2), relu=True)
+                zs[k - 1] = _conv(a_last, ws[k - 1], geoms[k - 1])
+            if pool is not None:  # recompute y and the pool's argmax instead of having stored them
+                s, t = ab(k - 1)
+                if residual == "downsample":
+                    sd, td = ab(k)
+                    y = ops.bn_act(zs[k - 1], s, t, zd=zs[k], dscale=sd, dshift=td, relu=True)
+                else:
+                    y = ops.bn_act(zs[k - 1], s, t, residual=x if residual == "identity" else None, relu=True)
+                _, idx = F.max_pool2d(y, *pool, return_indices=True)
+                ks, st, pd, dl, ceil = pool
+                gy = torch.ops.aten.max_pool2d_with_indices_backward(
+                    gout, y, [ks, ks] if isinstance(ks, int) else list(ks),
+                    [st, st] if isinstance(st, int) else list(st),
+                    [pd, pd] if isinstance(pd, int) else list(pd),
+                    [dl, dl] if isinstance(dl, int) else list(dl), ceil, idx,
+                )
+                del idx
+            else:
+                gy = gout
+            gz, grads[3 * (k - 1) + 1], grads[3 * (k - 1) + 2], gp = _bn_backward(
+                gy, y, zs[k - 1], means[k - 1], invstds[k - 1], gammas[k - 1], counts[k - 1], group,
+                write_gp=residual == "identity" and need[2],
+            )
+            gx = gp
+            if residual == "downsample":
+                gzd, grads[3 * k + 1], grads[3 * k + 2], _ = _bn_backward(
+                    gy, y, zs[k], means[k], invstds[k], gammas[k], counts[k], group, write_gp=False
+                )
+                gxd, grads[3 * k] = _conv_backward(gzd, x, ws[k], geoms[k], need[2], need[3 + 3 * k])
+                del gzd
+                gx = gxd
+            del gy, y
+            for i in range(k - 1, -1, -1):
+                if i == k - 1 and a_last is not None:
+                    a = a_last
+                else:
+                    a = x if i == 0 else ops.bn_act(zs[i - 1], *ab(i - 1), relu=True)
+                need_in = need[2] if i == 0 else True
+                ga, grads[3 * i] = _conv_backward(gz, a, ws[i], geoms[i], need_in, need[3 + 3 * i])
+                if i > 0:
+                    gz, grads[3 * (i - 1) + 1], grads[3 * (i - 1) + 2], _ = _bn_backward(
+                        ga, a, zs[i - 1], means[i - 1], invstds[i - 1], gammas[i - 1], counts[i - 1], group,
+                        write_gp=False,
+                    )
+                elif ga is not None:
+                    gx = ga if gx is None else gx + ga
+        for j in range(nw):  # no gradient for an absent (None) gamma/beta or a frozen parameter
+            for off in (0, 1, 2):
+                if not need[3 + 3 * j + off]:
+                    grads[3 * j + off] = None
+        grads = [
+            g.to(p.dtype) if g is not None and p is not None and g.dtype != p.dtype else g
+            for g, p in zip(grads, _interleave(ws, gammas, betas))
+        ]
+        return (None, None, gx if need[2] else None, *grads)
+
+
+def _interleave(ws, gammas, betas):
+    out = []
+    for w, g, b in zip(ws, gammas, betas):
+        out += [w, g, b]
+    return out

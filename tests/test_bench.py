@@ -1,0 +1,314 @@
+"""The benchmark suite: its cost accounting, its timing loop, and one tiny run end to end.
+
+No timing is asserted here (numbers come from benchmark runs); these tests check that the
+suite measures what it says and reports it in the documented format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet as tv_resnet
+
+import fusedres
+from fusedres.bench import cli as bench_cli
+from fusedres.bench import contenders, report, roofline, runner, timing, workloads
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("name", list(workloads.MODELS))
+def test_gmacs_match_torchvision_published(name):
+    """Our MAC counter agrees with torchvision's published ``_ops`` (3 decimals, GMACs at 224)."""
+    ours = workloads.model_gmacs_per_image(name, 224)
+    published = workloads.published_gmacs(name)
+    assert abs(ours - published) <= 0.0005 + 1e-9, (name, ours, published)
+
+
+@pytest.mark.parametrize("name", list(workloads.MODELS))
+def test_block_accounting_adds_up_to_the_model(name):
+    """Stem + the extracted block shapes + classifier (the roofline's structural model) give
+    exactly the MACs the hook counter sees in the real module tree, at a non-square-friendly size."""
+    size = 160
+    counted = sum(c.macs for c in workloads.count_macs(workloads.meta_model(name), (2, 3, size, size)))
+    structural = sum(op.flops for op in roofline.model_ops(name, 2, size, torch.float32)) // 2
+    assert structural == counted
+
+
+def test_distinct_blocks_and_usage():
+    d = workloads.distinct_blocks(["resnet18", "resnet34", "resnet50"])
+    r18 = {s: u["resnet18"] for s, u in d.items() if "resnet18" in u}
+    r34 = {s: u["resnet34"] for s, u in d.items() if "resnet34" in u}
+    r50 = {s: u["resnet50"] for s, u in d.items() if "resnet50" in u}
+    assert (len(r18), sum(r18.values())) == (7, 8)
+    assert set(r34) == set(r18) and sum(r34.values()) == 16  # same shapes, [3, 4, 6, 3] blocks
+    assert (len(r50), sum(r50.values())) == (8, 16)
+    first = next(iter(r50))
+    assert (first.kind, first.inplanes, first.planes, first.stride, first.downsample) == ("bottleneck", 64, 64, 1, True)
+    assert (first.height, first.width) == (56, 56)
+    layer4 = [s for s in r50 if s.stride == 2 and s.inplanes == 1024]
+    assert len(layer4) == 1 and layer4[0].height == 14 and layer4[0].out_hw == (7, 7)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "wide_resnet50_2"])
+def test_block_shape_rebuilds_the_models_blocks(name):
+    """``BlockShape.build()`` gives a block with the same parameter shapes as the model's."""
+    model = workloads.meta_model(name)
+    blocks = [m for m in model.modules() if isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck))]
+    shapes = workloads.model_blocks(name)
+    assert len(blocks) == len(shapes)
+    for blk, shape in zip(blocks, shapes):
+        with torch.device("meta"):
+            rebuilt = shape.build()
+        assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in blk.named_parameters()]
+
+
+def test_block_ops_by_hand():
+    """A basic block 64->64 at 56x56 and a bottleneck with downsample, counted by hand."""
+    basic = workloads.BlockShape("basic", 64, 64, 1, 1, 64, 1, False, 56, 56)
+    ops = roofline.block_ops(basic, 2, torch.float16)
+    act = 2 * 64 * 56 * 56
+    w = 64 * 64 * 9
+    assert [op.flops for op in ops] == [2 * act * 64 * 9] * 2
+    assert ops[0].bytes == (act + w + act) * 2 + 64 * 8
+    assert ops[1].bytes == (act + w + act + act) * 2 + 64 * 8  # + residual read
+
+    bott = workloads.BlockShape("bottleneck", 256, 128, 2, 1, 64, 1, True, 56, 56)
+    ops = roofline.block_ops(bott, 1, torch.float32)
+    x, y1, y2, out = 256 * 56 * 56, 128 * 56 * 56, 128 * 28 * 28, 512 * 28 * 28
+    assert [op.flops // 2 for op in ops] == [y1 * 256, y2 * 128 * 9, out * 128 + out * 256]
+    # tail: reads y2, w3, the block input for the downsample and its weight; writes out.
+    assert ops[2].bytes == (y2 + 512 * 128 + out + x + 512 * 256) * 4 + 2 * 512 * 8
+
+    train = roofline.block_ops(bott, 1, torch.float32, train=True)
+    assert sum(op.flops for op in train) == 3 * sum(op.flops for op in ops)
+
+
+def test_peaks_floor():
+    p = roofline.Peaks(flops_per_s=1e12, bytes_per_s=1e11, matmul_n=1, copy_bytes=1, note="")
+    ops = [roofline.Op("a", 2e12, 1e9), roofline.Op("b", 1e9, 1e11)]
+    assert p.floor_s(ops) == pytest.approx(2.0 + 1.0)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def test_time_interleaved_round_robin_rotates_and_survives_errors():
+    calls = []
+
+    def make(name, fail_at=None):
+        def fn(x):
+            calls.append((name, x))
+            if fail_at is not None and sum(1 for c in calls if c[0] == name) == fail_at:
+                raise RuntimeError("boom")
+        return fn
+
+    fns = {"a": make("a"), "b": make("b"), "c": make("c", fail_at=3)}
+    stats, errors = timing.time_interleaved(fns, ["x0", "x1"], torch.device("cpu"), repeats=4, warmup=1)
+    assert set(stats) == {"a", "b"} and errors == {"c": "RuntimeError: boom"}
+    assert all(s.n == 4 and 0 <= s.p20 <= s.median <= s.p80 for s in stats.values())
+    timed = calls[3:]  # after one warm-up round of three
+    # round 0: a b c(2nd call); round 1: b c(3rd call: fails) a; then a, b only, rotated
+    assert timed[:3] == [("a", "x0"), ("b", "x0"), ("c", "x0")]
+    assert timed[3:6] == [("b", "x1"), ("c", "x1"), ("a", "x1")]
+    assert [c[1] for c in timed[6:]] == ["x0", "x0", "x1", "x1"]
+    assert [c[0] for c in timed[6:]] == ["a", "b", "b", "a"]
+
+
+def test_stats_percentiles():
+    s = timing.Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.n, s.min) == (3.0, 5, 1.0) and s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)
+    with pytest.raises(ValueError, match="samples"):
+        timing.Stats.of([])
+
+
+def test_contender_parsing():
+    cpu = torch.device("cpu")
+    names = [c.name for c in contenders.parse("fusedres,eager", cpu)]
+    assert names == ["eager", "fusedres-torch", "fusedres-cpu"]  # printed order, fused: the CPU ones
+    with pytest.raises(ValueError, match="--contenders: unknown contender 'eagr'"):
+        contenders.parse("eagr", cpu)
+    assert contenders.Contender("fusedres-triton").skip_reason(cpu, "infer") == \
+        "backend 'triton' does not run on cpu tensors"
+    assert contenders.Contender("tensorrt").skip_reason(cpu, "infer") is not None
+
+
+class _Broken:
+    """A contender that builds but whose forward raises: must become an error row only."""
+
+    name = "broken"
+
+    def skip_reason(self, device, mode):
+        return None
+
+    class _Module(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("kernel exploded")
+
+    def build(self, ref, example, dtype):
+        return self._Module()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_failing_contender_is_an_error_row(mode):
+    shape = workloads.BlockShape("basic", 8, 16, 2, 1, 64, 1, True, 8, 8)
+    w = runner.Workload("block", shape.name, 2, 32, shape, {"x": 1})
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode=mode,
+                        contenders=[contenders.Contender("eager"), _Broken(), contenders.Contender("fusedres-torch")],
+                        repeats=2, warmup=0)
+    peaks = roofline.Peaks(1e11, 1e10, 1, 1, "test")
+    rows = {r["contender"]: r for r in runner.run_workload(w, torch.float32, cfg, peaks)}
+    assert rows["broken"]["status"] == "error" and "kernel exploded" in rows["broken"]["error"]
+    for name in ("eager", "fusedres-torch"):
+        assert rows[name]["status"] == "ok" and rows[name]["time_ms"] > 0, rows[name]
+    assert rows["eager"]["speedup_vs_eager"] == 1.0 and rows["eager"]["max_abs_err"] == 0.0
+    assert rows["fusedres-torch"]["max_rel_err"] < 1e-4
+    used = rows["fusedres-torch"]["backends_used"]
+    if mode == "infer":
+        assert used == ["torch"]
+    elif not used:  # train-mode BN may take torchvision's forward; the row must then say so
+        assert "no fused op ran" in rows["fusedres-torch"]["note"]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real CPU run: resnet18's blocks and the whole model, batch 1, 32x32, 3 repeats."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--blocks", "resnet18", "--model", "resnet18", "--batch", "1", "--size", "32",
+            "--device", "cpu", "--dtype", "float32", "--contenders", "eager,fusedres", "--repeats", "3",
+            "--warmup", "1", "--threads", "1", "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+            "--plot", str(out / "r.png"), "--summary", str(out / "r.txt"), "--results-dir", str(out / "results"), "--notes", "test run"]
+    from fusedres.cli import main
+
+    assert main(argv) == 0
+    return out
+
+
+def test_tiny_run_json_follows_schema(tiny_run):
+    res = json.loads((tiny_run / "r.json").read_text())
+    report.validate(res)
+    assert res["device"]["type"] == "cpu" and res["notes"] == "test run" and not res["interrupted"]
+    assert res["config"]["command"].startswith("fusedres bench --device cpu --mode infer")
+    rows = res["rows"]
+    names = {r["contender"] for r in rows}
+    assert {"eager", "fusedres-torch"} <= names
+    assert len({r["workload"] for r in rows}) == 8  # 7 distinct resnet18 blocks + the model
+    expected_ok = {"eager", "fusedres-torch"} | ({"fusedres-cpu"} if "cpu" in fusedres.available_backends() else set())
+    for r in rows:
+        if r["contender"] in expected_ok:
+            assert r["status"] == "ok", r
+            assert r["max_rel_err"] < 1e-4
+            assert r["img_per_s"] == pytest.approx(1e3 / r["time_ms"])
+    model = [r for r in rows if r["kind"] == "model" and r["contender"] == "eager"][0]
+    assert model["gmacs_per_image"] == pytest.approx(workloads.model_gmacs_per_image("resnet18", 32))
+    assert model["flops"] == pytest.approx(2e9 * model["gmacs_per_image"])
+
+
+def test_tiny_run_csv_and_plot(tiny_run):
+    lines = (tiny_run / "r.csv").read_text().splitlines()
+    res = json.loads((tiny_run / "r.json").read_text())
+    assert len(lines) == 1 + len(res["rows"])
+    header = lines[0].split(",")
+    for key in ("device_name", "versions_torch", "versions_fusedres", "git_commit", "date", "host_cpu",
+                "workload", "contender", "time_ms", "roofline_pct"):
+        assert key in header
+    for png in (tiny_run / "r.png", *(tiny_run / "results").glob("*.png")):
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_tiny_run_summary(tiny_run):
+    lines = (tiny_run / "r.txt").read_text().splitlines()
+    assert lines[0].startswith("bench infer on ") and "8 workloads" in lines[0]
+    assert len(lines) == 1 + 8
+    assert lines[1].startswith("  resnet18 b1 float32: eager ") and "fusedres-torch " in lines[1]
+
+
+def test_results_dir_naming(tiny_run):
+    files = sorted(p.name for p in (tiny_run / "results").iterdir())
+    res = json.loads((tiny_run / "r.json").read_text())
+    stem = f"{res['device']['slug']}_{res['date'][:10]}_infer"
+    assert files == [stem + ".json", stem + ".png"]
+
+
+def _render(tmp_path, readme_text, results, capsys):
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_text)
+    rc = script.main(["--readme", str(readme), "--results", str(results)])
+    return rc, capsys.readouterr().err, readme
+
+
+def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, capsys):
+    text = f"# Title\n\nintro\n\n{report.MARK_BEGIN}\nstale\n{report.MARK_END}\n\nfooter\n"
+    rc, err, readme = _render(tmp_path, text, tiny_run / "results", capsys)
+    assert rc == 0, err
+    new = readme.read_text()
+    assert new.startswith("# Title\n\nintro\n\n" + report.MARK_BEGIN) and new.endswith(report.MARK_END + "\n\nfooter\n")
+    assert "stale" not in new and "| workload | batch |" in new and "basic_64-64-s1_8x8" in new
+    png = next((tiny_run / "results").glob("*.png"))
+    assert f"]({Path(os.path.relpath(png, tmp_path)).as_posix()})" in new
+
+
+def test_render_results_fails_without_markers(tiny_run, tmp_path, capsys):
+    rc, err, readme = _render(tmp_path, "# Title\nno markers\n", tiny_run / "results", capsys)
+    assert rc == 2
+    assert "<!-- results:begin -->" in err and readme.read_text() == "# Title\nno markers\n"
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--contenders", "bogus"], "unknown contender 'bogus'"),
+    (["--blocks", "resnet9"], "model must be one of"),
+    (["--dtype", "int8"], "--dtype must list"),
+    (["--batch", "0"], "--batch must list positive integers"),
+    (["--size", "16"], "--size must be at least 32"),
+])
+def test_cli_rejects_bad_arguments(argv, msg, capsys):
+    from fusedres.cli import main
+
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_cli_suites_resolve():
+    p = __import__("argparse").ArgumentParser()
+    bench_cli.add_arguments(p)
+    a = bench_cli.resolve(p.parse_args(["--suite", "cpu-quick", "--device", "cpu", "--batch", "4"]))
+    assert (a.batch, a.blocks, a.model, a.compile_on) == ("4", "resnet18,resnet50", "resnet50", "resnet50")
+    wls = bench_cli.build_workloads(a)
+    assert len(wls) == 7 + 8 + 1
+    cfg = runner.Config(device=a.device, dtypes=[torch.float32], mode="infer",
+                        contenders=contenders.parse(a.contenders, a.device), compile_on=[a.compile_on])
+    assert wls[0].kind == "model" and all(w.kind == "block" for w in wls[1:])  # models first
+    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+    assert "compile" not in [c.name for c in cfg.contenders_for(wls[1])]
+    # NAME/bBATCH globs pick one batch size
+    cfg.compile_on = ["resnet50/b8"]
+    assert "compile" not in [c.name for c in cfg.contenders_for(wls[0])]
+    cfg.compile_on = ["resnet50/b4"]
+    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+
+
+def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
+    """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a full hash, else "unknown"."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
+    monkeypatch.delenv("FUSEDRES_GIT_COMMIT", raising=False)
+    assert report.git_state() == {"commit": "unknown", "dirty": None}
+    monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "a" * 40)
+    assert report.git_state() == {"commit": "a" * 40, "dirty": None}
+    monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "not-a-hash")
+    assert report.git_state()["commit"] == "unknown"

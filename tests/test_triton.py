@@ -1,0 +1,314 @@
+"""Numerics and registration of the ``triton`` backend.
+
+Without a GPU these run the real kernels through the Triton interpreter on CPU tensors
+(tests/conftest.py sets TRITON_INTERPRET=1), with the interpreter's small fixed tile, so
+the tiny problems below still span several row, column and channel tiles with ragged
+edges.  With a GPU the same tests run on CUDA tensors.
+
+Every result is compared with the float64 ``torch`` reference backend on upcast inputs.
+Two bounds must hold: ``||ours - ref|| / ||ref||`` below a per-dtype bound, and the
+flash-attention criterion ``max|ours - ref| <= 2 * max|torch(same dtype) - ref| + atol``,
+i.e. we may not be more than twice as far from fp64 as PyTorch itself.  Outputs are
+NaN-poisoned before each kernel run so that an element the kernel skips fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models.resnet as tv
+
+import fusedres
+from fusedres import backends
+
+pytest.importorskip("triton")
+if not backends.is_available("triton"):
+    pytest.skip("triton backend unavailable (no GPU and not interpreting)", allow_module_level=True)
+
+from fusedres.backends.triton import launch as tl_launch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# ||ours - ref|| / ||ref||: the output rounding dominates for bf16/fp16 (unit roundoff
+# 2^-8 / 2^-11); fp32 is IEEE (TF32 is switched off in these tests).
+REL_BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Additive slack of the flash-attention criterion, relative to max|ref|.
+ATOL = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _rand(*shape, dtype, channels_last=False):
+    t = torch.randn(*shape, dtype=torch.float32, device=DEVICE).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _affine(k, dtype=torch.float32):
+    scale = (torch.rand(k, device=DEVICE) + 0.5).to(dtype)
+    shift = torch.randn(k, device=DEVICE).to(dtype)
+    return scale, shift
+
+
+def _torch_same_dtype(fn):
+    """The torch reference in the test dtype, or None where this device lacks the kernel."""
+    try:
+        return fn()
+    except RuntimeError:
+        return None
+
+
+def _check(out, ref64, same_dtype, dtype):
+    assert out.dtype == dtype
+    assert not torch.isnan(out).any(), "kernel left (poisoned) output elements unwritten"
+    diff = (out.double() - ref64)
+    rel = (diff.norm() / ref64.norm().clamp_min(1e-30)).item()
+    assert rel <= REL_BOUND[dtype], f"relative error {rel:.3g} > {REL_BOUND[dtype]:.3g}"
+    if same_dtype is not None:
+        ours = diff.abs().max().item()
+        theirs = (same_dtype.double() - ref64).abs().max().item()
+        atol = ATOL[dtype] * ref64.abs().max().item()
+        assert ours <= 2 * theirs + atol, f"max error {ours:.3g} > 2 * torch's {theirs:.3g} + {atol:.3g}"
+
+
+def _poisoned(shape, dtype, channels_last):
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# (N, C, K, H, W, kernel, stride, padding, dilation, groups, residual, relu)
+CONV_CASES = {
+    "3x3": (2, 20, 24, 9, 7, 3, 1, 1, 1, 1, True, True),
+    "3x3-s2": (2, 20, 24, 9, 8, 3, 2, 1, 1, 1, False, True),
+    "3x3-unpadded": (2, 12, 16, 9, 8, 3, 2, 0, 1, 1, True, True),
+    "1x1": (2, 40, 36, 5, 6, 1, 1, 0, 1, 1, True, False),
+    "1x1-s2": (3, 24, 40, 7, 7, 1, 2, 0, 1, 1, False, True),
+    "stem-7x7": (1, 3, 16, 13, 11, 7, 2, 3, 1, 1, False, True),
+    "dilated": (2, 16, 20, 9, 9, 3, 1, 2, 2, 1, True, True),
+    "groups4": (2, 16, 24, 6, 5, 3, 1, 1, 1, 4, True, True),
+    "groups2-1x1": (2, 40, 32, 4, 5, 1, 1, 0, 1, 2, False, False),
+    "asym": (2, 12, 20, 8, 9, 3, (1, 2), (0, 1), (2, 1), 1, False, True),
+    "1-pixel": (1, 17, 33, 1, 1, 1, 1, 0, 1, 1, True, True),
+}
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
+    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = CONV_CASES[case]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=channels_last)
+    wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
+    scale, shift = _affine(k)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    ref_shape = fusedres.conv_bn_act(x[:1].double(), wt.double(), scale.double(), shift.double(),
+                                     backend="torch", **kwargs).shape
+    oh, ow = ref_shape[2:]
+    # Residual in the other memory format than x: the kernel reads it through its strides.
+    res = _rand(n, k, oh, ow, dtype=dtype, channels_last=not channels_last) if has_res else None
+
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(),
+                                 residual=None if res is None else res.double(), backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res,
+                                                           backend="torch", **kwargs))
+    p = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    out = _poisoned((n, k, oh, ow), dtype, channels_last)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out,
+                     p(stride), p(padding), p(dilation), groups, relu)
+    _check(out, ref64, same, dtype)
+
+
+# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, ds_stride): BasicBlock tail
+# (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not.
+TAIL_CASES = {
+    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 2),
+    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1),
+    "bottleneck-s2": (2, 16, 36, 40, 7, 8, 1, 1, 0, 2),
+}
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TAIL_CASES))
+def test_block_tail_matches_fp64(case, dtype, channels_last):
+    n, cm, cin, k, h, w, ks, stride, padding, ds_stride = TAIL_CASES[case]
+    oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
+    y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=channels_last)
+    x = _rand(n, cin, h, w, dtype=dtype, channels_last=channels_last)
+    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
+    wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
+    (s, b), (sd, bd) = _affine(k), _affine(k)
+    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride)
+    ref64 = fusedres.block_tail(y.double(), wt.double(), s.double(), b.double(), x.double(), wd.double(),
+                                sd.double(), bd.double(), backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, s, b, x, wd, sd, bd, backend="torch", **kwargs))
+    out = _poisoned((n, k, oh, ow), dtype, channels_last)
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (1, 1), 1, True,
+                     ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
+    _check(out, ref64, same, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+def test_public_op_keeps_memory_format_and_dtype_affine(channels_last):
+    """Through fusedres.conv_bn_act: torch's output layout, and scale/shift in the input dtype."""
+    dtype = torch.bfloat16
+    x = _rand(2, 16, 6, 6, dtype=dtype, channels_last=channels_last)
+    wt = _rand(24, 16, 3, 3, dtype=dtype) / 12
+    scale, shift = _affine(24, dtype)
+    out = fusedres.conv_bn_act(x, wt, scale, shift, padding=1, backend="triton")
+    ref = torch.nn.functional.conv2d(x, wt, padding=1)
+    assert out.stride() == ref.stride()
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), padding=1, backend="torch")
+    _check(out, ref64, None, dtype)
+
+
+def test_weight_cache_follows_in_place_updates():
+    x = _rand(1, 8, 5, 5, dtype=torch.float32, channels_last=True)
+    wt = _rand(16, 8, 3, 3, dtype=torch.float32)
+    scale, shift = _affine(16)
+    first = fusedres.conv_bn_act(x, wt, scale, shift, padding=1, relu=False, backend="triton")
+    with torch.no_grad():
+        wt.mul_(-1.0)  # bumps the version counter: the cached re-layout must be rebuilt
+    second = fusedres.conv_bn_act(x, wt, scale, shift, padding=1, relu=False, backend="triton")
+    torch.testing.assert_close(second - shift.view(1, -1, 1, 1), -(first - shift.view(1, -1, 1, 1)))
+
+
+def test_autograd_matches_reference():
+    def run(backend):
+        torch.manual_seed(1)
+        leaf = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
+        x, w, s, b, r = leaf(2, 8, 6, 5), leaf(12, 8, 3, 3), leaf(12), leaf(12), leaf(2, 12, 3, 3)
+        y, xd, wd, sd, bd = leaf(2, 8, 3, 3), leaf(2, 6, 6, 5), leaf(12, 6, 1, 1), leaf(12), leaf(12)
+        o1 = fusedres.conv_bn_act(x, w, s, b, stride=2, padding=1, residual=r, backend=backend)
+        o2 = fusedres.block_tail(y, w, s, b, xd, wd, sd, bd, padding=1, ds_stride=2, backend=backend)
+        (o1.square().sum() + o2.sin().sum()).backward()
+        return [o1, o2] + [t.grad for t in (x, w, s, b, r, y, xd, wd, sd, bd)]
+
+    for ours, ref in zip(run("triton"), run("torch")):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def _opcheck_args(requires_grad):
+    x = _rand(2, 8, 5, 5, dtype=torch.float32, channels_last=True).requires_grad_(requires_grad)
+    w = (_rand(16, 8, 3, 3, dtype=torch.float32) / 8).requires_grad_(requires_grad)
+    s, b = _affine(16)
+    return x, w, s, b
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_conv_bn_act(requires_grad):
+    x, w, s, b = _opcheck_args(requires_grad)
+    r = _rand(2, 16, 3, 3, dtype=torch.float32).requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
+                          (x, w, s, b, r, [2, 2], [1, 1], [1, 1], 1, True))
+    w_grouped = w[:, :4].detach().clone().requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
+                          (x, w_grouped, s, b, None, [1, 1], [1, 1], [1, 1], 2, False))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_block_tail(requires_grad):
+    y, w, s, b = _opcheck_args(requires_grad)
+    x = _rand(2, 6, 10, 9, dtype=torch.float32).requires_grad_(requires_grad)
+    wd = (_rand(16, 6, 1, 1, dtype=torch.float32) / 3).requires_grad_(requires_grad)
+    sd, bd = _affine(16)
+    torch.library.opcheck(torch.ops.fusedres.block_tail_triton.default,
+                          (y, w, s, b, x, wd, sd, bd, [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck-groups"])
+def test_converted_block_matches_torchvision(kind):
+    if kind == "basic":
+        ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _bn(16))
+        block = tv.BasicBlock(8, 16, stride=2, downsample=ds)
+        block.bn1, block.bn2 = _bn(16), _bn(16)
+    else:  # ResNeXt-style: 3x3 grouped conv, 1x1 tail with a stride-2 downsample
+        ds = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), _bn(32))
+        block = tv.Bottleneck(16, 8, stride=2, downsample=ds, groups=4, base_width=32)  # width 16
+        block.bn1, block.bn2, block.bn3 = _bn(16), _bn(16), _bn(32)
+        assert block.conv2.groups == 4 and block.conv2.in_channels == 16
+    block = block.to(DEVICE).eval()
+    x = _rand(2, block.conv1.in_channels, 9, 8, dtype=torch.float32, channels_last=True)
+    with torch.no_grad():
+        ref = block(x)
+        fusedres.convert(block, backend="triton")
+        out = block(x)
+    assert type(block).__module__ == "fusedres.modules"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_reasons_are_explicit():
+    mod = backends.get("triton")
+    x = torch.empty(1, 4, 3, 3, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(backends.BackendUnavailableError, match="float64"):
+        fusedres.conv_bn_act(x, torch.empty(4, 4, 1, 1, device=DEVICE, dtype=torch.float64),
+                             torch.ones(4, device=DEVICE, dtype=torch.float64),
+                             torch.zeros(4, device=DEVICE, dtype=torch.float64), backend="triton")
+    from fusedres.backends import ConvSpec
+
+    spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False)
+    assert "meta" in mod.unsupported_reason(spec)
+
+
+def test_prune_configs_respects_shared_memory_and_problem_size():
+    sm80 = 163 * 1024
+    kept = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=64 * 56 * 56, CG=64, KG=64, CD=0,
+                                   elem_size=4, smem_limit=sm80)
+    assert kept and all(c.smem_bytes(4) <= sm80 and c.block_n <= 64 for c in kept)
+    tiny = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=8, CG=3, KG=4, CD=0, elem_size=2, smem_limit=sm80)
+    assert [(c.block_m, c.block_n, c.block_k) for c in tiny] == [(32, 16, 16)]
+
+
+def test_torch_compile_fullgraph_converted_block():
+    """Dynamo traces a converted block into one graph holding the two custom ops."""
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), _bn(16))
+    block = tv.BasicBlock(8, 16, stride=2, downsample=ds)
+    block.bn1, block.bn2 = _bn(16), _bn(16)
+    block = fusedres.convert(block.to(DEVICE).eval(), backend="triton")
+    x = _rand(2, 8, 7, 6, dtype=torch.float32, channels_last=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=record)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("conv_bn_act_triton" in t for t in targets) == 1
+    assert sum("block_tail_triton" in t for t in targets) == 1
+
+
+def test_autotuner_early_prune_maps_configs(monkeypatch):
+    """The autotuner hook sees Triton Configs and the launch's arguments; check its selection."""
+    monkeypatch.setattr(tl_launch, "_max_shared_mem", lambda device: 227 * 1024)
+    configs = tl_launch._autotuned_kernel.configs
+    x = torch.empty(1, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, M=64 * 28 * 28, CG=128, KG=128, CD=256)
+    tc_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=True, DOT_PRECISION="tf32")
+    fma_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, DOT_PRECISION="ieee")
+    as_tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
+                           for c in cs}
+    assert as_tiles(tc_kept) and all(m * n // (32 * w) <= tl_launch.DS_ACC_REGS for m, n, _, w in as_tiles(tc_kept))
+    assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
