@@ -10,6 +10,8 @@ and resnet50 at 224x224 runs in eval mode, bf16, channels_last, at each batch si
 * ``eager``   torchvision's block (cuDNN convs, separate BN/ReLU/add kernels);
 * ``triton``  the same block after ``fusedres.convert(backend="triton")`` (2 launches per
   BasicBlock, 3 per Bottleneck; autotuned on the first call, outside the timing);
+* ``*_graph`` the eager and the fused block captured in a CUDA graph and replayed: the
+  GPU time without Python/launch overhead (one fixed input; do_bench still flushes L2);
 * ``compile`` ``torch.compile(mode=--compile-mode)`` of torchvision's block, only for the
   blocks named by ``--compile-blocks`` (max-autotune compiles take about a minute each).
 
@@ -17,6 +19,10 @@ Timing: ``triton.testing.do_bench`` median (it flushes L2 before every run), rot
 over enough distinct input tensors to exceed twice the L2 size.  Speedups are ratios
 within this one run.  Every fused output is checked against eager (relative error
 printed).  Writes a JSON report (device, versions, git commit, date, rows) to ``--out``.
+
+``--smoke`` runs the whole script on the CPU through the Triton interpreter at a tiny
+image size and batch with wall-clock timing (no CUDA graphs, no compile): a check that
+the script works, not a benchmark.
 
 Budget on an H100 with a cold Triton cache: about 2-3 minutes with the defaults
 (two max-autotune compiles at the largest batch).
@@ -34,8 +40,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torchvision
+if "--smoke" in sys.argv:  # must precede the first (indirect) triton import
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,7 +70,7 @@ def _randomize_bn(model: torch.nn.Module) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
-def distinct_blocks(model_name: str):
+def distinct_blocks(model_name: str, image_size: int = 224):
     """``[(name, block, (C, H, W) input)]`` for the first block of each distinct configuration."""
     model = getattr(torchvision.models, model_name)()
     _randomize_bn(model)
@@ -74,7 +83,7 @@ def distinct_blocks(model_name: str):
             hooks.append(blk.register_forward_pre_hook(
                 lambda m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[1:]))))
     with torch.no_grad():
-        model(torch.randn(1, 3, 224, 224))
+        model(torch.randn(1, 3, image_size, image_size))
     for h in hooks:
         h.remove()
     seen, out = set(), []
@@ -107,10 +116,30 @@ def _rotating(fn, inputs):
     return call
 
 
-def _bench(fn, inputs, rep_ms: int) -> float:
+def _bench(fn, inputs, rep_ms: int, smoke: bool = False) -> float:
+    if smoke:  # interpreter: one wall-clock call, only to exercise the script
+        t0 = time.perf_counter()
+        fn(inputs[0])
+        return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
 
     return float(do_bench(_rotating(fn, inputs), warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _graph_ms(module, x, rep_ms: int) -> float:
+    """Median replay time of ``module(x)`` captured in a CUDA graph (no host overhead)."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(x)
+    return float(do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def _wanted(spec: str, model_name: str, block_name: str) -> bool:
@@ -132,20 +161,25 @@ def main(argv=None) -> int:
                    help="batches for the torch.compile rows (default: the largest of --batches)")
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep time per measurement, ms")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter script check (not a benchmark)")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph columns")
     p.add_argument("--no-autotune", action="store_true", help="untuned default tile (FUSEDRES_TRITON_AUTOTUNE=0)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("triton_blocks: needs a CUDA GPU")
+    if args.smoke:
+        args.no_graphs, args.compile_blocks = True, "none"
+    elif not torch.cuda.is_available():
+        raise SystemExit("triton_blocks: needs a CUDA GPU (or --smoke)")
     if args.no_autotune:
         os.environ["FUSEDRES_TRITON_AUTOTUNE"] = "0"
     compile_batches = set(args.compile_batches or [max(args.batches)])
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.bfloat16
-    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
+    l2 = 0 if args.smoke else getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
     t_start = time.time()
     rows = []
     for model_name in args.models:
-        for block_name, block, (c, h, w) in distinct_blocks(model_name):
+        for block_name, block, (c, h, w) in distinct_blocks(model_name, args.image_size):
             ref = block.to(dev, dtype).eval()
             fused = fusedres.convert(copy.deepcopy(ref), backend="triton")
             for batch in args.batches:
@@ -161,9 +195,13 @@ def main(argv=None) -> int:
                     got = fused(inputs[0]).float()  # autotunes this block's shapes
                     row["rel_err_vs_eager"] = ((got - expected).norm() / expected.norm()).item()
                     row["first_call_s"] = round(time.time() - t0, 2)
-                    row["eager_ms"] = _bench(ref, inputs, args.rep)
-                    row["triton_ms"] = _bench(fused, inputs, args.rep)
+                    row["eager_ms"] = _bench(ref, inputs, args.rep, args.smoke)
+                    row["triton_ms"] = _bench(fused, inputs, args.rep, args.smoke)
                     row["speedup_vs_eager"] = row["eager_ms"] / row["triton_ms"]
+                    if not args.no_graphs:
+                        row["eager_graph_ms"] = _graph_ms(ref, inputs[0], args.rep)
+                        row["triton_graph_ms"] = _graph_ms(fused, inputs[0], args.rep)
+                        row["graph_speedup"] = row["eager_graph_ms"] / row["triton_graph_ms"]
                     if batch in compile_batches and _wanted(args.compile_blocks, model_name, block_name):
                         torch._dynamo.reset()
                         t0 = time.time()
@@ -179,20 +217,24 @@ def main(argv=None) -> int:
                      + f", rel err {row['rel_err_vs_eager']:.2e}")
                 del inputs
 
-    hdr = f"{'model':<9} {'block':<9} {'batch':>5} {'input':<18} {'eager':>8} {'triton':>8} {'x eager':>7} " \
-          f"{'compile':>8} {'x comp':>6} {'relerr':>8}"
+    hdr = f"{'model':<9} {'block':<9} {'batch':>5} {'input':<14} {'eager':>8} {'triton':>8} {'x eager':>7} " \
+          f"{'eager-g':>8} {'triton-g':>8} {'x graph':>7} {'compile':>8} {'x comp':>6} {'relerr':>8}"
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
         comp = f"{r['compile_ms']:8.3f} {r['speedup_vs_compile']:6.2f}" if "compile_ms" in r else f"{'-':>8} {'-':>6}"
-        print(f"{r['model']:<9} {r['block']:<9} {r['batch']:>5} {'x'.join(map(str, r['input'][1:])):<18} "
-              f"{r['eager_ms']:8.3f} {r['triton_ms']:8.3f} {r['speedup_vs_eager']:7.2f} {comp} "
+        graph = (f"{r['eager_graph_ms']:8.3f} {r['triton_graph_ms']:8.3f} {r['graph_speedup']:7.2f}"
+                 if "graph_speedup" in r else f"{'-':>8} {'-':>8} {'-':>7}")
+        print(f"{r['model']:<9} {r['block']:<9} {r['batch']:>5} {'x'.join(map(str, r['input'][1:])):<14} "
+              f"{r['eager_ms']:8.3f} {r['triton_ms']:8.3f} {r['speedup_vs_eager']:7.2f} {graph} {comp} "
               f"{r['rel_err_vs_eager']:8.1e}")
-    print("(times in ms, do_bench median; 'x eager'/'x comp' = speedup of the fused Triton block)")
+    print("(ms, do_bench median; 'x eager' / 'x graph' / 'x comp' = speedup of the fused Triton block over "
+          "eager, over eager in a CUDA graph (both graphed), and over torch.compile)")
 
     import triton
 
     report = dict(
-        device=torch.cuda.get_device_name(dev),
+        device="cpu (Triton interpreter smoke run)" if args.smoke else torch.cuda.get_device_name(dev),
+        image_size=args.image_size,
         torch=torch.__version__,
         triton=triton.__version__,
         torchvision=torchvision.__version__,

@@ -165,6 +165,23 @@ def test_pad_channels_keeps_the_convolution(cin, channels_last):
     torch.testing.assert_close(torch.nn.functional.conv2d(xp.double(), wp.double(), padding=3), ref)
 
 
+@pytest.mark.parametrize("cin", [3, 64])
+def test_backend_traces_fullgraph(cin):
+    """The backend's Python path (layout conversion, channel padding, op call) compiles
+    without graph breaks; meta tensors stand in for CUDA ones, the op's fake impl runs."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    spec = _spec(in_channels=cin, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3))
+    x = torch.randn(2, cin, 32, 32, dtype=torch.bfloat16, device="meta")
+    w = torch.randn(64, cin, 7, 7, dtype=torch.bfloat16, device="meta")
+    s = torch.randn(64, device="meta")
+    graphs = EagerAndRecordGraphs()
+    fn = torch.compile(lambda *a: cuda_backend.conv_bn_act(*a, None, spec), fullgraph=True, backend=graphs)
+    out = fn(x, w, s, s)
+    assert out.shape == (2, 64, 16, 16) and out.is_contiguous(memory_format=torch.channels_last)
+    assert len(graphs.graphs) == 1
+
+
 def test_cpu_tensors_have_no_kernel():
     x = _cl(torch.randn(1, 8, 6, 6, dtype=torch.bfloat16))
     w = torch.randn(8, 8, 3, 3, dtype=torch.bfloat16)

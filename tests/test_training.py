@@ -274,8 +274,9 @@ def test_saves_fewer_activation_bytes_than_eager(arch):
     x = torch.randn(2, 3, 64, 64)
     ratio = _saved_bytes(fused, x) / _saved_bytes(ref, x)
     # Design property: pre-BN outputs only (no BN/ReLU outputs, masks or pool indices), and
-    # for Bottleneck/stem not even the last conv's output.  Measured: ~0.50 (resnet50), ~0.7 (resnet18).
-    assert ratio <= {"resnet18": 0.8, "resnet50": 0.6}[arch], ratio
+    # for Bottleneck/stem not even the last conv's output.
+    # Measured 0.51 for both at this size; the issue's target is 0.7.
+    assert ratio <= 0.6, ratio
 
 
 def test_convert_sync_batchnorm_marks_blocks_only():
@@ -310,3 +311,54 @@ def test_batch_of_one_value_per_channel_raises_like_batchnorm():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         fused(torch.randn(1, 16, 1, 1))
     assert fused(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)  # empty batch: BatchNorm's semantics
+
+
+@pytest.mark.cuda
+def test_cuda_activation_peak_resnet50_bf16():
+    """Peak activation memory of a ResNet-50 AMP train step (forward + backward): fused <= 0.7x eager."""
+
+    def peak(model, x):
+        for p in model.parameters():  # gradients allocated up front: not activation memory
+            p.grad = torch.zeros_like(p)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    eager = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last).train()
+    fused = fusedres.convert(copy.deepcopy(eager))
+    x = torch.randn(32, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    peak(fused, x)  # first calls: Triton JIT, cuDNN/cuBLAS workspaces out of the way
+    peak(eager, x)
+    ratio = peak(fused, x) / peak(eager, x)
+    assert ratio <= 0.7, ratio
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["basic-down", "bottleneck", "resnet"])
+def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
+    """The whole chain with every per-channel pass on the Triton kernels (interpreter on CPU):
+    the integration the CUDA path uses, checked without a GPU."""
+    from fusedres.training import ops
+
+    tk = pytest.importorskip("fusedres.training.triton_kernels")
+    monkeypatch.setattr(ops, "use_triton", lambda t: t.dtype != torch.float64)
+    calls = {}
+    for fn in ("channel_stats", "bn_act", "bn_bwd_reduce", "bn_bwd_apply"):
+        def counted(*a, _f=getattr(tk, fn), _n=fn, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(tk, fn, counted)
+    if name == "resnet":  # the stem chain with its max-pool, and 4 blocks
+        ref, x, chains = _tiny_resnet().train(), _inputs((3, 3, 35, 33), True), 5
+    else:
+        ref, cin = make_block(name)
+        ref, x, chains = ref.train(), _inputs((2, cin, 6, 5), True), 1
+    fused = fusedres.convert(copy.deepcopy(ref))
+    _compare(ref, fused, x, torch.float32, expect_chains=chains)
+    nbn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())  # one pass of each per BN
+    assert calls["channel_stats"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls

@@ -31,6 +31,7 @@ if not backends.is_available("triton"):
 from fusedres.backends.triton import launch as tl_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.interpret] if DEVICE == "cpu" else []
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ||ours - ref|| / ||ref||: the output rounding dominates for bf16/fp16 (unit roundoff
 # 2^-8 / 2^-11); fp32 is IEEE (TF32 is switched off in these tests).
@@ -126,12 +127,12 @@ def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
     _check(out, ref64, same, dtype)
 
 
-# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, ds_stride): BasicBlock tail
+# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, ds_stride, relu): BasicBlock tail
 # (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not.
 TAIL_CASES = {
-    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 2),
-    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1),
-    "bottleneck-s2": (2, 16, 36, 40, 7, 8, 1, 1, 0, 2),
+    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 2, True),
+    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1, True),
+    "bottleneck-s2-norelu": (2, 16, 36, 40, 7, 8, 1, 1, 0, 2, False),
 }
 
 
@@ -139,19 +140,19 @@ TAIL_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(TAIL_CASES))
 def test_block_tail_matches_fp64(case, dtype, channels_last):
-    n, cm, cin, k, h, w, ks, stride, padding, ds_stride = TAIL_CASES[case]
+    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=channels_last)
     x = _rand(n, cin, h, w, dtype=dtype, channels_last=channels_last)
     wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
     wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
     (s, b), (sd, bd) = _affine(k), _affine(k)
-    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride)
+    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
     ref64 = fusedres.block_tail(y.double(), wt.double(), s.double(), b.double(), x.double(), wd.double(),
                                 sd.double(), bd.double(), backend="torch", **kwargs)
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, s, b, x, wd, sd, bd, backend="torch", **kwargs))
     out = _poisoned((n, k, oh, ow), dtype, channels_last)
-    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (1, 1), 1, True,
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (1, 1), 1, relu,
                      ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
     _check(out, ref64, same, dtype)
 
@@ -312,3 +313,21 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
                            for c in cs}
     assert as_tiles(tc_kept) and all(m * n // (32 * w) <= tl_launch.DS_ACC_REGS for m, n, _, w in as_tiles(tc_kept))
     assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
+
+
+def test_direct_eager_path_equals_registered_op():
+    """Eager inference skips the dispatcher; it must compute exactly what the op computes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mod = backends.get("triton")
+    x = _rand(2, 8, 6, 5, dtype=torch.bfloat16, channels_last=True)
+    w = nn.Parameter(_rand(16, 8, 3, 3, dtype=torch.bfloat16) / 8, requires_grad=False)
+    s, b = _affine(16)
+    spec = backends.ConvSpec(x.device.type, x.dtype, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
+                             False, True, False)
+    assert mod._direct(spec, x, w, s, b, None)
+    with FakeTensorMode() as fake_mode:
+        assert not mod._direct(spec, fake_mode.from_tensor(x), w, s, b, None)
+    direct = mod.conv_bn_act(x, w, s, b, None, spec)
+    via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, [1, 1], [1, 1], [1, 1], 1, True)
+    torch.testing.assert_close(direct, via_op, rtol=0, atol=0)

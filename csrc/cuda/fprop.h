@@ -22,8 +22,8 @@ struct FpropProblem {
   int pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w;
 };
 
-// What went wrong in a launch: the CUTLASS step ("can_implement", "initialize", "run")
-// and CUTLASS's status string; both null on success.  Static strings, no allocation.
+// What went wrong in a launch: the step ("can_implement", "cudaFuncSetAttribute",
+// "launch", ...) and CUTLASS's status or CUDA's error string; both null on success.  Static strings, no allocation.
 struct FpropError {
   const char* step = nullptr;
   const char* status = nullptr;

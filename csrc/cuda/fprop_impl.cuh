@@ -29,6 +29,7 @@
 // Included only by fprop_bf16.cu / fprop_fp16.cu, each of which instantiates one dtype.
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include "cutlass/conv/conv2d_problem_size.h"
@@ -155,6 +156,35 @@ struct DualFpropKernel {
   }
 };
 
+// Launches cutlass::Kernel<Kernel> over a grid of `tiles` threadblock tiles.  The opt-in
+// to more than 48 KiB of dynamic shared memory is set once per kernel and device rather
+// than per launch (as CUTLASS's device wrapper does): it is host-side state, and setting
+// it once keeps launches cheap and free of non-stream API calls during CUDA graph capture.
+template <typename Kernel>
+FpropError launch(const typename Kernel::Params& params, cutlass::gemm::GemmCoord tiles,
+                  cudaStream_t stream) {
+  constexpr int smem = static_cast<int>(sizeof(typename Kernel::SharedStorage));
+  if constexpr (smem >= (48 << 10)) {
+    constexpr int kMaxDevices = 64;
+    static std::atomic<bool> attribute_set[kMaxDevices] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return {"cudaGetDevice", cudaGetErrorString(err)};
+    if (device >= kMaxDevices || !attribute_set[device].load(std::memory_order_acquire)) {
+      err = cudaFuncSetAttribute(cutlass::Kernel<Kernel>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return {"cudaFuncSetAttribute", cudaGetErrorString(err)};
+      if (device < kMaxDevices) attribute_set[device].store(true, std::memory_order_release);
+    }
+  }
+  typename Kernel::ThreadblockSwizzle swizzle;
+  const dim3 grid = swizzle.get_grid_shape(tiles);
+  cutlass::Kernel<Kernel><<<grid, dim3(Kernel::kThreadCount, 1, 1), smem, stream>>>(params);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return {"launch", cudaGetErrorString(err)};
+  return {};
+}
+
 template <typename Element, bool kRelu>
 typename FpropKernel<Element, kRelu>::Device::Arguments fprop_arguments(const FpropProblem& p) {
   using K = FpropKernel<Element, kRelu>;
@@ -186,16 +216,11 @@ template <typename Element, bool kRelu>
 FpropError run_fprop(const FpropProblem& p, cudaStream_t stream) {
   using K = FpropKernel<Element, kRelu>;
   const auto args = fprop_arguments<Element, kRelu>(p);
-  typename K::Device op;
-  cutlass::Status status = K::Device::can_implement(args);
+  const cutlass::Status status = K::Device::can_implement(args);
   if (status != cutlass::Status::kSuccess) return {"can_implement", cutlassGetStatusString(status)};
-  // Serial split-K with one slice needs no workspace; refuse rather than run without one.
-  if (K::Device::get_workspace_size(args) != 0) return {"get_workspace_size", "nonzero workspace"};
-  status = op.initialize(args, /*workspace=*/nullptr, stream);
-  if (status != cutlass::Status::kSuccess) return {"initialize", cutlassGetStatusString(status)};
-  status = op.run(stream);
-  if (status != cutlass::Status::kSuccess) return {"run", cutlassGetStatusString(status)};
-  return {};
+  // Serial split-K with one slice: no workspace, no semaphore.
+  const typename K::Kernel::Params params(args);
+  return launch<typename K::Kernel>(params, params.grid_tiled_shape, stream);
 }
 
 template <typename Element, bool kRelu>
@@ -234,19 +259,7 @@ FpropError run_block_tail(const FpropProblem& main, const DownsampleProblem& ds,
   params.gemm_k_iterations_ds = cutlass::conv::implicit_gemm_k_iterations(
       cutlass::conv::Operator::kFprop, Mma::Shape::kK, ds_args.problem_size);
 
-  typename Dual::ThreadblockSwizzle swizzle;
-  const dim3 grid = swizzle.get_grid_shape(params.main.grid_tiled_shape);
-  const dim3 block(Dual::kThreadCount, 1, 1);
-  constexpr int smem = static_cast<int>(sizeof(typename Dual::SharedStorage));
-  if (smem >= (48 << 10) &&
-      cudaFuncSetAttribute(cutlass::Kernel<Dual>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           smem) != cudaSuccess) {
-    return {"cudaFuncSetAttribute", cudaGetErrorString(cudaGetLastError())};
-  }
-  cutlass::Kernel<Dual><<<grid, block, smem, stream>>>(params);
-  const cudaError_t launch = cudaGetLastError();
-  if (launch != cudaSuccess) return {"launch", cudaGetErrorString(launch)};
-  return {};
+  return launch<Dual>(params, params.main.grid_tiled_shape, stream);
 }
 
 }  // namespace fusedres::cuda

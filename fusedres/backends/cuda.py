@@ -21,7 +21,10 @@ it).  The output is always channels_last (same values and shape).
 Channel counts: the kernels need every channel count to be a multiple of 8 (128-bit
 accesses).  ``conv_bn_act`` with other input channel counts (the ResNet stem, ``C_in = 3``)
 pads the input and the filter with zero channels up to the next multiple of 8: a visible
-copy of the input, and the kernel then spends 8 channels' work per filter tap.
+copy of the input.  It is correct but not fast: the kernel's K tile covers 32 channels of
+one filter tap, so with 8 channels three quarters of each tile are masked off (the stem
+runs at a fraction of the tensor cores' rate; CUTLASS's few-channels iterator would fix
+that and is not built here).
 
 Limits, declined by :func:`unsupported_reason` so ``auto`` falls back: CUDA tensors
 only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, output channels
@@ -124,11 +127,12 @@ def unsupported_reason(spec) -> str | None:
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a channels_last tensor the kernels can read with 128-bit accesses.
 
-    A no-op for a channels_last tensor; one explicit copy for NCHW or for a view whose
-    data pointer is not 16-byte aligned.
+    A no-op for a channels_last tensor; one explicit copy for NCHW or (eagerly) for a view
+    whose data pointer is not 16-byte aligned.  Under ``torch.compile`` there is no data
+    pointer to look at; the op itself then rejects a misaligned view with a clear error.
     """
     t = t.contiguous(memory_format=torch.channels_last)
-    if t.data_ptr() % 16:
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
         t = t.clone(memory_format=torch.channels_last)
     return t
 

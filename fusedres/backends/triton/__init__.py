@@ -54,6 +54,9 @@ if _HAS_TRITON:
     from . import ops as _ops  # registers torch.ops.fusedres.*_triton
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _direct(spec, *tensors) -> bool:
     """Call the op's implementation without the dispatcher: eager inference on plain tensors.
 
@@ -66,7 +69,7 @@ def _direct(spec, *tensors) -> bool:
     return (
         not spec.requires_grad
         and not torch.compiler.is_compiling()
-        and all(t is None or type(t) is torch.Tensor for t in tensors)
+        and all(t is None or type(t) in _PLAIN for t in tensors)
     )
 
 

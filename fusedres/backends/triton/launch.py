@@ -5,7 +5,8 @@ NaN-poisoned one so an element the kernel forgets to write fails the comparison)
 
 Tile configs
 ------------
-On a GPU the kernel is autotuned over :data:`GPU_CONFIGS`, keyed on the problem shape,
+On a GPU the kernel is autotuned over :data:`GPU_CONFIGS` (tensor-core tiles) or, for
+fp32 with TF32 off, :data:`FMA_CONFIGS`, keyed on the problem shape,
 the compile-time flags and the dtypes; Triton caches the winner per key for the life of
 the process.  Before benchmarking, :func:`prune_configs` drops configs that cannot pay
 off or cannot fit:
@@ -20,8 +21,8 @@ off or cannot fit:
 
 ``FUSEDRES_TRITON_AUTOTUNE=0`` skips the benchmarking and takes the first surviving
 config (useful for fast test runs).  Under ``TRITON_INTERPRET=1`` (CPU tensors) there is
-nothing to time, so a small fixed :data:`INTERPRET_CONFIG` is used; tests may change it to
-exercise several tiles on tiny problems.
+nothing to time, so a small fixed :data:`INTERPRET_CONFIG` is used, small enough that the
+tests' tiny problems still span several row, column and channel tiles.
 """
 
 from __future__ import annotations
