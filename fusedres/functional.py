@@ -209,7 +209,7 @@ def block_tail(
     cout = weight.shape[0]
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
                  (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
-                 ds_in_channels=x.shape[1], ds_stride=ds_stride)
+                 has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride)
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:
         return _empty_like_out(y, cout, oh, ow)

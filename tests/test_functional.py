@@ -183,3 +183,15 @@ def _spec_like(x, wt, kw):
         dilation=_pair("d", kw["dilation"]), groups=kw["groups"], relu=True, has_residual=False,
         channels_last=False, requires_grad=False,
     )
+
+
+def test_cpu_backend_accepts_inference_tensors():
+    """Weights created under inference_mode have no version counter: folded afresh, still right."""
+    with torch.inference_mode():
+        x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+        first = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+        wt.mul_(2.0)
+        second = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+        expected = fusedres.conv_bn_act(x, wt, scale, shift, backend="torch", **kw)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)

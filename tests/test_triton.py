@@ -323,8 +323,11 @@ def test_direct_eager_path_equals_registered_op():
     x = _rand(2, 8, 6, 5, dtype=torch.bfloat16, channels_last=True)
     w = nn.Parameter(_rand(16, 8, 3, 3, dtype=torch.bfloat16) / 8, requires_grad=False)
     s, b = _affine(16)
-    spec = backends.ConvSpec(x.device.type, x.dtype, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
-                             False, True, False)
+    spec = backends.ConvSpec(
+        device_type=x.device.type, dtype=x.dtype, in_channels=8, out_channels=16, kernel_size=(3, 3),
+        stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False, channels_last=True,
+        requires_grad=False,
+    )
     assert mod._direct(spec, x, w, s, b, None)
     with FakeTensorMode() as fake_mode:
         assert not mod._direct(spec, fake_mode.from_tensor(x), w, s, b, None)

@@ -65,9 +65,9 @@ class ConvSpec:
     dilation: tuple[int, int]
     groups: int
     relu: bool
+    has_residual: bool
     channels_last: bool
     requires_grad: bool
-    has_residual: bool = False
     ds_in_channels: int = 0
     ds_stride: tuple[int, int] | None = None
 

@@ -75,6 +75,10 @@ _cache = WeakIdKeyDictionary()
 
 def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> _Fold:
     """``weight * scale[:, None, None, None]`` and ``shift`` in the weight's dtype, cached."""
+    if weight.is_inference():
+        # Inference tensors (e.g. a model copied inside torch.inference_mode) have no version
+        # counter, so an in-place update could not be detected: fold afresh on every call.
+        return _new_fold(weight, scale, shift)
     entry = _cache.get(weight)
     if (
         entry is not None
@@ -83,16 +87,21 @@ def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> _
         and torch.equal(entry.shift, shift)
     ):
         return entry
+    entry = _new_fold(weight, scale, shift)
+    _cache[weight] = entry
+    return entry
+
+
+def _new_fold(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> _Fold:
     w = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
     w = w.contiguous(memory_format=torch.channels_last)
     entry = _Fold()
-    entry.version = weight._version
+    entry.version = None if weight.is_inference() else weight._version
     entry.scale = scale.detach().clone()
     entry.shift = shift.detach().clone()
     entry.weight = w
     entry.bias = shift.detach().to(weight.dtype).contiguous()
     entry.packed = {}
-    _cache[weight] = entry
     return entry
 
 

@@ -306,7 +306,7 @@ def _fill_speedups(rows: dict) -> None:
 def measure_peaks(cfg: Config, progress=None) -> dict[str, roofline.Peaks]:
     """The roofline peaks for every dtype of the run, keyed by dtype name."""
     if cfg.device.type == "cuda":
-        torch.cuda.set_device(cfg.device)
+        torch.cuda.set_device(cfg.device.index if cfg.device.index is not None else torch.cuda.current_device())
     peaks = {}
     for dtype in cfg.dtypes:
         if progress is not None:
