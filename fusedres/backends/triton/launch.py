@@ -17,7 +17,8 @@ off or cannot fit:
 * with the downsample branch two fp32 accumulators are live at once, so tiles whose
   accumulator needs more than :data:`DS_ACC_REGS` registers per thread are dropped;
 * ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes of pipelined operand
-  tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90).
+  tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90);
+* with the train-mode BN prologue, :data:`PROLOGUE_EXCLUDED` tiles (register spills).
 
 ``FUSEDRES_TRITON_AUTOTUNE=0`` skips the benchmarking and takes the first surviving
 config (useful for fast test runs).  Under ``TRITON_INTERPRET=1`` (CPU tensors) there is
@@ -118,9 +119,22 @@ DS_ACC_REGS = 32
 DS_ACC_REGS_FMA = 16
 
 
+#: Tiles dropped when ``PROLOGUE_BN`` is on: the BN-apply routes the ``A`` tile through
+#: registers (fp32) on its way to shared memory, and these spilled on sm_80 (aot report:
+#: 64x128x64/4 warps bf16 12 B, 64x64x16/4 warps fp32-IEEE 24 B) or sat at the 255-register
+#: limit (128x64x64/4 warps, 246-255 registers), where another Triton version may spill.
+PROLOGUE_EXCLUDED = (
+    TileConfig(64, 128, 64, 4, 4),
+    TileConfig(128, 64, 64, 4, 4),
+    TileConfig(64, 64, 16, 2, 4),
+)
+
+
 def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
-                  has_downsample: bool = False, fma: bool = False):
+                  has_downsample: bool = False, fma: bool = False, prologue_bn: bool = False):
     """The configs worth benchmarking for one problem (see the module docstring)."""
+    if prologue_bn:
+        configs = [c for c in configs if c not in PROLOGUE_EXCLUDED]
     if has_downsample:
         cap = DS_ACC_REGS_FMA if fma else DS_ACC_REGS
         configs = [c for c in configs if c.acc_regs() <= cap]
@@ -166,6 +180,7 @@ def _early_prune(configs, named_args, **kwargs):
         candidates, M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
         elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
         has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
+        prologue_bn=bool(all_args["PROLOGUE_BN"]),
     )
     return [by_cfg[t] for t in kept]
 
@@ -392,7 +407,7 @@ def _launch(
         config = prune_configs(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
-            fma=flags["DOT_PRECISION"] == "ieee",
+            fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
         )[0]
     if x.device.type != "cuda":  # the interpreter, on CPU tensors
         _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
