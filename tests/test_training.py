@@ -346,13 +346,18 @@ def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
     from fusedres.training import ops
 
     tk = pytest.importorskip("fusedres.training.triton_kernels")
+    from fusedres.backends.triton import launch as conv_launch
+
     monkeypatch.setattr(ops, "use_triton", lambda t: t.dtype != torch.float64)
-    calls = {}
-    for fn in ("channel_stats", "bn_act", "bn_bwd_reduce", "bn_bwd_apply"):
-        def counted(*a, _f=getattr(tk, fn), _n=fn, **k):
+    calls = {"channel_stats": 0, "prologue": 0}
+    for mod, fn in ((tk, "channel_stats"), (tk, "bn_act"), (tk, "bn_bwd_reduce"), (tk, "bn_bwd_apply"),
+                    (conv_launch, "conv_train_fwd")):
+        def counted(*a, _f=getattr(mod, fn), _n=fn, **k):
             calls[_n] = calls.get(_n, 0) + 1
+            if _n == "conv_train_fwd" and (a[7] if len(a) > 7 else k.get("in_scale")) is not None:
+                calls["prologue"] += 1
             return _f(*a, **k)
-        monkeypatch.setattr(tk, fn, counted)
+        monkeypatch.setattr(mod, fn, counted)
     if name == "resnet":  # the stem chain with its max-pool, and 4 blocks
         ref, x, chains = _tiny_resnet().train(), _inputs((3, 3, 35, 33), True), 5
     else:
@@ -361,4 +366,10 @@ def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
     fused = fusedres.convert(copy.deepcopy(ref))
     _compare(ref, fused, x, torch.float32, expect_chains=chains)
     nbn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())  # one pass of each per BN
-    assert calls["channel_stats"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
+    # Every conv is one launch emitting its statistics: no separate statistics pass.
+    assert calls["conv_train_fwd"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
+    assert calls["channel_stats"] == 0, calls
+    # Each conv that follows a BN inside a chain applies it in its operand load: every conv
+    # but a chain's first and its downsample.
+    n_ds = sum(getattr(m, "downsample", None) is not None for m in ref.modules())
+    assert calls["prologue"] == nbn - chains - n_ds, calls
