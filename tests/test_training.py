@@ -100,13 +100,22 @@ def _tiny_resnet(block=tv.BasicBlock, layers=(1, 1, 1, 1)):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["basic-down", "bottleneck", "resnext", "dilated"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_block_train_cuda_fp32(name, channels_last):
-    """On CUDA the statistics, BN-apply and BN-backward passes are the Triton kernels."""
+def test_block_train_cuda_fp32(name, channels_last, monkeypatch):
+    """On CUDA every conv is the Triton conv with fused statistics (and BN prologue), and the
+    BN-apply and BN-backward passes are the Triton kernels.  IEEE fp32: with TF32 on, the
+    Triton and cuDNN convs would round differently and the fp32 error budget would not apply."""
+    from fusedres.backends.triton import launch as conv_launch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    calls = []
+    real = conv_launch.conv_train_fwd
+    monkeypatch.setattr(conv_launch, "conv_train_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref, cin = make_block(name)
     ref.train()
     fused = fusedres.convert(copy.deepcopy(ref))
     x = _inputs((4, cin, 12, 11), channels_last).cuda()
     _compare(ref.cuda(), fused.cuda(), x, torch.float32, expect_chains=1)
+    assert len(calls) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
 
 
 @pytest.mark.cuda
