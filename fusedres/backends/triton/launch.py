@@ -326,9 +326,13 @@ def merge_stats(psum: torch.Tensor, pm2: torch.Tensor, m: int, block_m: int) -> 
 
         mean = sum_p sum_p / m,    M2 = sum_p M2_p + sum_p n_p * (mu_p - mean)^2
 
-    and every term of ``M2`` is non-negative, so fp32 rounding costs a relative error of
-    about ``(block_m + P) * 2^-24`` at worst (tree reductions: far less), however large
-    ``|mean| / std`` is - unlike ``E[z^2] - E[z]^2``, whose error grows with ``mean^2 / var``.
+    Error reasoning (fp32, unit roundoff ``u = 2^-24``): every term of ``M2`` is non-negative,
+    so summing them costs a relative error of at most about ``(block_m + P) * u`` (the
+    reductions are trees: far less in practice).  In the kernel a rounding error ``d`` in a
+    tile mean (``|d| ~ u * |mean|``) enters ``M2_p = sum (z - mu_p - d)^2`` only as
+    ``n_p * d^2`` because the centred values sum to ~0: a relative error of order
+    ``(u * |mean| / std)^2``.  So the variance stays accurate however large ``|mean| / std``
+    is - unlike ``E[z^2] - E[z]^2``, whose relative error grows like ``u * mean^2 / var``.
     """
     p = psum.shape[0]
     counts = torch.full((p, 1), float(block_m), device=psum.device, dtype=torch.float32)
