@@ -100,13 +100,22 @@ def _tiny_resnet(block=tv.BasicBlock, layers=(1, 1, 1, 1)):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["basic-down", "bottleneck", "resnext", "dilated"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_block_train_cuda_fp32(name, channels_last):
-    """On CUDA the statistics, BN-apply and BN-backward passes are the Triton kernels."""
+def test_block_train_cuda_fp32(name, channels_last, monkeypatch):
+    """On CUDA every conv is the Triton conv with fused statistics (and BN prologue), and the
+    BN-apply and BN-backward passes are the Triton kernels.  IEEE fp32: with TF32 on, the
+    Triton and cuDNN convs would round differently and the fp32 error budget would not apply."""
+    from fusedres.backends.triton import launch as conv_launch
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    calls = []
+    real = conv_launch.conv_train_fwd
+    monkeypatch.setattr(conv_launch, "conv_train_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref, cin = make_block(name)
     ref.train()
     fused = fusedres.convert(copy.deepcopy(ref))
     x = _inputs((4, cin, 12, 11), channels_last).cuda()
     _compare(ref.cuda(), fused.cuda(), x, torch.float32, expect_chains=1)
+    assert len(calls) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
 
 
 @pytest.mark.cuda
@@ -346,13 +355,18 @@ def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
     from fusedres.training import ops
 
     tk = pytest.importorskip("fusedres.training.triton_kernels")
+    from fusedres.backends.triton import launch as conv_launch
+
     monkeypatch.setattr(ops, "use_triton", lambda t: t.dtype != torch.float64)
-    calls = {}
-    for fn in ("channel_stats", "bn_act", "bn_bwd_reduce", "bn_bwd_apply"):
-        def counted(*a, _f=getattr(tk, fn), _n=fn, **k):
+    calls = {"channel_stats": 0, "prologue": 0}
+    for mod, fn in ((tk, "channel_stats"), (tk, "bn_act"), (tk, "bn_bwd_reduce"), (tk, "bn_bwd_apply"),
+                    (conv_launch, "conv_train_fwd")):
+        def counted(*a, _f=getattr(mod, fn), _n=fn, **k):
             calls[_n] = calls.get(_n, 0) + 1
+            if _n == "conv_train_fwd" and (a[7] if len(a) > 7 else k.get("in_scale")) is not None:
+                calls["prologue"] += 1
             return _f(*a, **k)
-        monkeypatch.setattr(tk, fn, counted)
+        monkeypatch.setattr(mod, fn, counted)
     if name == "resnet":  # the stem chain with its max-pool, and 4 blocks
         ref, x, chains = _tiny_resnet().train(), _inputs((3, 3, 35, 33), True), 5
     else:
@@ -361,4 +375,10 @@ def test_train_path_through_triton_kernels_interpreted(name, monkeypatch):
     fused = fusedres.convert(copy.deepcopy(ref))
     _compare(ref, fused, x, torch.float32, expect_chains=chains)
     nbn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())  # one pass of each per BN
-    assert calls["channel_stats"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
+    # Every conv is one launch emitting its statistics: no separate statistics pass.
+    assert calls["conv_train_fwd"] == calls["bn_bwd_reduce"] == calls["bn_bwd_apply"] == nbn, calls
+    assert calls["channel_stats"] == 0, calls
+    # Each conv that follows a BN inside a chain applies it in its operand load: every conv
+    # but a chain's first and its downsample.
+    n_ds = sum(getattr(m, "downsample", None) is not None for m in ref.modules())
+    assert calls["prologue"] == nbn - chains - n_ds, calls

@@ -307,12 +307,15 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
     configs = tl_launch._autotuned_kernel.configs
     x = torch.empty(1, dtype=torch.bfloat16)
     args = dict(x_ptr=x, M=64 * 28 * 28, CG=128, KG=128, CD=256)
-    tc_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=True, DOT_PRECISION="tf32")
-    fma_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, DOT_PRECISION="ieee")
+    tc_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=True, PROLOGUE_BN=False, DOT_PRECISION="tf32")
+    fma_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=False, DOT_PRECISION="ieee")
+    pro_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=True, DOT_PRECISION="tf32")
     as_tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)  # noqa: E731
                            for c in cs}
     assert as_tiles(tc_kept) and all(m * n // (32 * w) <= tl_launch.DS_ACC_REGS for m, n, _, w in as_tiles(tc_kept))
     assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
+    excluded = {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.PROLOGUE_EXCLUDED}
+    assert as_tiles(pro_kept) and not as_tiles(pro_kept) & excluded
 
 
 def test_direct_eager_path_equals_registered_op():

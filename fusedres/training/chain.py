@@ -10,6 +10,10 @@ downsample of it), ReLU and an optional max-pool::
     y   = relu(bn_K(z_K) [+ x | + bn_d(conv_d(x))])        (saved: it is the next chain's input anyway)
     out = y, or max_pool(y)                                (with a pool, y is recomputed, not saved)
 
+On CUDA (Triton) each conv is one launch that also emits the batch statistics of its ``z_i``,
+and ``a_i`` is not even written in forward: the next conv applies ``relu(bn_i(.))`` to ``z_i``
+in its operand load (``ops.conv_stats``).
+
 ``bn_i(z) = (z - mean_i) * invstd_i * gamma_i + beta_i`` with ``mean_i`` / biased ``var_i`` over
 ``N, H, W`` (optionally over every rank of a process group).
 
@@ -49,15 +53,13 @@ _NO_DOUBLE_BACKWARD = (
 )
 
 
-def _group_stats(z: torch.Tensor, group):
-    """``(mean, biased var, count)`` of ``z`` per channel; over all ranks of ``group`` when given
-    (then ``count`` is a 0-d tensor, else an int).
+def _group_stats(mean: torch.Tensor, var: torch.Tensor, n: int, group):
+    """``(mean, biased var, count)`` per channel from this rank's ``n`` samples' ``(mean, var)``;
+    over all ranks of ``group`` when given (then ``count`` is a 0-d tensor, else ``n``).
 
     Ranks exchange ``(count, mean, var)`` with one ``all_gather`` and combine them with Chan's
     parallel formula (no ``E[x^2] - E[x]^2`` across ranks, so no cancellation).
     """
-    mean, var = ops.batch_stats(z)
-    n = z.numel() // z.shape[1]
     if group is None:
         return mean, var, n
     local = torch.cat([mean, var, mean.new_full((1,), n)])
@@ -151,12 +153,14 @@ class ChainTrain(torch.autograd.Function):
         k = nconv - (residual == "downsample")
         ws, gammas, betas = params[0::3], params[1::3], params[2::3]
         with torch.autocast(x.device.type, enabled=False):
-            a = x
+            # conv_i's input a_{i-1} = relu(bn_{i-1}(z_{i-1})) is passed as (z_{i-1}, scale, shift):
+            # ops.conv_stats applies the BN in the conv's operand load (Triton) or materialises it.
+            a, a_bn = x, (None, None)
             zs, means, invstds, counts, stats_out = [], [], [], [], []
             for i in range(nconv):
-                src = x if i == k else a
-                z = _conv(src, ws[i], geoms[i])
-                mean, var, count = _group_stats(z, group)
+                src, src_bn = (x, (None, None)) if i == k else (a, a_bn)
+                z, mean, var = ops.conv_stats(src, ws[i], geoms[i], *src_bn)
+                mean, var, count = _group_stats(mean, var, z.numel() // z.shape[1], group)
                 if isinstance(count, int) and count == 1:  # nn.BatchNorm2d's own check
                     raise ValueError(
                         f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}"
@@ -164,7 +168,7 @@ class ChainTrain(torch.autograd.Function):
                 counts.append(count)
                 invstd = torch.rsqrt(var + eps[i])
                 if i < k - 1:
-                    a = ops.bn_act(z, *_scale_shift(gammas[i], betas[i], mean, invstd), relu=True)
+                    a, a_bn = z, _scale_shift(gammas[i], betas[i], mean, invstd)
                 zs.append(z)
                 means.append(mean)
                 invstds.append(invstd)

@@ -14,8 +14,11 @@ deterministic result.  The statistics are *shifted* sums ``sum(z - k_c)`` and
 the variance ``E[(z-k)^2] - E[z-k]^2`` does not cancel catastrophically even when
 ``|mean| >> std``.
 
-These are standalone passes.  The fully fused form (statistics in the conv epilogue, BN-apply
-+ ReLU in the next conv's operand load) needs the conv kernels in ``fusedres/backends/triton``.
+These are standalone passes.  In the training chain's forward the statistics and the
+BN-apply + ReLU between two convs are fused into the conv kernel of ``fusedres/backends/triton``
+(``EMIT_STATS`` / ``PROLOGUE_BN``, via ``ops.conv_stats``), so there ``bn_act`` only serves the
+block tail and backward's recomputation; ``channel_stats`` (``ops.batch_stats``) remains the
+statistics pass for a tensor that did not come out of that kernel (the chain no longer calls it).
 """
 
 from __future__ import annotations

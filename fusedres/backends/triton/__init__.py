@@ -5,6 +5,10 @@
 * ``block_tail`` -> ``torch.ops.fusedres.block_tail_triton``: one launch computing the main
   conv and the 1x1 downsample conv as two GEMMs into one epilogue.
 
+* ``torch.ops.fusedres.conv_train_fwd_triton`` (used by ``fusedres.training``): one launch
+  computing a train-mode conv's pre-BN output and its batch statistics, optionally with the
+  previous BN-apply + ReLU applied in the operand load.
+
 An eval ``BasicBlock`` is therefore 2 launches and a ``Bottleneck`` 3.  Kernels:
 ``kernels.py``; host launch, tiles and autotuning: ``launch.py``; op registration: ``ops.py``.
 

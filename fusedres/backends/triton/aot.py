@@ -4,10 +4,12 @@
 
 Compiles every compile-time variant of ``_conv_bn_act_fwd_kernel`` (filter size 1/3/7 x
 residual x ReLU x downsample x dtype, fp32 in both TF32 and IEEE mode; padded exactly
-when the filter is larger than 1x1, as in ResNets) with the first
+when the filter is larger than 1x1, as in ResNets; and the train-mode statistics variants,
+with and without the BN prologue) with the first
 tile config that :func:`launch.prune_configs` keeps for a large problem of that dtype on
 that arch, plus every surviving config for the heaviest variants (3x3 block tail with
-both accumulators, bf16 and fp32).  ``--all-configs`` compiles every surviving config for
+both accumulators, bf16 and fp32; 3x3 train conv with prologue and statistics, bf16 and
+fp32-IEEE).  ``--all-configs`` compiles every surviving config for
 every variant (slow).
 
 The signature mirrors what the JIT sees on the channels_last fast path: the unit strides
@@ -55,12 +57,15 @@ class Variant:
     has_residual: bool
     has_downsample: bool
     relu: bool
+    prologue_bn: bool = False
+    emit_stats: bool = False
 
     @property
     def name(self) -> str:
         prec = f"-{self.precision}" if self.dtype == "fp32" else ""
         flags = "".join(f for f, on in (("+res", self.has_residual), ("+ds", self.has_downsample),
-                                        ("+relu", self.relu)) if on)
+                                        ("+relu", self.relu), ("+pro", self.prologue_bn),
+                                        ("+stats", self.emit_stats)) if on)
         return f"{self.dtype}{prec}-k{self.kh}{flags}"
 
 
@@ -72,6 +77,12 @@ def variants() -> list[Variant]:
         dtypes, (1, 3, 7), (True, False), ((False, False), (True, False), (False, True))
     ):
         out.append(Variant(dt, prec, kh, res, ds, relu))
+    # Train mode (fusedres.training): every conv emits statistics of its raw output; convs
+    # that follow a BN inside a block (1x1 and 3x3) also apply it in their operand load.
+    for (dt, prec), (kh, pro) in itertools.product(
+        dtypes, ((1, False), (1, True), (3, False), (3, True), (7, False))
+    ):
+        out.append(Variant(dt, prec, kh, False, False, False, prologue_bn=pro, emit_stats=True))
     return out
 
 
@@ -80,7 +91,8 @@ def _signature_and_constants(kernel, v: Variant, cfg):
     act = "*" + _TRITON_DTYPE[v.dtype]
     for i, name in enumerate(kernel.arg_names):
         if name.endswith("_ptr"):
-            sig[name] = "*fp32" if ("scale" in name or "shift" in name) else act
+            fp32 = any(s in name for s in ("scale", "shift", "stat_"))
+            sig[name] = "*fp32" if fp32 else act
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _UNIT_STRIDES:
             sig[name] = "constexpr"
@@ -94,6 +106,7 @@ def _signature_and_constants(kernel, v: Variant, cfg):
     constants.update(
         KH=v.kh, KW=v.kh, PADDED=v.kh > 1,
         HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
+        PROLOGUE_BN=v.prologue_bn, EMIT_STATS=v.emit_stats,
         DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
     )
     return sig, constants, attrs
@@ -178,20 +191,22 @@ def plan(archs, all_configs: bool):
 
     Default (CI, a couple of minutes on 2 cores): per arch, every flag combination in bf16
     at the default tile; the other dtypes/precisions for the representative flag sets; and
-    every tile the autotuner may pick for the heaviest variants (3x3 with residual, 3x3
+    every tile the autotuner may pick for the heaviest variants (3x3 with residual, 3x3 train
+    conv with BN prologue and statistics, 3x3
     block tail) in bf16, fp32-TF32 and fp32-IEEE.  ``all_configs``: every variant x every tile.
     """
     from .launch import base_configs, prune_configs
 
-    representative = {"k3+res+relu", "k3+ds+relu", "k7+relu"}
-    heavy = {"bf16-k3+res+relu", "bf16-k3+ds+relu", "fp32-tf32-k3+ds+relu", "fp32-ieee-k3+ds+relu"}
+    representative = {"k3+res+relu", "k3+ds+relu", "k7+relu", "k3+pro+stats"}
+    heavy = {"bf16-k3+res+relu", "bf16-k3+ds+relu", "fp32-tf32-k3+ds+relu", "fp32-ieee-k3+ds+relu",
+             "bf16-k3+pro+stats", "fp32-ieee-k3+pro+stats"}
     jobs = []
     for arch in archs:
         for v in variants():
             kept = prune_configs(
                 base_configs(v.precision), M=1 << 20, CG=512, KG=512, CD=512 if v.has_downsample else 0,
                 elem_size=_ELEM[v.dtype], smem_limit=SMEM_LIMIT[arch],
-                has_downsample=v.has_downsample, fma=v.precision == "ieee",
+                has_downsample=v.has_downsample, fma=v.precision == "ieee", prologue_bn=v.prologue_bn,
             )
             flags = v.name.split("-k", 1)[1]
             if all_configs or v.name in heavy:

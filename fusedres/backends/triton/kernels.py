@@ -10,7 +10,21 @@ The math, for one output element ``out[n, k, oh, ow]`` of a conv with ``G`` grou
                                                                     (HAS_DOWNSAMPLE)
     out  = max(z, 0) if RELU else z
 
-(taps that fall into the zero padding contribute nothing).  As a GEMM this is
+(taps that fall into the zero padding contribute nothing).  Two train-mode flags change this:
+
+* ``PROLOGUE_BN``: the operand is ``relu(x * in_scale[c] + in_shift[c])`` instead of ``x``,
+  applied per input channel to each gathered ``A`` tile in fp32 and rounded to the operand
+  dtype before ``tl.dot``, so the previous BN-apply + ReLU never reaches memory.  Padded
+  taps are 0 *after* the affine: the zero padding pads the normalized activation.
+* ``EMIT_STATS``: ``out = acc`` (the raw, pre-BN conv output; scale/shift, residual,
+  downsample and ReLU must be off) and each program writes, for its ``BLOCK_M`` rows and
+  ``BLOCK_N`` channels, the fp32 per-channel ``sum(acc)`` and ``M2 = sum((acc - tile_mean)^2)``
+  of its valid rows to row ``pid_m`` of two ``[cdiv(M, BLOCK_M), C_out]`` workspaces.  The
+  statistics come from the fp32 accumulator, before the output is rounded.  Centring on the
+  tile mean keeps ``M2`` free of cancellation; the host merges tiles exactly with Chan's
+  parallel formula (``launch.merge_stats``).
+
+As a GEMM this is
 ``(M x Kred) @ (Kred x Kg)`` per group with ``M = N * OH * OW`` output pixels (rows),
 ``Kg`` output channels (columns) and ``Kred = KH * KW * Cg`` reduction terms; the ``A``
 operand is never materialised (no im2col): each ``BLOCK_M x BLOCK_K`` tile is gathered
@@ -48,7 +62,9 @@ load contiguous too; the host re-arranges it once and caches it.
 ``DOT_UPCAST`` feeds ``tl.dot`` fp32 copies of bf16 tiles.  Only the host's interpreter
 path sets it: the Triton interpreter keeps bf16 as raw 16-bit integers in numpy and its
 ``dot`` multiplies those bit patterns.  Products of bf16 values are exact in fp32, so the
-upcast computes what the bf16 tensor-core MMA computes (fp32 accumulation).
+upcast computes what the bf16 tensor-core MMA computes (fp32 accumulation).  The
+interpreter's fp32 -> bf16 cast also truncates, so under ``DOT_UPCAST`` the ``PROLOGUE_BN``
+operand is rounded to nearest even on its bits instead.
 
 Offsets that scale with the batch (``n * stride_n`` and the spatial terms) are computed in
 int64 once per row, so tensors beyond 2**31 elements are addressed correctly; per-tile
@@ -66,6 +82,7 @@ def _conv_bn_act_fwd_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
     xd_ptr, wd_ptr, ds_scale_ptr, ds_shift_ptr,
+    in_scale_ptr, in_shift_ptr, stat_sum_ptr, stat_m2_ptr,
     # problem size (M = N * OH * OW rows; CG/KG channels per group; CD downsample channels)
     M, H, W, OH, OW, CG, KG, CD,
     # strides, in elements
@@ -80,6 +97,7 @@ def _conv_bn_act_fwd_kernel(
     # compile-time specialisation
     KH: tl.constexpr, KW: tl.constexpr, PADDED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_DOWNSAMPLE: tl.constexpr, RELU: tl.constexpr,
+    PROLOGUE_BN: tl.constexpr, EMIT_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -136,10 +154,24 @@ def _conv_bn_act_fwd_kernel(
         cc = c0 + offs_k
         c_ok = cc < CG
         tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
-        a = tl.load(
-            x_ptr + (x_row + tap_off)[:, None] + (cc * sxc)[None, :],
-            mask=row_ok[:, None] & c_ok[None, :], other=0.0,
-        )
+        a_mask = row_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + (x_row + tap_off)[:, None] + (cc * sxc)[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE_BN:
+            # relu(a * in_scale[c] + in_shift[c]) in fp32, rounded to the operand dtype as the
+            # materialised activation would be; masked taps (padding, ragged rows/channels)
+            # are forced to 0 after the affine, since relu(shift) need not be 0.
+            in_scale = tl.load(in_scale_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
+            in_shift = tl.load(in_shift_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
+            a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
+            a_bn = tl.where(a_mask, a_bn, 0.0)
+            if DOT_UPCAST:
+                # Interpreter only: its fp32 -> bf16 cast truncates.  Round to nearest even
+                # on the bits, as the GPU cast does, and stay fp32 (the dot upcasts anyway).
+                bits = a_bn.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                a = bits.to(tl.float32, bitcast=True)
+            else:
+                a = a_bn.to(x_ptr.dtype.element_ty)
         b = tl.load(
             w_ptr + (kh * swh + kw * sww) + (cc * swc)[:, None] + w_col[None, :],
             mask=c_ok[:, None] & n_ok[None, :], other=0.0,
@@ -148,9 +180,25 @@ def _conv_bn_act_fwd_kernel(
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    scale = tl.load(scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
-    z = acc * scale[None, :] + shift[None, :]
+    if EMIT_STATS:
+        # Train mode: out is the raw conv output and this tile's per-channel statistics go to
+        # row pid_m of the [num_m_tiles, C_out] workspaces: the sum over the tile's valid rows
+        # and M2 = sum((acc - tile_mean)^2), centred on the tile's own mean so that no
+        # E[z^2] - E[z]^2 cancellation occurs; the host merges tiles with Chan's formula.
+        z = acc
+        # Rows beyond M hold exact zeros (their A rows load as 0 and the prologue zeroes
+        # masked taps), so the sum needs no mask; the centred M2 does.
+        n_rows = min(M - pid_m * BLOCK_M, BLOCK_M)
+        t_sum = tl.sum(acc, axis=0)
+        dev = tl.where(m_ok[:, None], acc - (t_sum / n_rows)[None, :], 0.0)
+        t_m2 = tl.sum(dev * dev, axis=0)
+        st_off = pid_m.to(tl.int64) * (KG * tl.num_programs(1)) + k_out
+        tl.store(stat_sum_ptr + st_off, t_sum, mask=n_ok)
+        tl.store(stat_m2_ptr + st_off, t_m2, mask=n_ok)
+    else:
+        scale = tl.load(scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        z = acc * scale[None, :] + shift[None, :]
 
     if HAS_DOWNSAMPLE:
         # 1x1 conv with stride (ds_sh, ds_sw), no padding: row (n, oh, ow) reads pixel

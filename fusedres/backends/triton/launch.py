@@ -17,7 +17,8 @@ off or cannot fit:
 * with the downsample branch two fp32 accumulators are live at once, so tiles whose
   accumulator needs more than :data:`DS_ACC_REGS` registers per thread are dropped;
 * ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes of pipelined operand
-  tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90).
+  tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90);
+* with the train-mode BN prologue, :data:`PROLOGUE_EXCLUDED` tiles (register spills).
 
 ``FUSEDRES_TRITON_AUTOTUNE=0`` skips the benchmarking and takes the first surviving
 config (useful for fast test runs).  Under ``TRITON_INTERPRET=1`` (CPU tensors) there is
@@ -118,9 +119,22 @@ DS_ACC_REGS = 32
 DS_ACC_REGS_FMA = 16
 
 
+#: Tiles dropped when ``PROLOGUE_BN`` is on: the BN-apply routes the ``A`` tile through
+#: registers (fp32) on its way to shared memory, and these spilled on sm_80 (aot report:
+#: 64x128x64/4 warps bf16 12 B, 64x64x16/4 warps fp32-IEEE 24 B) or sat at the 255-register
+#: limit (128x64x64/4 warps, 246-255 registers), where another Triton version may spill.
+PROLOGUE_EXCLUDED = (
+    TileConfig(64, 128, 64, 4, 4),
+    TileConfig(128, 64, 64, 4, 4),
+    TileConfig(64, 64, 16, 2, 4),
+)
+
+
 def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
-                  has_downsample: bool = False, fma: bool = False):
+                  has_downsample: bool = False, fma: bool = False, prologue_bn: bool = False):
     """The configs worth benchmarking for one problem (see the module docstring)."""
+    if prologue_bn:
+        configs = [c for c in configs if c not in PROLOGUE_EXCLUDED]
     if has_downsample:
         cap = DS_ACC_REGS_FMA if fma else DS_ACC_REGS
         configs = [c for c in configs if c.acc_regs() <= cap]
@@ -141,7 +155,8 @@ _AUTOTUNE_KEY = [
     "M", "H", "W", "OH", "OW", "CG", "KG", "CD",
     "sxc", "sdc", "soc", "src",
     "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw",
-    "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "DOT_PRECISION", "DOT_UPCAST",
+    "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "PROLOGUE_BN", "EMIT_STATS",
+    "DOT_PRECISION", "DOT_UPCAST",
 ]
 
 
@@ -165,6 +180,7 @@ def _early_prune(configs, named_args, **kwargs):
         candidates, M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
         elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
         has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
+        prologue_bn=bool(all_args["PROLOGUE_BN"]),
     )
     return [by_cfg[t] for t in kept]
 
@@ -249,6 +265,94 @@ def launch(
     ``(xd, wd_t, ds_scale, ds_shift, ds_stride)`` for the fused 1x1 downsample branch.
     ``config`` forces a tile (no autotuning).
     """
+    _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config)
+    return out
+
+
+#: Smallest ``BLOCK_M`` any config may pick: sizes the statistics workspace before the
+#: autotuner has chosen a tile.
+_MIN_BLOCK_M = min(c.block_m for c in GPU_CONFIGS + FMA_CONFIGS + (INTERPRET_CONFIG,))
+
+
+def conv_train_fwd(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    out: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train-mode conv: ``out = conv2d(a, w)`` and its per-channel batch statistics, one launch.
+
+    ``a = relu(x * in_scale[c] + in_shift[c])`` (per input channel, zero padding applied to
+    ``a``) when ``in_scale``/``in_shift`` ``(C_in,)`` fp32 are given, else ``a = x``: the
+    previous BN-apply + ReLU fused into this conv's operand load.  Returns
+    ``(out, mean, var)``: ``out`` ``(N, C_out, OH, OW)`` in ``x.dtype`` (the pre-BN output),
+    ``mean`` and biased ``var`` ``(C_out,)`` fp32 over ``N, OH, OW``, computed from the fp32
+    accumulator (see ``EMIT_STATS`` in ``kernels.py`` and :func:`merge_stats`).
+    """
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    c_in = x.shape[1]
+    for name, v in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if v is not None and (v.shape != (c_in,) or v.dtype != torch.float32 or v.device != x.device):
+            raise ValueError(f"{name} must be an fp32 ({c_in},) tensor on {x.device}, got "
+                             f"{v.dtype} {tuple(v.shape)} on {v.device}")
+    n, _, oh, ow = out.shape
+    m = n * oh * ow
+    if m == 0:
+        raise ValueError(f"out {tuple(out.shape)} is empty: batch statistics need at least one element")
+    c_out = out.shape[1]
+    rows = triton.cdiv(m, _MIN_BLOCK_M)
+    psum = torch.empty((rows, c_out), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(psum)
+    prologue = (in_scale.contiguous(), in_shift.contiguous()) if in_scale is not None else None
+    unused = torch.empty(0, device=x.device, dtype=torch.float32)  # scale/shift are not read
+    block_m = _launch(x, w_t, unused, unused, None, out, stride, padding, dilation, groups, False,
+                      prologue=prologue, stats=(psum, pm2), config=config)
+    mean, var = merge_stats(psum[: triton.cdiv(m, block_m)], pm2[: triton.cdiv(m, block_m)], m, block_m)
+    return out, mean, var
+
+
+def merge_stats(psum: torch.Tensor, pm2: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, biased var)`` from per-tile ``sum`` and centred ``M2`` ``[P, C]``.
+
+    Tile ``p`` holds ``n_p = block_m`` rows (the last ``m - (P-1) * block_m``), mean
+    ``mu_p = sum_p / n_p``.  Chan's parallel combination is exact in real arithmetic::
+
+        mean = sum_p sum_p / m,    M2 = sum_p M2_p + sum_p n_p * (mu_p - mean)^2
+
+    Error reasoning (fp32, unit roundoff ``u = 2^-24``): every term of ``M2`` is non-negative,
+    so summing them costs a relative error of at most about ``(block_m + P) * u`` (the
+    reductions are trees: far less in practice).  In the kernel a rounding error ``d`` in a
+    tile mean (``|d| ~ u * |mean|``) enters ``M2_p = sum (z - mu_p - d)^2`` only as
+    ``n_p * d^2`` because the centred values sum to ~0: a relative error of order
+    ``(u * |mean| / std)^2``.  So the variance stays accurate however large ``|mean| / std``
+    is - unlike ``E[z^2] - E[z]^2``, whose relative error grows like ``u * mean^2 / var``.
+    """
+    p = psum.shape[0]
+    counts = torch.full((p, 1), float(block_m), device=psum.device, dtype=torch.float32)
+    counts[-1] = float(m - (p - 1) * block_m)
+    mean = psum.sum(0) / m
+    tile_dev = psum / counts - mean
+    var = (pm2.sum(0) + (counts * tile_dev * tile_dev).sum(0)) / m
+    return mean, var
+
+
+def _launch(
+    x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu,
+    ds=None, prologue=None, stats=None, config=None,
+) -> int:
+    """Launch the kernel (see :func:`launch`); return the ``BLOCK_M`` it ran with.
+
+    ``prologue`` is ``None`` or ``(in_scale, in_shift)`` (``PROLOGUE_BN``); ``stats`` is
+    ``None`` or the ``(psum, pm2)`` workspaces, each ``(>= cdiv(M, BLOCK_M), C_out)`` fp32
+    contiguous (``EMIT_STATS``; scale/shift/residual/downsample/relu are then unused).
+    """
     n, c, h, w = x.shape
     kh, kw, cg, k = w_t.shape
     _, _, oh, ow = out.shape
@@ -257,13 +361,13 @@ def launch(
         raise ValueError(f"N*H_out*W_out = {m} output pixels exceeds the kernel's int32 row index")
     if w_t.numel() > _INT32_MAX:
         raise ValueError(f"weight has {w_t.numel()} elements; the kernel addresses it with int32")
+    if stats is not None and (residual is not None or ds is not None or relu):
+        raise ValueError("the statistics mode stores the raw conv output: no residual, downsample or relu")
     # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
     # is exact while one image (C * H * W) stays below 2**31 elements.
     for name, t in (("x", x), ("residual", residual), ("out", out), ("ds input", ds[0] if ds else None)):
         if t is not None and t[0].numel() > _INT32_MAX:
             raise ValueError(f"{name}: one image has {t[0].numel()} elements; at most 2**31 - 1 supported")
-    if out.numel() == 0:
-        return out
     kg = k // groups
     if ds is not None:
         xd, wd_t, ds_scale, ds_shift, ds_stride = ds
@@ -272,9 +376,12 @@ def launch(
     else:
         xd, wd_t, ds_scale, ds_shift, ds_stride = out, w_t, scale, shift, (1, 1)
         cd, swdc, swdk = 0, 0, 0
+    in_scale, in_shift = prologue if prologue is not None else (scale, shift)
+    psum, pm2 = stats if stats is not None else (scale, shift)
     args = (
         x, w_t, scale, shift, residual if residual is not None else out, out,
         xd, wd_t, ds_scale, ds_shift,
+        in_scale, in_shift, psum, pm2,
         m, h, w, oh, ow, cg, kg, cd,
         *x.stride(),
         *w_t.stride(),
@@ -287,6 +394,7 @@ def launch(
     flags = dict(
         KH=kh, KW=kw, PADDED=padding[0] > 0 or padding[1] > 0,
         HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=ds is not None, RELU=bool(relu),
+        PROLOGUE_BN=prologue is not None, EMIT_STATS=stats is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
@@ -297,23 +405,26 @@ def launch(
 
     if config is None and interpreting():
         config = INTERPRET_CONFIG
+    if out.numel() == 0:
+        return config.block_m if config is not None else _MIN_BLOCK_M
     if config is None and not _autotune_enabled():
         config = prune_configs(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
-            fma=flags["DOT_PRECISION"] == "ieee",
+            fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
         )[0]
     if x.device.type != "cuda":  # the interpreter, on CPU tensors
         _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
-        return out
+        return config.block_m
     # Triton launches on the current device; switch only when x lives elsewhere (the
     # guard costs host time on every call).
     guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
     with guard:
         if config is None:
             _autotuned_kernel[grid](*args, **flags)
-        else:
-            _conv_bn_act_fwd_kernel[grid](
-                *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
-            )
-    return out
+            # The tile the autotuner ran with (its cached choice for this key).
+            return int(_autotuned_kernel.best_config.kwargs["BLOCK_M"])
+        _conv_bn_act_fwd_kernel[grid](
+            *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    return config.block_m

@@ -116,6 +116,43 @@ def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride, padding
     return _new_out(y, weight, stride, padding, dilation)
 
 
+def conv_train_fwd_impl(
+    x: Tensor,
+    weight: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Train-mode conv with fused statistics (and optionally the previous BN + ReLU), one launch.
+
+    ``z = conv2d(a, weight)`` with ``a = relu(x * in_scale[c] + in_shift[c])`` when
+    ``in_scale``/``in_shift`` ``(C,)`` fp32 are given (never materialised), else ``a = x``.
+    Returns ``(z, mean, var)``: ``z`` ``(N, K, OH, OW)`` in ``x.dtype`` (same memory-format
+    rule as the other ops) and fp32 ``(K,)`` batch mean and biased variance of ``z`` over
+    ``N, OH, OW``, from the fp32 accumulator.  Forward only (the training chain owns the
+    backward, see ``fusedres/training/chain.py``).
+    """
+    out = _new_out(x, weight, stride, padding, dilation)
+    return _launch.conv_train_fwd(
+        x, _launch.kernel_weight(weight), out, tuple(stride), tuple(padding), tuple(dilation), groups,
+        in_scale, in_shift,
+    )
+
+
+conv_train_fwd_triton = torch.library.custom_op("fusedres::conv_train_fwd_triton", mutates_args=())(
+    conv_train_fwd_impl
+)
+
+
+@conv_train_fwd_triton.register_fake
+def _(x, weight, in_scale, in_shift, stride, padding, dilation, groups):
+    stat = x.new_empty((weight.shape[0],), dtype=torch.float32)
+    return _new_out(x, weight, stride, padding, dilation), stat, stat.new_empty(stat.shape)
+
+
 # --------------------------------------------------------------------------- autograd
 #
 # Backward runs through ATen (the kernels are forward-only).  With g the gradient at the
