@@ -39,7 +39,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${FUSEDRES_GIT_COMMIT:-unknown}")"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   $PY -c 'import sys, torch, torchvision, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 } | tee "$OUTDIR/env.txt"
@@ -48,8 +48,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
 (step build 150 bash scripts/build_ext_gpu.sh) &
 BUILD_PID=$!
 # Tests run with the autotuner off (first valid tile): they check numerics; the benchmarks tune.
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 150 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
-  tests/test_triton_cuda.py tests/test_training.py tests/test_training_triton.py
+FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+  tests/test_triton_train.py tests/test_training.py tests/test_training_triton.py tests/test_triton_cuda.py
 wait $BUILD_PID
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
 FUSEDRES_TRITON_AUTOTUNE=0 step tests-cuda 100 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
