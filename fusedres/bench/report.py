@@ -369,7 +369,12 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
         peaks = "; ".join(f"{dt}: matmul {p['matmul_tflops']:.3g} TFLOP/s, copy {p['copy_gbps']:.3g} GB/s"
                           for dt, p in res["peaks"].items())
         out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.", ""]
-        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in res["rows"]] + [""]
+        # Rows a time budget never reached carry no measurement: counted, not listed.
+        shown = [r for r in res["rows"] if not (r["status"] == "skipped" and "time budget" in (r.get("note") or ""))]
+        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in shown] + [""]
+        if len(shown) < len(res["rows"]):
+            out += [f"{len(res['rows']) - len(shown)} more rows were not reached within the run's time budget "
+                    "(listed in the JSON).", ""]
         if png:
             out += [f"![{dev['name']} speedup and roofline]({png})", ""]
     return "\n".join(out)
