@@ -9,7 +9,7 @@ Public API::
     fusedres.convert_sync_batchnorm(model, process_group=None)  # sync train-mode BN stats
 """
 
-from .backends import BACKENDS, BackendUnavailableError, available as available_backends
+from .backends import BACKENDS, BackendUnavailableError, available as available_backends, clear_caches
 from .functional import block_tail, bn_scale_shift, conv_bn_act
 from .modules import BasicBlock, Bottleneck, FusedResNet, convert, revert
 from .training import convert_sync_batchnorm
@@ -29,6 +29,7 @@ __all__ = [
     "available_backends",
     "block_tail",
     "bn_scale_shift",
+    "clear_caches",
     "conv_bn_act",
     "convert",
     "convert_sync_batchnorm",

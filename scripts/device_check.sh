@@ -48,11 +48,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
 (step build 150 bash scripts/build_ext_gpu.sh) &
 BUILD_PID=$!
 # Tests run with the autotuner off (first valid tile): they check numerics; the benchmarks tune.
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
   tests/test_triton_train.py tests/test_training.py tests/test_training_triton.py tests/test_triton_cuda.py
 wait $BUILD_PID
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-cuda 100 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+FUSEDRES_TRITON_AUTOTUNE=0 step tests-cuda 100 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
   tests/test_cuda_ext.py tests/test_gpu_models.py
 step check 60 $PY -m fusedres check --model resnet50 --batch 64 --device cuda --dtype bfloat16 \
   --json "$OUTDIR/check.json"

@@ -192,3 +192,32 @@ def test_custom_downsample_and_norm_fall_back_to_reference():
     fused_gn = fusedres.convert(copy.deepcopy(gn))
     with torch.no_grad():
         torch.testing.assert_close(fused_gn(x), gn(x))
+
+
+def test_results_follow_replaced_tensors_and_eps():
+    """The folded scale/shift are reused only for the very same tensors at the same version."""
+    ref, cin = make_block("bottleneck-down")
+    ref.eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = _inputs(2, cin, 8, 8, False)
+    with torch.no_grad():
+        fused(x)  # fills the cache
+        for m in (ref, fused):
+            m.bn1.running_var = m.bn1.running_var * 1.7 + 0.1  # a new buffer object
+            m.bn2.weight.data = m.bn2.weight.data * -0.5  # new storage behind the same Parameter
+            m.downsample[1].eps = 0.3
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_gradients_flow_to_bn_affine():
+    """In eval mode with grad enabled the fold is recomputed, so BN weight/bias get gradients."""
+    ref, cin = make_block("basic-down")
+    ref.eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = _inputs(2, cin, 8, 8, False)
+    with torch.no_grad():
+        fused(x)  # a cached fold must not leak into the next, differentiable call
+    fused(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(fused.bn1.weight.grad, ref.bn1.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.downsample[1].bias.grad, ref.downsample[1].bias.grad, rtol=1e-4, atol=1e-4)

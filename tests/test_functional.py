@@ -195,3 +195,14 @@ def test_cpu_backend_accepts_inference_tensors():
         expected = fusedres.conv_bn_act(x, wt, scale, shift, backend="torch", **kw)
     torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, second)
+
+
+def test_clear_caches_after_writes_through_data():
+    """``w.data`` writes bypass the version counter; clear_caches() makes them visible."""
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+    wt.data.mul_(-1.0)
+    fusedres.clear_caches()
+    out = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+    expected = fusedres.conv_bn_act(x, wt, scale, shift, backend="torch", **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -132,6 +132,18 @@ def load_all() -> None:
         _load(name)
 
 
+def clear_caches() -> None:
+    """Drop every backend's cached weight transforms (folded, re-laid-out or reordered weights).
+
+    Caches are keyed on the weight tensor and its version counter, which every in-place op on
+    the tensor bumps (optimizer steps, ``load_state_dict``, ``with torch.no_grad(): w.mul_(2)``).
+    Writes through ``w.data`` bypass the version counter: call this after such edits.
+    """
+    for mod in _loaded.values():
+        if mod is not None and hasattr(mod, "clear_cache"):
+            mod.clear_cache()
+
+
 def get(name: str) -> ModuleType:
     """The backend module ``name``; raises :class:`BackendUnavailableError` if it cannot run."""
     if name not in _MODULES:

@@ -150,3 +150,8 @@ def conv_bn_act(x, weight, scale, shift, residual, spec):
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
     skip = _fused_conv(x, ds_weight, ds_scale, ds_shift, spec.ds_stride, (0, 0), (1, 1), 1, None, False)
     return _fused_conv(y, weight, scale, shift, spec.stride, spec.padding, spec.dilation, spec.groups, skip, spec.relu)
+
+
+def clear_cache() -> None:
+    """Drop every folded/reordered weight (see :func:`fusedres.clear_caches`)."""
+    _cache.clear()

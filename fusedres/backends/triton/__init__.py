@@ -92,3 +92,10 @@ def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
     if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift):
         return _ops.block_tail_impl(*args)
     return torch.ops.fusedres.block_tail_triton(*args)
+
+
+def clear_cache() -> None:
+    """Drop the re-arranged weight copies (see :func:`fusedres.clear_caches`)."""
+    from . import launch
+
+    launch._weight_cache.clear()
