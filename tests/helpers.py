@@ -21,3 +21,16 @@ def assert_within_budget(out, eager, truth, dtype, what="output"):
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     randomize_bn(model, torch.Generator().manual_seed(seed))
     return model
+
+
+def chain_nodes(out: torch.Tensor) -> int:
+    """Number of fused train-mode ``ChainTrain`` nodes in the autograd graph behind ``out``."""
+    seen, stack, n = set(), [out.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n += type(fn).__name__ == "ChainTrainBackward"
+        stack.extend(f for f, _ in fn.next_functions)
+    return n

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.models import resnet as tv
 
 import fusedres
-from helpers import randomize
+from helpers import chain_nodes, randomize
 
 WORLD = 2
 PER_RANK = 2
@@ -36,18 +36,6 @@ def _batch(step):
     return x, cot
 
 
-def _chain_nodes(out):
-    seen, stack, n = set(), [out.grad_fn], 0
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        n += type(fn).__name__ == "ChainTrainBackward"
-        stack.extend(f for f, _ in fn.next_functions)
-    return n
-
-
 def _worker(rank, store_path, out_dir):
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, WORLD)
@@ -61,7 +49,7 @@ def _worker(rank, store_path, out_dir):
             sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
             ddp.zero_grad()
             out = ddp(x[sl])
-            result["chains"].append(_chain_nodes(out))
+            result["chains"].append(chain_nodes(out))
             # DDP averages gradients over ranks; scaling by WORLD makes them the full batch's.
             ((out * cot[sl]).sum() * WORLD).backward()
             result["out"].append(out.detach())

@@ -19,21 +19,8 @@ from torchvision.models import resnet as tv
 
 import fusedres
 from fusedres.training import ChainTrain
-from helpers import assert_within_budget, randomize
+from helpers import assert_within_budget, chain_nodes, randomize
 from test_blocks import CONFIGS, make_block
-
-
-def _chain_nodes(out: torch.Tensor) -> int:
-    """Number of ChainTrain nodes in the autograd graph behind ``out``."""
-    seen, stack, n = set(), [out.grad_fn], 0
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        n += type(fn).__name__ == "ChainTrainBackward"
-        stack.extend(f for f, _ in fn.next_functions)
-    return n
 
 
 def _inputs(shape, channels_last, dtype=torch.float32, seed=1):
@@ -56,7 +43,7 @@ def _compare(ref, fused, x, dtype, *, expect_chains):
     truth = copy.deepcopy(ref).double()
     ref, fused = ref.to(dtype), fused.to(dtype)
     out_f, gr_f = _run(fused, x.to(dtype))
-    assert _chain_nodes(out_f) == expect_chains
+    assert chain_nodes(out_f) == expect_chains
     out_r, gr_r = _run(ref, x.to(dtype))
     out_t, gr_t = _run(truth, x.double())
     assert out_f.dtype == dtype and out_f.shape == out_r.shape
@@ -129,7 +116,7 @@ def test_model_autocast_cuda(dtype):
         out_f, gr_f = _run(fused, x)
         out_r, gr_r = _run(ref, x)
     out_t, gr_t = _run(truth, x.double())
-    assert out_f.dtype == dtype and _chain_nodes(out_f) == 5
+    assert out_f.dtype == dtype and chain_nodes(out_f) == 5
     assert_within_budget(out_f, out_r, out_t, dtype)
     for name, gt in gr_t.items():
         assert_within_budget(gr_f[name], gr_r[name], gt, dtype, what=f"grad of {name}")
@@ -230,7 +217,7 @@ def test_autocast_bf16_cpu():
         out_f = fused(x)
         out_r = ref(x)
     assert out_f.dtype == out_r.dtype == torch.bfloat16
-    assert _chain_nodes(out_f) == 5
+    assert chain_nodes(out_f) == 5
     out_t = truth(x.double())
     assert_within_budget(out_f, out_r, out_t, torch.bfloat16)
     out_f.float().sum().backward()
@@ -311,7 +298,7 @@ def test_torch_syncbatchnorm_on_converted_model_uses_reference():
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.convert(copy.deepcopy(ref)))
     x = _inputs((2, 3, 20, 20), False)
     out = model(x)  # one process, no group: SyncBatchNorm acts as BatchNorm, on CPU too
-    assert _chain_nodes(out) == 0
+    assert chain_nodes(out) == 0
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
 
 
