@@ -6,7 +6,8 @@
 # summary table.  Every step has its own time limit and a failing step never stops the rest.
 # Budget on one H100 (about 8 minutes in all): build 1 min (in the background, beside the Triton
 # tests), tests 3 min, check 0.5 min, inference bench 2.5 min, training bench 2 min.
-# DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget.
+# DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget; DEVICE_CHECK_STEPS=bench-infer,bench-train
+# runs only the named steps (build, tests-triton, tests-cuda, check, bench-infer, bench-train, train-memory).
 set -u
 OUTDIR=${1:-${OUT:-out}/device}
 mkdir -p "$OUTDIR"
@@ -25,6 +26,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
   local name=$1 limit
   limit=$(secs "$2")
   shift 2
+  case ",${DEVICE_CHECK_STEPS:-all}," in ",all,"|*",$name,"*) ;; *) return 0 ;; esac
   local t
   t=$(date +%s)
   echo "=== [$name] (limit ${limit}s) $*"
