@@ -6,8 +6,9 @@ relative error against float64 is at most ``2 * (eager's own error) + atol[dtype
 error budget PyTorch itself spends at that dtype (flash-attention's criterion), plus a small
 floor for dtypes where eager happens to be very close.
 
-Speed: reference and fused are timed interleaved (round-robin), after warm-up, and the
-median is reported; on CUDA each run is bracketed by synchronisation.
+Speed: reference and fused are timed interleaved (round-robin, order rotated each round) after
+warm-up by :func:`fusedres.bench.timing.time_interleaved` (CUDA events on a GPU), and the
+median is reported.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
 
 from . import backends
+from .bench.timing import time_interleaved
 from .modules import convert
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,29 +74,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 2, progress=None):
-    """Median seconds per call of each function, timed round-robin so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t0)
-        if progress is not None:
-            progress()
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def run_check(
     model: str = "resnet50",
     batch: int = 8,
@@ -124,10 +101,12 @@ def run_check(
         out_ref = ref(x.to(dt))
         with backends.record() as used:
             out_fused = fused(x.to(dt))
-        xt = x.to(dt)
-        times = time_interleaved(
-            {"reference": lambda: ref(xt), "fused": lambda: fused(xt)}, dev, repeats, progress=progress
+        stats, errors = time_interleaved(
+            {"reference": ref, "fused": fused}, [x.to(dt)], dev, repeats, warmup=2, on_round=progress
         )
+    if errors:
+        raise RuntimeError(f"fusedres check: timing failed: {errors}")
+    times = {name: st.median for name, st in stats.items()}
     err_ref = rel_err(out_ref, truth)
     err_fused = rel_err(out_fused, truth)
     budget = 2 * err_ref + ATOL[dt]

@@ -31,21 +31,13 @@ if not backends.is_available("triton"):
 from fusedres.backends.triton import launch as tl_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [pytest.mark.interpret] if DEVICE == "cpu" else []
+pytestmark = [pytest.mark.usefixtures("ieee_fp32")] + ([pytest.mark.interpret] if DEVICE == "cpu" else [])
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ||ours - ref|| / ||ref||: the output rounding dominates for bf16/fp16 (unit roundoff
 # 2^-8 / 2^-11); fp32 is IEEE (TF32 is switched off in these tests).
 REL_BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # Additive slack of the flash-attention criterion, relative to max|ref|.
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
-
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
 
 
 def _rand(*shape, dtype, channels_last=False):

@@ -38,12 +38,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
 
 def _gen(seed):
