@@ -181,6 +181,8 @@ def main(argv=None) -> int:
                                launches=_launches(fn), graph_ms=_graph_ms(fn))
                     if args.profile and backend != "eager" and batch == args.batches[0]:
                         profiles[f"{backend}_b{batch}"] = _cprofile(fn)
+                del m, x, fn
+                torch.cuda.empty_cache()
             except Exception as exc:
                 print(f"{backend:8} {batch:5d} FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
@@ -188,8 +190,6 @@ def main(argv=None) -> int:
             g = f"{row['graph_ms']:8.2f}" if row["graph_ms"] is not None else "       -"
             print(f"{backend:8} {batch:5d} {row['host_ms']:8.2f} {row['wall_ms']:8.2f} {g} {row['launches']:8d}",
                   flush=True)
-            del m, x
-            torch.cuda.empty_cache()
     micro = None
     if args.launch_micro and fusedres.backends.is_available("triton"):
         micro = _launch_micro()
