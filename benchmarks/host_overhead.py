@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import os
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
             try:
                 m, x = _model(backend, batch)
                 with torch.no_grad():
-                    fn = lambda: m(x)  # noqa: E731
+                    fn = functools.partial(m, x)
                     for _ in range(3):
                         fn()
                     torch.cuda.synchronize()
