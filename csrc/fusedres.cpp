@@ -19,14 +19,17 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fusedres, m) {
   // act(conv2d(x, weight) * scale[k] + shift[k] (+ residual)); x and residual channels_last,
-  // bf16/fp16; output channels_last (N, K, P, Q).
+  // bf16/fp16; output channels_last (N, K, P, Q).  With mean/var (an eval BatchNorm's running
+  // statistics) scale/shift are its weight/bias: (conv - mean) * scale / sqrt(var + eps) + shift.
   m.def(
       "conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+      "Tensor? mean, Tensor? var, float eps, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool relu) -> Tensor");
   // act(conv2d(y, weight) * scale + shift + conv2d_1x1(x, ds_weight, ds_stride) * ds_scale
   //     + ds_shift); same layout rules.
   m.def(
       "block_tail_cuda(Tensor y, Tensor weight, Tensor scale, Tensor shift, Tensor x, "
-      "Tensor ds_weight, Tensor ds_scale, Tensor ds_shift, int[2] stride, int[2] padding, "
+      "Tensor ds_weight, Tensor ds_scale, Tensor ds_shift, Tensor? mean, Tensor? var, float eps, "
+      "Tensor? ds_mean, Tensor? ds_var, float ds_eps, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int[2] ds_stride, bool relu) -> Tensor");
 }

@@ -5,6 +5,12 @@ These are the single entry points the modules are built from::
     conv_bn_act(x, w, scale, shift)          = act(conv2d(x, w) * scale[c] + shift[c] (+ residual))
     block_tail(y, w, s, b, x, wd, sd, bd)    = act(conv2d(y, w) * s + b + conv2d_1x1(x, wd, ds_stride) * sd + bd)
 
+Both also take an eval BatchNorm as it is (``running_mean=``, ``running_var=``, ``eps=``,
+with ``scale``/``shift`` its weight/bias): ``(conv - mean) * scale / sqrt(var + eps) + shift``.
+Backends that support it (``SUPPORTS_BN_STATS``) fold the statistics inside the kernel, so
+an eval block launches nothing but its convs; for the others, and whenever autograd
+needs the graph, the statistics are folded here with ordinary (differentiable) torch ops.
+
 Shapes: ``x`` is ``(N, C_in, H, W)``, ``weight`` is ``(C_out, C_in / groups, kH, kW)``,
 ``scale``/``shift`` are ``(C_out,)`` in fp32 or the input's dtype, ``residual`` has the
 output's shape ``(N, C_out, H_out, W_out)``.
@@ -67,6 +73,46 @@ def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups)
             raise TypeError(f"{n} must be float32 or {x_name}'s dtype {x.dtype}, got {v.dtype}")
 
 
+def _check_stats(prefix: str, mean, var, eps, like: torch.Tensor, cout: int):
+    """``(mean, var, eps)`` checked (``prefix`` names the arguments), or None when not given."""
+    if mean is None and var is None:
+        return None
+    if (mean is None) != (var is None):
+        raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
+    for n, v in ((f"{prefix}running_mean", mean), (f"{prefix}running_var", var)):
+        _check_tensor(n, v, 1)
+        if v.shape[0] != cout:
+            raise ValueError(f"{n} must have {cout} elements (one per output channel), got {v.shape[0]}")
+        if v.device != like.device:
+            raise ValueError(f"{n} is on {v.device} but the input is on {like.device}")
+        if v.dtype not in (torch.float32, like.dtype):
+            raise TypeError(f"{n} must be float32 or the input's dtype {like.dtype}, got {v.dtype}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{prefix}eps must be a non-negative number, got {eps!r}")
+    return (mean, var, float(eps))
+
+
+def fold_stats(scale, shift, stats):
+    """``(scale / sqrt(var + eps), shift - mean * scale / sqrt(var + eps))`` in fp32 (fp64 stays fp64).
+
+    The host-side equivalent of the ``BN_STATS`` epilogue; differentiable in ``scale`` and ``shift``.
+    """
+    mean, var, eps = stats
+    wide = torch.float64 in (scale.dtype, shift.dtype, mean.dtype, var.dtype)
+    dt = torch.float64 if wide else torch.float32
+    s = scale.to(dt) * torch.rsqrt(var.to(dt) + eps)
+    return s, shift.to(dt) - mean.to(dt) * s
+
+
+def _resolve_stats(mod, spec, stats_list):
+    """Whether the backend takes the statistics as they are (else the caller folds them)."""
+    return (
+        all(st is not None for st in stats_list)
+        and getattr(mod, "SUPPORTS_BN_STATS", False)
+        and not spec.requires_grad
+    )
+
+
 def conv_out_hw(h, w, kernel_size, stride, padding, dilation):
     oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
@@ -116,6 +162,9 @@ def conv_bn_act(
     residual: torch.Tensor | None = None,
     relu: bool = True,
     backend: str = "auto",
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
 ) -> torch.Tensor:
     """``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))`` as one fused op.
 
@@ -126,6 +175,9 @@ def conv_bn_act(
         residual: optional ``(N, C_out, H_out, W_out)`` tensor added before the activation.
         relu: apply ReLU (else identity).
         backend: ``"auto" | "torch" | "cpu" | "triton" | "cuda"``; ``auto`` honours ``$FUSEDRES_BACKEND``.
+        running_mean, running_var, eps: an eval BatchNorm's statistics (both tensors ``(C_out,)``
+            or neither); ``scale``/``shift`` are then its weight/bias and the affine is
+            ``(conv - running_mean) * scale / sqrt(running_var + eps) + shift``.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` tensor in ``x.dtype``.
@@ -149,11 +201,16 @@ def conv_bn_act(
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
+    stats = _check_stats("", running_mean, running_var, eps, x, cout)
     spec = _spec(x, weight, stride, padding, dilation, groups, relu, (x, weight, scale, shift, residual),
                  has_residual=residual is not None)
     mod = backends.select(backend, spec)
     if x.shape[0] == 0:
         return _empty_like_out(x, cout, oh, ow)
+    if stats is not None:
+        if _resolve_stats(mod, spec, [stats]):
+            return mod.conv_bn_act(x, weight, scale, shift, residual, spec, stats)
+        scale, shift = fold_stats(scale, shift, stats)
     return mod.conv_bn_act(x, weight, scale, shift, residual, spec)
 
 
@@ -174,6 +231,12 @@ def block_tail(
     ds_stride=1,
     relu: bool = True,
     backend: str = "auto",
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    ds_running_mean: torch.Tensor | None = None,
+    ds_running_var: torch.Tensor | None = None,
+    ds_eps: float = 1e-5,
 ) -> torch.Tensor:
     """The residual block's last conv with the downsample branch fused in, as one op::
 
@@ -181,7 +244,9 @@ def block_tail(
 
     ``y`` is the main branch's input ``(N, C_mid, H', W')``, ``x`` the block input
     ``(N, C_in, H, W)``; ``ds_weight`` is a 1x1 kernel ``(C_out, C_in, 1, 1)``.  Both convs
-    must produce the same ``(N, C_out, H_out, W_out)``.
+    must produce the same ``(N, C_out, H_out, W_out)``.  ``running_mean``/``running_var``/``eps``
+    (and the ``ds_`` ones for the downsample branch) take an eval BatchNorm's statistics as in
+    :func:`conv_bn_act`.
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     ds_stride = _pair("ds_stride", ds_stride)
@@ -207,12 +272,21 @@ def block_tail(
             f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
         )
     cout = weight.shape[0]
+    stats = _check_stats("", running_mean, running_var, eps, y, cout)
+    ds_stats = _check_stats("ds_", ds_running_mean, ds_running_var, ds_eps, y, cout)
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
                  (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
                  has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride)
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:
         return _empty_like_out(y, cout, oh, ow)
+    if stats is not None or ds_stats is not None:
+        if _resolve_stats(mod, spec, [stats, ds_stats]):
+            return mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats, ds_stats)
+        if stats is not None:
+            scale, shift = fold_stats(scale, shift, stats)
+        if ds_stats is not None:
+            ds_scale, ds_shift = fold_stats(ds_scale, ds_shift, ds_stats)
     return mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec)
 
 

@@ -56,10 +56,23 @@ def _scale_shift(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):
     return scale, shift
 
 
+def _bn_args(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> dict:
+    """The affine arguments of the fused ops for ``bn(conv(x))``.
+
+    An affine BN after a bias-free conv (every torchvision ResNet) is passed as it is -
+    weight, bias and running statistics - so a backend that folds them in its kernel
+    launches nothing else; otherwise the fold happens here.
+    """
+    if conv.bias is None and bn.weight is not None and bn.bias is not None:
+        return dict(scale=bn.weight, shift=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+                    eps=bn.eps)
+    scale, shift = _scale_shift(conv, bn, dtype)
+    return dict(scale=scale, shift=shift)
+
+
 def _conv_bn(conv, bn, x, *, relu, residual=None, backend="auto"):
-    scale, shift = _scale_shift(conv, bn, _affine_dtype(x))
     return conv_bn_act(
-        x, conv.weight, scale, shift,
+        x, conv.weight, **_bn_args(conv, bn, _affine_dtype(x)),
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         residual=residual, relu=relu, backend=backend,
     )
@@ -86,10 +99,11 @@ def _tail(conv, bn, y, x, downsample, backend):
         return _conv_bn(conv, bn, y, relu=True, residual=x, backend=backend)
     ds_conv, ds_bn = downsample[0], downsample[1]
     dt = _affine_dtype(y)
-    scale, shift = _scale_shift(conv, bn, dt)
-    ds_scale, ds_shift = _scale_shift(ds_conv, ds_bn, dt)
+    main = _bn_args(conv, bn, dt)
+    skip = {f"ds_{k}": v for k, v in _bn_args(ds_conv, ds_bn, dt).items()}
     return block_tail(
-        y, conv.weight, scale, shift, x, ds_conv.weight, ds_scale, ds_shift,
+        y, conv.weight, main.pop("scale"), main.pop("shift"), x, ds_conv.weight,
+        skip.pop("ds_scale"), skip.pop("ds_shift"), **main, **skip,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         ds_stride=ds_conv.stride, relu=True, backend=backend,
     )

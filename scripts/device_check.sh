@@ -7,7 +7,8 @@
 # Budget on one H100 (about 8 minutes in all): build 1 min (in the background, beside the Triton
 # tests), tests 3 min, check 0.5 min, inference bench 2.5 min, training bench 2 min.
 # DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget; DEVICE_CHECK_STEPS=bench-infer,bench-train
-# runs only the named steps (build, tests-triton, tests-cuda, check, bench-infer, bench-train, train-memory).
+# runs only the named steps (build, host-overhead, tests-triton, tests-cuda, tests-quick,
+# host-overhead-cuda, check, bench-infer, bench-train, train-memory).
 set -u
 OUTDIR=${1:-${OUT:-out}/device}
 mkdir -p "$OUTDIR"
@@ -46,9 +47,15 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
   $PY -c 'import sys, torch, torchvision, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 } | tee "$OUTDIR/env.txt"
 
+# Autotuning results persist on disk, so each later process (tests, benches) re-uses them.
+export TRITON_CACHE_AUTOTUNING=1
 # The extension builds on all cores while the Triton and training tests (which do not need it) run.
 (step build 150 bash scripts/build_ext_gpu.sh) &
 BUILD_PID=$!
+# Host vs GPU time of a converted ResNet-50 (eager / triton); also warms the Triton caches
+# for ResNet-50's conv shapes at batch 64 and 256, which the block benchmark shares.
+step host-overhead 120 $PY benchmarks/host_overhead.py --backends eager triton --batches 64 256 --launch-micro \
+  --json "$OUTDIR/host_overhead_triton.json"
 # Tests run with the autotuner off (first valid tile): they check numerics; the benchmarks tune.
 FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
   tests/test_triton_train.py tests/test_training.py tests/test_training_triton.py tests/test_triton_cuda.py
@@ -56,6 +63,12 @@ wait $BUILD_PID
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
 FUSEDRES_TRITON_AUTOTUNE=0 step tests-cuda 100 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
   tests/test_cuda_ext.py tests/test_gpu_models.py
+# The GPU tests most worth their time when the budget is short (select with DEVICE_CHECK_STEPS).
+FUSEDRES_TRITON_AUTOTUNE=0 step tests-quick 100 $PY -m pytest -v -rfE -p no:cacheprovider \
+  tests/test_cuda_ext.py tests/test_triton.py tests/test_gpu_models.py \
+  -k "bn_stat or opcheck or schema or kernel_errors or direct_eager or converted or resnet"
+step host-overhead-cuda 60 $PY benchmarks/host_overhead.py --backends cuda --batches 64 256 \
+  --json "$OUTDIR/host_overhead_cuda.json"
 step check 60 $PY -m fusedres check --model resnet50 --batch 64 --device cuda --dtype bfloat16 \
   --json "$OUTDIR/check.json"
 

@@ -88,7 +88,8 @@ conv = torch.ops.fusedres.conv_bn_act_cuda.default
 tail = torch.ops.fusedres.block_tail_cuda.default
 expected = (
     "fusedres::conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
-    "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor"
+    "Tensor? residual, Tensor? mean, Tensor? var, float eps, int[2] stride, int[2] padding, int[2] dilation, "
+    "int groups, bool relu) -> Tensor"
 )
 assert str(conv._schema) == expected, str(conv._schema)
 assert str(tail._schema).startswith("fusedres::block_tail_cuda(Tensor y, Tensor weight"), str(tail._schema)
@@ -98,12 +99,12 @@ cl = torch.channels_last
 x = torch.empty(2, 64, 15, 13, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
 w = torch.empty(128, 64, 3, 3, dtype=torch.bfloat16, device="meta")
 s = torch.empty(128, device="meta")
-out = conv(x, w, s, s, None, [2, 2], [1, 1], [1, 1], 1, True)
+out = conv(x, w, s, s, None, s, s, 1e-5, [2, 2], [1, 1], [1, 1], 1, True)
 assert out.shape == (2, 128, 8, 7) and out.is_contiguous(memory_format=cl), (out.shape, out.stride())
 xd = torch.empty(2, 32, 30, 26, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
 wd = torch.empty(128, 32, 1, 1, dtype=torch.bfloat16, device="meta")
 out = tail(out, torch.empty(128, 128, 3, 3, dtype=torch.bfloat16, device="meta"), s, s, xd, wd, s, s,
-           [1, 1], [1, 1], [1, 1], 1, [4, 4], True)
+           None, None, 0.0, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, [4, 4], True)
 assert out.shape == (2, 128, 8, 7), out.shape
 print("  schemas and fake impls: ok")
 

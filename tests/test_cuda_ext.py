@@ -35,11 +35,13 @@ from fusedres.backends import cuda as cuda_backend  # noqa: E402
 
 CONV_SCHEMA = (
     "fusedres::conv_bn_act_cuda(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
-    "Tensor? residual, int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor"
+    "Tensor? residual, Tensor? mean, Tensor? var, float eps, int[2] stride, int[2] padding, int[2] dilation, "
+    "int groups, bool relu) -> Tensor"
 )
 TAIL_SCHEMA = (
     "fusedres::block_tail_cuda(Tensor y, Tensor weight, Tensor scale, Tensor shift, Tensor x, "
-    "Tensor ds_weight, Tensor ds_scale, Tensor ds_shift, int[2] stride, int[2] padding, "
+    "Tensor ds_weight, Tensor ds_scale, Tensor ds_shift, Tensor? mean, Tensor? var, float eps, "
+    "Tensor? ds_mean, Tensor? ds_var, float ds_eps, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, int[2] ds_stride, bool relu) -> Tensor"
 )
 
@@ -87,7 +89,8 @@ def test_fake_conv_shape_and_layout(n, cin, h, w, cout, k, stride, padding, dila
     x = _cl(torch.empty(n, cin, h, w, dtype=torch.bfloat16, device="meta"))
     wt = torch.empty(cout, cin, k, k, dtype=torch.bfloat16, device="meta")
     s = torch.empty(cout, device="meta")
-    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, s, s, None, stride, padding, dilation, 1, True)
+    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, s, s, None, None, None, 0.0, stride, padding, dilation, 1,
+                                              True)
     ref = torch.nn.functional.conv2d(
         torch.empty(n, cin, h, w, device="meta"), torch.empty(cout, cin, k, k, device="meta"),
         None, stride, padding, dilation,
@@ -103,7 +106,8 @@ def test_fake_block_tail_shape():
     w = torch.empty(128, 128, 3, 3, dtype=torch.float16, device="meta")
     wd = torch.empty(128, 64, 1, 1, dtype=torch.float16, device="meta")
     s = torch.empty(128, device="meta")
-    out = torch.ops.fusedres.block_tail_cuda(y, w, s, s, x, wd, s, s, [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+    out = torch.ops.fusedres.block_tail_cuda(y, w, s, s, x, wd, s, s, None, None, 0.0, None, None, 0.0,
+                                             [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
     assert out.shape == (2, 128, 28, 28)
     assert out.dtype == torch.float16
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -114,7 +118,7 @@ def test_fake_rejects_groups():
     w = torch.empty(16, 8, 3, 3, dtype=torch.bfloat16, device="meta")
     s = torch.empty(16, device="meta")
     with pytest.raises(RuntimeError, match="groups must be 1"):
-        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, [1, 1], [1, 1], [1, 1], 2, True)
+        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 2, True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -189,7 +193,7 @@ def test_cpu_tensors_have_no_kernel():
     w = torch.randn(8, 8, 3, 3, dtype=torch.bfloat16)
     s = torch.ones(8)
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, [1, 1], [1, 1], [1, 1], 1, True)
+        torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -257,13 +261,56 @@ def test_conv_bn_act_matches_reference(case, relu, residual, dtype):
     res = _cl(torch.randn(n, cout, oh, ow, device="cuda", dtype=dtype)) if residual else None
 
     out = torch.ops.fusedres.conv_bn_act_cuda(
-        x, wt, scale, shift, res, list(spec.stride), list(spec.padding), list(spec.dilation), 1, relu
+        x, wt, scale, shift, res, None, None, 0.0, list(spec.stride), list(spec.padding), list(spec.dilation),
+        1, relu
     )
     ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift, res), spec)
     same = torch_ref.conv_bn_act(x, wt, scale, shift, res, spec)
     assert out.shape == ref64.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+
+def _bn_stats(cout, dtype):
+    mean = torch.randn(cout, device="cuda").to(dtype)
+    var = (torch.rand(cout, device="cuda") * 2 + 0.1).to(dtype)
+    return mean, var
+
+
+def _fold64(scale, shift, mean, var, eps):
+    s = scale.double() / torch.sqrt(var.double() + eps)
+    return s, shift.double() - mean.double() * s
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stats_dtype", ["fp32", "input"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_statistics_folded_in_the_kernel(dtype, stats_dtype):
+    """With running mean/var the fold kernel normalises itself: (conv - mean) * scale / sqrt(var + eps) + shift."""
+    sd = torch.float32 if stats_dtype == "fp32" else dtype
+    x, wt, scale, shift = _inputs(2, 32, 9, 9, 64, 3, dtype, scale_dtype=sd)
+    mean, var = _bn_stats(64, sd)
+    res = _cl(torch.randn(2, 64, 9, 9, device="cuda", dtype=dtype))
+    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale, shift, res, mean, var, 1e-3, [1, 1], [1, 1], [1, 1], 1,
+                                              True)
+    spec = _spec_for(x, wt, 1, 1, 1, True, True)
+    s64, b64 = _fold64(scale, shift, mean, var, 1e-3)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt), s64, b64, res.double(), spec)
+    same = torch_ref.conv_bn_act(x, wt, s64.float(), b64.float(), res, spec)
+    _assert_close_to_ref(out, ref64, same, atol=1e-3)
+
+    # Block tail: each branch with its own statistics and eps.
+    y, w2, s2, b2 = _inputs(2, 64, 9, 9, 64, 3, dtype, scale_dtype=sd)
+    xd, wd, sd_, bd = _inputs(2, 32, 17, 17, 64, 1, dtype)
+    m2, v2 = _bn_stats(64, sd)
+    md, vd = _bn_stats(64, torch.float32)
+    tail = torch.ops.fusedres.block_tail_cuda(y, w2, s2, b2, xd, wd, sd_, bd, m2, v2, 1e-5, md, vd, 1e-3,
+                                              [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+    tspec = _spec_for(y, w2, 1, 1, 1, True, False, ds_in_channels=32, ds_stride=(2, 2))
+    (s64, b64), (sd64, bd64) = _fold64(s2, b2, m2, v2, 1e-5), _fold64(sd_, bd, md, vd, 1e-3)
+    ref64 = torch_ref.block_tail(y.double(), w2.double(), s64, b64, xd.double(), wd.double(), sd64, bd64, tspec)
+    same = torch_ref.block_tail(y, w2, s64.float(), b64.float(), xd, wd, sd64.float(), bd64.float(), tspec)
+    _assert_close_to_ref(tail, ref64, same, atol=1e-3)
 
 
 # (N, C_mid, H', W', C_out, kernel, stride, padding, C_in, H, W, ds_stride)
@@ -287,8 +334,8 @@ def test_block_tail_matches_reference(case, relu, dtype):
     spec = _spec_for(y, wt, stride, padding, 1, relu, False, ds_in_channels=cin, ds_stride=(ds_stride, ds_stride))
 
     out = torch.ops.fusedres.block_tail_cuda(
-        y, wt, scale, shift, x, wd, ds_scale, ds_shift, [stride] * 2, [padding] * 2, [1, 1], 1,
-        [ds_stride] * 2, relu,
+        y, wt, scale, shift, x, wd, ds_scale, ds_shift, None, None, 0.0, None, None, 0.0,
+        [stride] * 2, [padding] * 2, [1, 1], 1, [ds_stride] * 2, relu,
     )
     ref64 = torch_ref.block_tail(*_f64(y, wt, scale, shift, x, wd, ds_scale, ds_shift), spec)
     same = torch_ref.block_tail(y, wt, scale, shift, x, wd, ds_scale, ds_shift, spec)
@@ -357,7 +404,7 @@ def inputs(cin):
 
 def expect(fragment, *args):
     try:
-        op(*args, None, [1, 1], [1, 1], [1, 1], 1, True)
+        op(*args, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
     except RuntimeError as exc:
         assert fragment in str(exc), (fragment, str(exc))
         print("raised:", fragment, flush=True)
@@ -390,7 +437,8 @@ def test_kernel_errors_are_clear():
 @pytest.mark.cuda
 def test_empty_batch():
     x, wt, scale, shift = _inputs(1, 16, 8, 8, 16, 3, torch.bfloat16)
-    out = torch.ops.fusedres.conv_bn_act_cuda(x[:0], wt, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True)
+    out = torch.ops.fusedres.conv_bn_act_cuda(x[:0], wt, scale, shift, None, None, None, 0.0, [1, 1], [1, 1], [1, 1],
+                                              1, True)
     assert out.shape == (0, 16, 8, 8)
 
 
@@ -401,7 +449,7 @@ def test_opcheck_conv_bn_act(residual):
     res = _cl(torch.randn(2, 32, 5, 5, device="cuda", dtype=torch.bfloat16)) if residual else None
     torch.library.opcheck(
         torch.ops.fusedres.conv_bn_act_cuda.default,
-        (x, wt, scale, shift, res, [2, 2], [1, 1], [1, 1], 1, True),
+        (x, wt, scale, shift, res, None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True),
     )
 
 
@@ -411,7 +459,7 @@ def test_opcheck_block_tail():
     x, wd, sd, bd = _inputs(2, 8, 11, 11, 32, 1, torch.float16)
     torch.library.opcheck(
         torch.ops.fusedres.block_tail_cuda.default,
-        (y, wt, scale, shift, x, wd, sd, bd, [1, 1], [1, 1], [1, 1], 1, [2, 2], True),
+        (y, wt, scale, shift, x, wd, sd, bd, None, None, 0.0, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, [2, 2], True),
     )
 
 
@@ -443,7 +491,7 @@ def test_batch_chunking_over_2gib():
     n = 1100  # x, residual and out are 1100 * 64 * 128 * 128 * 2 B = 2.3 GB each
     x, wt, scale, shift = _inputs(n, 64, 128, 128, 64, 1, torch.bfloat16)
     res = _cl(torch.randn(n, 64, 128, 128, device="cuda", dtype=torch.bfloat16))
-    args = ([1, 1], [0, 0], [1, 1], 1, True)
+    args = (None, None, 0.0, [1, 1], [0, 0], [1, 1], 1, True)
     out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale, shift, res, *args)
     for i in (0, n - 1):
         one = torch.ops.fusedres.conv_bn_act_cuda(x[i : i + 1], wt, scale, shift, res[i : i + 1], *args)

@@ -149,6 +149,96 @@ def test_block_tail_matches_fp64(case, dtype, channels_last):
     _check(out, ref64, same, dtype)
 
 
+def _bn_params(k, dtype):
+    """An eval BN's (weight, bias, running_mean, running_var) in ``dtype``, var well away from 0."""
+    return (_rand(k, dtype=torch.float32).abs().add(0.5).to(dtype), _rand(k, dtype=dtype),
+            _rand(k, dtype=dtype), (torch.rand(k, device=DEVICE) * 2 + 0.1).to(dtype))
+
+
+def _fold64(gamma, beta, mean, var, eps):
+    s = gamma.double() / torch.sqrt(var.double() + eps)
+    return s, beta.double() - mean.double() * s
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "input"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["3x3", "groups4", "1x1-s2"])
+def test_conv_bn_stats_epilogue_matches_fp64(case, dtype, param_dtype):
+    """BN_STATS: the epilogue normalises with the running statistics itself (no host-side fold)."""
+    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = CONV_CASES[case]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
+    gamma, beta, mean, var = _bn_params(k, torch.float32 if param_dtype == "fp32" else dtype)
+    eps = 1e-3
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    s64, b64 = _fold64(gamma, beta, mean, var, eps)
+    oh, ow = fusedres.conv_bn_act(x[:1].double(), wt.double(), s64, b64, backend="torch", **kwargs).shape[2:]
+    res = _rand(n, k, oh, ow, dtype=dtype, channels_last=True) if has_res else None
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), s64, b64, residual=None if res is None else res.double(),
+                                 backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, gamma, beta, residual=res, running_mean=mean,
+                                                           running_var=var, eps=eps, backend="torch", **kwargs))
+    p = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), gamma, beta, res, out, p(stride), p(padding), p(dilation),
+                     groups, relu, bn_stats=(mean, var, eps))
+    _check(out, ref64, same, dtype)
+    # The public op routes the statistics to the kernel and gives the same result.
+    via_api = fusedres.conv_bn_act(x, wt, gamma, beta, residual=res, running_mean=mean, running_var=var, eps=eps,
+                                   backend="triton", **kwargs)
+    torch.testing.assert_close(via_api, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["basic-s2", "bottleneck-s2-norelu"])
+def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
+    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
+    oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
+    y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
+    x = _rand(n, cin, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
+    wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
+    bn, ds_bn = _bn_params(k, dtype), _bn_params(k, torch.float32)
+    (s64, b64), (sd64, bd64) = _fold64(*bn, 1e-5), _fold64(*ds_bn, 1e-3)
+    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
+    ref64 = fusedres.block_tail(y.double(), wt.double(), s64, b64, x.double(), wd.double(), sd64, bd64,
+                                backend="torch", **kwargs)
+    stats = dict(running_mean=bn[2], running_var=bn[3], eps=1e-5, ds_running_mean=ds_bn[2],
+                 ds_running_var=ds_bn[3], ds_eps=1e-3)
+    same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1],
+                                                         backend="torch", **stats, **kwargs))
+    out = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
+    _check(out, ref64, same, dtype)
+
+
+def test_bn_stats_with_autograd_fold_on_the_host():
+    """With a gradient needed the statistics are folded by differentiable torch ops, not the kernel."""
+    x = _rand(2, 8, 5, 5, dtype=torch.float32, channels_last=True)
+    wt = (_rand(12, 8, 3, 3, dtype=torch.float32) / 8).requires_grad_()
+    gamma, beta, mean, var = _bn_params(12, torch.float32)
+    gamma.requires_grad_()
+    out = fusedres.conv_bn_act(x, wt, gamma, beta, padding=1, running_mean=mean, running_var=var, eps=1e-5,
+                               backend="triton")
+    out.sum().backward()
+    wt2, g2 = wt.detach().clone().requires_grad_(), gamma.detach().clone().requires_grad_()
+    s, b = fusedres.functional.fold_stats(g2, beta, (mean, var, 1e-5))
+    fusedres.conv_bn_act(x, wt2, s, b, padding=1, backend="torch").sum().backward()
+    torch.testing.assert_close(wt.grad, wt2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gamma.grad, g2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_stats_argument_errors_name_the_argument():
+    x = _rand(1, 8, 4, 4, dtype=torch.float32)
+    wt = _rand(8, 8, 1, 1, dtype=torch.float32)
+    s, b = _affine(8)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        fusedres.conv_bn_act(x, wt, s, b, running_mean=b, backend="triton")
+    with pytest.raises(ValueError, match="running_var must have 8 elements"):
+        fusedres.conv_bn_act(x, wt, s, b, running_mean=b, running_var=s[:4], backend="triton")
+    with pytest.raises(ValueError, match="ds_eps must be a non-negative number"):
+        fusedres.block_tail(x, wt, s, b, x, wt, s, b, ds_running_mean=b, ds_running_var=s, ds_eps=-1.0)
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
 def test_public_op_keeps_memory_format_and_dtype_affine(channels_last):
     """Through fusedres.conv_bn_act: torch's output layout, and scale/shift in the input dtype."""
@@ -201,10 +291,14 @@ def test_opcheck_conv_bn_act(requires_grad):
     x, w, s, b = _opcheck_args(requires_grad)
     r = _rand(2, 16, 3, 3, dtype=torch.float32).requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
-                          (x, w, s, b, r, [2, 2], [1, 1], [1, 1], 1, True))
+                          (x, w, s, b, r, None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True))
     w_grouped = w[:, :4].detach().clone().requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
-                          (x, w_grouped, s, b, None, [1, 1], [1, 1], [1, 1], 2, False))
+                          (x, w_grouped, s, b, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 2, False))
+    if not requires_grad:  # running statistics are an inference-only input (see ops.py)
+        mean, var = _affine(16)[1], _affine(16)[0]
+        torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
+                              (x, w, s, b, r, mean, var, 1e-5, [2, 2], [1, 1], [1, 1], 1, True))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
@@ -214,7 +308,12 @@ def test_opcheck_block_tail(requires_grad):
     wd = (_rand(16, 6, 1, 1, dtype=torch.float32) / 3).requires_grad_(requires_grad)
     sd, bd = _affine(16)
     torch.library.opcheck(torch.ops.fusedres.block_tail_triton.default,
-                          (y, w, s, b, x, wd, sd, bd, [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
+                          (y, w, s, b, x, wd, sd, bd, None, None, 0.0, None, None, 0.0,
+                           [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
+    if not requires_grad:
+        torch.library.opcheck(torch.ops.fusedres.block_tail_triton.default,
+                              (y, w, s, b, x, wd, sd, bd, bd, sd, 1e-5, b, s, 1e-3,
+                               [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
 
 
 def _bn(c):
@@ -327,5 +426,6 @@ def test_direct_eager_path_equals_registered_op():
     with FakeTensorMode() as fake_mode:
         assert not mod._direct(spec, fake_mode.from_tensor(x), w, s, b, None)
     direct = mod.conv_bn_act(x, w, s, b, None, spec)
-    via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, [1, 1], [1, 1], [1, 1], 1, True)
+    via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1,
+                                                   True)
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)

@@ -184,12 +184,16 @@ def test_opcheck_cuda():
     s, b = _affine(32)
     r = _rand(2, 32, 5, 5, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
-                          (x, w, s, b, r, [2, 2], [1, 1], [1, 1], 1, True))
+                          (x, w, s, b, r, None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True))
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.fusedres.conv_bn_act_triton.default,
+                              (x.detach(), w.detach(), s, b, r, b, s, 1e-5, [2, 2], [1, 1], [1, 1], 1, True))
     xd = _rand(2, 8, 10, 10, dtype=torch.bfloat16)
     wd = _rand(32, 8, 1, 1, dtype=torch.bfloat16, scale=0.3)
     y = _rand(2, 16, 5, 5, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.fusedres.block_tail_triton.default,
-                          (y, w, s, b, xd, wd, s, b, [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
+                          (y, w, s, b, xd, wd, s, b, None, None, 0.0, None, None, 0.0,
+                           [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
 
 
 def _resnet18_bf16():

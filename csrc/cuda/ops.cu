@@ -34,13 +34,56 @@
 namespace fusedres::cuda {
 namespace {
 
-// out[k, r, s, c] (KRSC, i.e. a channels_last (K, C, R, S) tensor) = w[k, c, r, s] * scale[k],
-// computed in fp32 and rounded once.  Reads `w` through its strides, so an NCHW or a
-// channels_last filter both work.
+// A per-output-channel vector (scale, shift or BN statistics) of any float dtype, read as fp32.
+struct ChannelVec {
+  const void* ptr = nullptr;
+  int64_t stride = 0;
+  int dtype = 0;  // 0 fp32, 1 bf16, 2 fp16
+
+  __device__ float operator[](int64_t k) const {
+    const int64_t i = k * stride;
+    switch (dtype) {
+      case 1: return static_cast<float>(static_cast<const c10::BFloat16*>(ptr)[i]);
+      case 2: return static_cast<float>(static_cast<const c10::Half*>(ptr)[i]);
+      default: return static_cast<const float*>(ptr)[i];
+    }
+  }
+};
+
+ChannelVec channel_vec(const at::Tensor& t) {
+  ChannelVec v;
+  v.ptr = t.const_data_ptr();
+  v.stride = t.stride(0);
+  v.dtype = t.scalar_type() == at::kBFloat16 ? 1 : t.scalar_type() == at::kHalf ? 2 : 0;
+  return v;
+}
+
+// The per-channel affine of one branch: out = conv * scale + shift, where with BN statistics
+// (has_stats) scale/shift are the BN's weight/bias and
+//   scale_eff = scale / sqrt(var + eps),  shift_eff = shift - mean * scale_eff   (fp32).
+struct Affine {
+  ChannelVec scale, shift, mean, var;
+  float eps = 0.f;
+  bool has_stats = false;
+
+  __device__ float scale_eff(int64_t k) const {
+    return has_stats ? scale[k] / sqrtf(var[k] + eps) : scale[k];
+  }
+  __device__ float shift_eff(int64_t k, float s) const {
+    return has_stats ? shift[k] - mean[k] * s : shift[k];
+  }
+};
+
+// out[k, r, s, c] (KRSC, i.e. a channels_last (K, C, R, S) tensor) = w[k, c, r, s] * scale_eff[k],
+// computed in fp32 and rounded once; the first K threads also write bias[k] (= shift_eff[k],
+// or += when accumulate_bias, for the block tail's second branch).  Reads `w` through its
+// strides, so an NCHW or a channels_last filter both work.  One launch per branch covers
+// the whole BN fold: nothing else runs on the host's behalf.
 template <typename T>
-__global__ void _fold_weight_kernel(const T* __restrict__ w, const float* __restrict__ scale,
-                                    T* __restrict__ out, int64_t total, int64_t C, int64_t R,
-                                    int64_t S, int64_t sk, int64_t sc, int64_t sr, int64_t ss) {
+__global__ void _fold_weight_kernel(const T* __restrict__ w, Affine affine, T* __restrict__ out,
+                                    float* __restrict__ bias, bool accumulate_bias, int64_t total,
+                                    int64_t K, int64_t C, int64_t R, int64_t S, int64_t sk,
+                                    int64_t sc, int64_t sr, int64_t ss) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += step) {
@@ -51,12 +94,17 @@ __global__ void _fold_weight_kernel(const T* __restrict__ w, const float* __rest
     t /= S;
     const int64_t r = t % R;
     const int64_t k = t / R;
-    out[i] = T(static_cast<float>(w[k * sk + c * sc + r * sr + s * ss]) * scale[k]);
+    out[i] = T(static_cast<float>(w[k * sk + c * sc + r * sr + s * ss]) * affine.scale_eff(k));
+    if (i < K) {
+      const float b = affine.shift_eff(i, affine.scale_eff(i));
+      bias[i] = accumulate_bias ? bias[i] + b : b;
+    }
   }
 }
 
 template <typename T>
-at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_f32, cudaStream_t stream) {
+at::Tensor fold_weight(const at::Tensor& weight, const Affine& affine, at::Tensor& bias,
+                       bool accumulate_bias, cudaStream_t stream) {
   const int64_t K = weight.size(0), C = weight.size(1), R = weight.size(2), S = weight.size(3);
   at::Tensor out =
       at::empty({K, C, R, S}, weight.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -64,17 +112,10 @@ at::Tensor fold_weight(const at::Tensor& weight, const at::Tensor& scale_f32, cu
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 4096);
   _fold_weight_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(weight.const_data_ptr()), scale_f32.const_data_ptr<float>(),
-      static_cast<T*>(out.mutable_data_ptr()), total, C, R, S, weight.stride(0), weight.stride(1),
-      weight.stride(2), weight.stride(3));
+      static_cast<const T*>(weight.const_data_ptr()), affine, static_cast<T*>(out.mutable_data_ptr()),
+      bias.mutable_data_ptr<float>(), accumulate_bias, total, K, C, R, S, weight.stride(0),
+      weight.stride(1), weight.stride(2), weight.stride(3));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-// fp32, contiguous and 32-byte aligned (the epilogue loads 8 fp32 per access).
-at::Tensor as_f32_vector(const at::Tensor& v) {
-  at::Tensor out = v.to(at::kFloat).contiguous();
-  if (reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 32 != 0) out = out.clone();
   return out;
 }
 
@@ -244,10 +285,45 @@ void run_block_tail(const at::Tensor& y, const at::Tensor& filter, const at::Ten
   }
 }
 
-at::Tensor fold(const at::Tensor& weight, const at::Tensor& scale, cudaStream_t stream) {
-  const at::Tensor s = scale.to(at::kFloat).contiguous();
-  return weight.scalar_type() == at::kBFloat16 ? fold_weight<c10::BFloat16>(weight, s, stream)
-                                               : fold_weight<c10::Half>(weight, s, stream);
+// The affine of one branch; checks the optional BN statistics like scale/shift.
+Affine make_affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                   const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& var,
+                   double eps, const char* prefix) {
+  TORCH_CHECK(mean.has_value() == var.has_value(), "fusedres cuda: ", prefix, "mean and ", prefix,
+              "var must be given together");
+  Affine a;
+  a.scale = channel_vec(scale);
+  a.shift = channel_vec(shift);
+  if (mean) {
+    const int64_t K = scale.size(0);
+    for (const auto& [n, v] : {std::pair{"mean", &*mean}, std::pair{"var", &*var}}) {
+      check_cuda_tensor(n, *v, x, "x");
+      TORCH_CHECK(v->dim() == 1 && v->size(0) == K, "fusedres cuda: ", prefix, n,
+                  " must have shape (", K, ",), got ", v->sizes());
+      TORCH_CHECK(v->scalar_type() == at::kFloat || v->scalar_type() == x.scalar_type(),
+                  "fusedres cuda: ", prefix, n, " must be float32 or ", x.scalar_type(), ", got ",
+                  v->scalar_type());
+    }
+    TORCH_CHECK(eps >= 0, "fusedres cuda: ", prefix, "eps must be non-negative, got ", eps);
+    a.mean = channel_vec(*mean);
+    a.var = channel_vec(*var);
+    a.eps = static_cast<float>(eps);
+    a.has_stats = true;
+  }
+  return a;
+}
+
+at::Tensor fold(const at::Tensor& weight, const Affine& affine, at::Tensor& bias, bool accumulate,
+                cudaStream_t stream) {
+  return weight.scalar_type() == at::kBFloat16
+             ? fold_weight<c10::BFloat16>(weight, affine, bias, accumulate, stream)
+             : fold_weight<c10::Half>(weight, affine, bias, accumulate, stream);
+}
+
+// The epilogue's fp32 bias; at::empty's allocations are 512-byte aligned, as the epilogue's
+// 8-wide fp32 loads need.
+at::Tensor new_bias(const at::Tensor& x, int64_t K) {
+  return at::empty({K}, x.options().dtype(at::kFloat));
 }
 
 at::Tensor new_output(const at::Tensor& x, int64_t K, int64_t P, int64_t Q) {
@@ -256,6 +332,8 @@ at::Tensor new_output(const at::Tensor& x, int64_t K, int64_t P, int64_t Q) {
 
 at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                             const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                            const c10::optional<at::Tensor>& mean,
+                            const c10::optional<at::Tensor>& var, double eps,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, bool relu) {
   const auto [P, Q] = check_conv("x", x, "weight", weight, "scale", scale, "shift", shift, stride,
@@ -270,12 +348,13 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
                 "fusedres cuda: residual must have the output's shape (", x.size(0), ", ", K,
                 ", ", P, ", ", Q, "), got ", residual->sizes());
   }
+  const Affine affine = make_affine(x, scale, shift, mean, var, eps, "");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = new_output(x, K, P, Q);
   if (x.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const at::Tensor filter = fold(weight, scale, stream);
-  const at::Tensor bias = as_f32_vector(shift);
+  at::Tensor bias = new_bias(x, K);
+  const at::Tensor filter = fold(weight, affine, bias, false, stream);
   run_conv(x, filter, bias, residual, out, stride, padding, dilation, relu, stream);
   return out;
 }
@@ -283,7 +362,11 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor block_tail_cuda(const at::Tensor& y, const at::Tensor& weight, const at::Tensor& scale,
                            const at::Tensor& shift, const at::Tensor& x,
                            const at::Tensor& ds_weight, const at::Tensor& ds_scale,
-                           const at::Tensor& ds_shift, at::IntArrayRef stride,
+                           const at::Tensor& ds_shift, const c10::optional<at::Tensor>& mean,
+                           const c10::optional<at::Tensor>& var, double eps,
+                           const c10::optional<at::Tensor>& ds_mean,
+                           const c10::optional<at::Tensor>& ds_var, double ds_eps,
+                           at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            at::IntArrayRef ds_stride, bool relu) {
   const auto [P, Q] = check_conv("y", y, "weight", weight, "scale", scale, "shift", shift, stride,
@@ -304,13 +387,18 @@ at::Tensor block_tail_cuda(const at::Tensor& y, const at::Tensor& weight, const 
               " output channels but weight has ", K);
   TORCH_CHECK(P == dP && Q == dQ, "fusedres cuda: main branch output ", P, "x", Q,
               " and downsample output ", dP, "x", dQ, " differ; check ds_stride");
+  const Affine affine = make_affine(y, scale, shift, mean, var, eps, "");
+  const Affine ds_affine = make_affine(y, ds_scale, ds_shift, ds_mean, ds_var, ds_eps, "ds_");
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor out = new_output(y, K, P, Q);
   if (y.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
-  const at::Tensor bias = as_f32_vector(shift).add(as_f32_vector(ds_shift));
-  run_block_tail(y, fold(weight, scale, stream), x, fold(ds_weight, ds_scale, stream), bias, out,
-                 stride, padding, dilation, ds_stride, relu, stream);
+  // bias = shift_eff + ds_shift_eff: the second fold accumulates into the first's output.
+  at::Tensor bias = new_bias(y, K);
+  const at::Tensor filter = fold(weight, affine, bias, false, stream);
+  const at::Tensor ds_filter = fold(ds_weight, ds_affine, bias, true, stream);
+  run_block_tail(y, filter, x, ds_filter, bias, out, stride, padding, dilation, ds_stride, relu,
+                 stream);
   return out;
 }
 

@@ -3,7 +3,9 @@
 What runs, per call (sources in ``csrc/cuda``):
 
 * ``conv_bn_act``: one small kernel folds the BN scale into the filter
-  (``W * scale`` in fp32, rounded once, written KRSC), then one CUTLASS 2.x implicit-GEMM
+  (``W * scale`` in fp32, rounded once, written KRSC) and writes the fp32 bias; given an
+  eval BN's running statistics it normalises them itself
+  (``scale / sqrt(var + eps)``, ``shift - mean * scale``), so nothing else runs; then one CUTLASS 2.x implicit-GEMM
   conv2d forward on tensor cores (fp16/bf16 in, fp32 accumulate) whose epilogue computes
   ``act(acc + shift[k] (+ residual))`` in fp32 and rounds once.  CUTLASS 2.x conv
   epilogues only take a scalar alpha, hence the fold; it is recomputed per call rather
@@ -67,15 +69,16 @@ def _empty_out(x: torch.Tensor, cout: int, oh: int, ow: int) -> torch.Tensor:
 if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("fusedres::conv_bn_act_cuda")
-    def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    def _conv_bn_act_fake(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups,
+                          relu):
         torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
         oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
         return _empty_out(x, weight.shape[0], oh, ow)
 
     @torch.library.register_fake("fusedres::block_tail_cuda")
     def _block_tail_fake(
-        y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride, padding, dilation, groups,
-        ds_stride, relu,
+        y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
+        stride, padding, dilation, groups, ds_stride, relu,
     ):
         torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
         oh, ow = _out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
@@ -155,17 +158,24 @@ def _pad_channels(x: torch.Tensor, weight: torch.Tensor):
     return xp, wp
 
 
-def conv_bn_act(x, weight, scale, shift, residual, spec):
+#: Takes an eval BatchNorm's running statistics: the filter-fold kernel computes the
+#: normalised scale and the epilogue's bias from them (no separate host-side fold).
+SUPPORTS_BN_STATS = True
+_NO_STATS = (None, None, 0.0)
+
+
+def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
     x, weight = _pad_channels(x, weight)
     return torch.ops.fusedres.conv_bn_act_cuda(
-        x, weight, scale, shift, None if residual is None else _nhwc(residual),
+        x, weight, scale, shift, None if residual is None else _nhwc(residual), *(stats or _NO_STATS),
         list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu,
     )
 
 
-def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
+def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
     return torch.ops.fusedres.block_tail_cuda(
         _nhwc(y), weight, scale, shift, _nhwc(x), ds_weight, ds_scale, ds_shift,
+        *(stats or _NO_STATS), *(ds_stats or _NO_STATS),
         list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
         list(spec.ds_stride), spec.relu,
     )

@@ -11,7 +11,13 @@ Methodology (the same loop on both devices, only the clock differs):
   input left in cache by the previous call does not flatter the next one;
 * GPU: each call is bracketed by CUDA events and preceded by overwriting a 256 MB buffer
   (larger than any current L2), the method ``triton.testing.do_bench`` uses, so every call
-  starts from a cold L2; the events measure device time only, and the flush is outside them;
+  starts from a cold L2, and by a synchronisation, so every call starts on an idle GPU.
+  The events then measure the call's whole span on the device: its kernels and any gaps
+  in which the GPU waits for the host to launch the next one.  Without that
+  synchronisation a contender that is slow on the host hides behind the queue of work the
+  previous contender left, and host overhead goes unreported (H100, 2026-11-27: the
+  Triton-backend ResNet-50 needed about 16 ms of host time per forward at batch 256, yet
+  timed 14.6 ms right behind eager's 19.8 ms of queued work);
 * CPU: ``time.perf_counter`` around each call (PyTorch CPU ops are synchronous).
 
 The result per contender is the median and the 20th/80th percentiles of all rounds.
@@ -101,6 +107,7 @@ def time_interleaved(fns: dict, inputs: list, device: torch.device, repeats: int
             x = inputs[r % len(inputs)]
             for name in round_order(list(live), r):
                 flush.zero_()
+                torch.cuda.synchronize(device)
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()

@@ -5,9 +5,12 @@ The math, for one output element ``out[n, k, oh, ow]`` of a conv with ``G`` grou
 
     acc  = sum_{kh, kw, c < Cg} x[n, g*Cg + c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw] * w[k, c, kh, kw]
     z    = acc * scale[k] + shift[k]
+           (BN_STATS: z = (acc - mean[k]) * scale[k] / sqrt(var[k] + eps) + shift[k], i.e.
+            scale/shift are an eval BatchNorm's weight/bias, folded here in the epilogue)
     z   += residual[n, k, oh, ow]                                   (HAS_RESIDUAL)
     z   += (sum_{c < C_d} xd[n, c, oh*dsh, ow*dsw] * wd[k, c]) * ds_scale[k] + ds_shift[k]
-                                                                    (HAS_DOWNSAMPLE)
+                                                                    (HAS_DOWNSAMPLE; with
+           BN_STATS its own ds_mean/ds_var/ds_eps normalise it the same way)
     out  = max(z, 0) if RELU else z
 
 (taps that fall into the zero padding contribute nothing).  Two train-mode flags change this:
@@ -78,11 +81,30 @@ import triton.language as tl
 
 
 @triton.jit
+def _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, k, k_ok, BN_STATS: tl.constexpr):
+    """Per-channel fp32 ``(scale, shift)`` for channels ``k``: as given, or folded from BN statistics.
+
+    With ``BN_STATS`` the pointers hold an eval BatchNorm's weight, bias, running mean and
+    running variance: ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``,
+    computed here in fp32 so the host launches nothing for the fold.
+    """
+    scale = tl.load(scale_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if BN_STATS:
+        mean = tl.load(mean_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + k, mask=k_ok, other=1.0).to(tl.float32)
+        scale = tl.div_rn(scale, tl.sqrt_rn(var + eps))  # IEEE-rounded, like the reference
+        shift = shift - mean * scale
+    return scale, shift
+
+
+@triton.jit
 def _conv_bn_act_fwd_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
     xd_ptr, wd_ptr, ds_scale_ptr, ds_shift_ptr,
     in_scale_ptr, in_shift_ptr, stat_sum_ptr, stat_m2_ptr,
+    mean_ptr, var_ptr, ds_mean_ptr, ds_var_ptr, eps, ds_eps,
     # problem size (M = N * OH * OW rows; CG/KG channels per group; CD downsample channels)
     M, H, W, OH, OW, CG, KG, CD,
     # strides, in elements
@@ -97,7 +119,7 @@ def _conv_bn_act_fwd_kernel(
     # compile-time specialisation
     KH: tl.constexpr, KW: tl.constexpr, PADDED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_DOWNSAMPLE: tl.constexpr, RELU: tl.constexpr,
-    PROLOGUE_BN: tl.constexpr, EMIT_STATS: tl.constexpr,
+    PROLOGUE_BN: tl.constexpr, EMIT_STATS: tl.constexpr, BN_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -196,8 +218,7 @@ def _conv_bn_act_fwd_kernel(
         tl.store(stat_sum_ptr + st_off, t_sum, mask=n_ok)
         tl.store(stat_m2_ptr + st_off, t_m2, mask=n_ok)
     else:
-        scale = tl.load(scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, k_out, n_ok, BN_STATS)
         z = acc * scale[None, :] + shift[None, :]
 
     if HAS_DOWNSAMPLE:
@@ -220,8 +241,8 @@ def _conv_bn_act_fwd_kernel(
             if DOT_UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc_d = tl.dot(a, b, acc_d, input_precision=DOT_PRECISION)
-        ds_scale = tl.load(ds_scale_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
-        ds_shift = tl.load(ds_shift_ptr + k_out, mask=n_ok, other=0.0).to(tl.float32)
+        ds_scale, ds_shift = _affine(ds_scale_ptr, ds_shift_ptr, ds_mean_ptr, ds_var_ptr, ds_eps, k_out, n_ok,
+                                     BN_STATS)
         z += acc_d * ds_scale[None, :] + ds_shift[None, :]
 
     mask = m_ok[:, None] & n_ok[None, :]

@@ -156,7 +156,7 @@ _AUTOTUNE_KEY = [
     "sxc", "sdc", "soc", "src",
     "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw",
     "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "PROLOGUE_BN", "EMIT_STATS",
-    "DOT_PRECISION", "DOT_UPCAST",
+    "BN_STATS", "DOT_PRECISION", "DOT_UPCAST",
 ]
 
 
@@ -168,13 +168,7 @@ def _max_shared_mem(device: torch.device) -> int:
 def _early_prune(configs, named_args, **kwargs):
     all_args = {**named_args, **kwargs}
     x = all_args["x_ptr"]
-    by_cfg = {}
-    for c in configs:
-        tc = TileConfig(
-            c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps,
-            c.kwargs["GROUP_M"],
-        )
-        by_cfg[tc] = c
+    by_cfg = {_tile_of(c): c for c in configs}
     candidates = [t for t in by_cfg if t in base_configs(all_args["DOT_PRECISION"])]
     kept = prune_configs(
         candidates, M=all_args["M"], CG=all_args["CG"], KG=all_args["KG"], CD=all_args["CD"],
@@ -258,14 +252,19 @@ def launch(
     relu: bool,
     ds: tuple | None = None,
     config: TileConfig | None = None,
+    bn_stats: tuple | None = None,
 ) -> torch.Tensor:
     """Run the fused conv into ``out`` ``(N, C_out, OH, OW)`` (any strides) and return it.
 
     ``w_t`` is the weight from :func:`kernel_weight`.  ``ds`` is ``None`` or
     ``(xd, wd_t, ds_scale, ds_shift, ds_stride)`` for the fused 1x1 downsample branch.
-    ``config`` forces a tile (no autotuning).
+    ``bn_stats`` is ``None`` or ``(mean, var, eps)`` (plus ``(ds_mean, ds_var, ds_eps)``
+    appended when ``ds`` is given): ``scale``/``shift`` (and ``ds_scale``/``ds_shift``) are
+    then an eval BatchNorm's weight and bias, normalised in the kernel's epilogue
+    (``BN_STATS``).  ``config`` forces a tile (no autotuning).
     """
-    _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config)
+    _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config,
+            bn_stats=bn_stats)
     return out
 
 
@@ -343,15 +342,33 @@ def merge_stats(psum: torch.Tensor, pm2: torch.Tensor, m: int, block_m: int) -> 
     return mean, var
 
 
+#: Tile per problem, filled on a problem's first launch (by the autotuner, or the first
+#: surviving config when autotuning is off).  Later launches of the same problem go straight
+#: to the JIT function with that tile: Triton's ``Autotuner.run`` re-derives its key from
+#: every argument on each call, which cost about 40 us of host time per launch on an H100
+#: host (``benchmarks/host_overhead.py --launch-micro``), as much as a small conv's GPU time.
+_tile_cache: dict[tuple, TileConfig] = {}
+
+
+def _tile_of(cfg) -> TileConfig:
+    kw = cfg.kwargs
+    return TileConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_stages, cfg.num_warps, kw["GROUP_M"])
+
+
+def _per_image(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[0] if t.shape[0] else 0
+
+
 def _launch(
     x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu,
-    ds=None, prologue=None, stats=None, config=None,
+    ds=None, prologue=None, stats=None, config=None, bn_stats=None,
 ) -> int:
     """Launch the kernel (see :func:`launch`); return the ``BLOCK_M`` it ran with.
 
     ``prologue`` is ``None`` or ``(in_scale, in_shift)`` (``PROLOGUE_BN``); ``stats`` is
     ``None`` or the ``(psum, pm2)`` workspaces, each ``(>= cdiv(M, BLOCK_M), C_out)`` fp32
-    contiguous (``EMIT_STATS``; scale/shift/residual/downsample/relu are then unused).
+    contiguous (``EMIT_STATS``; scale/shift/residual/downsample/relu are then unused);
+    ``bn_stats`` as in :func:`launch` (``BN_STATS``).
     """
     n, c, h, w = x.shape
     kh, kw, cg, k = w_t.shape
@@ -361,13 +378,13 @@ def _launch(
         raise ValueError(f"N*H_out*W_out = {m} output pixels exceeds the kernel's int32 row index")
     if w_t.numel() > _INT32_MAX:
         raise ValueError(f"weight has {w_t.numel()} elements; the kernel addresses it with int32")
-    if stats is not None and (residual is not None or ds is not None or relu):
-        raise ValueError("the statistics mode stores the raw conv output: no residual, downsample or relu")
+    if stats is not None and (residual is not None or ds is not None or relu or bn_stats is not None):
+        raise ValueError("the statistics mode stores the raw conv output: no residual, downsample, relu or BN")
     # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
     # is exact while one image (C * H * W) stays below 2**31 elements.
     for name, t in (("x", x), ("residual", residual), ("out", out), ("ds input", ds[0] if ds else None)):
-        if t is not None and t[0].numel() > _INT32_MAX:
-            raise ValueError(f"{name}: one image has {t[0].numel()} elements; at most 2**31 - 1 supported")
+        if t is not None and _per_image(t) > _INT32_MAX:
+            raise ValueError(f"{name}: one image has {_per_image(t)} elements; at most 2**31 - 1 supported")
     kg = k // groups
     if ds is not None:
         xd, wd_t, ds_scale, ds_shift, ds_stride = ds
@@ -378,10 +395,16 @@ def _launch(
         cd, swdc, swdk = 0, 0, 0
     in_scale, in_shift = prologue if prologue is not None else (scale, shift)
     psum, pm2 = stats if stats is not None else (scale, shift)
+    if bn_stats is not None:
+        mean, var, eps = bn_stats[:3]
+        ds_mean, ds_var, ds_eps = bn_stats[3:] if ds is not None else (mean, var, eps)
+    else:
+        mean, var, eps, ds_mean, ds_var, ds_eps = scale, shift, 0.0, scale, shift, 0.0
     args = (
         x, w_t, scale, shift, residual if residual is not None else out, out,
         xd, wd_t, ds_scale, ds_shift,
         in_scale, in_shift, psum, pm2,
+        mean, var, ds_mean, ds_var, float(eps), float(ds_eps),
         m, h, w, oh, ow, cg, kg, cd,
         *x.stride(),
         *w_t.stride(),
@@ -394,7 +417,7 @@ def _launch(
     flags = dict(
         KH=kh, KW=kw, PADDED=padding[0] > 0 or padding[1] > 0,
         HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=ds is not None, RELU=bool(relu),
-        PROLOGUE_BN=prologue is not None, EMIT_STATS=stats is not None,
+        PROLOGUE_BN=prologue is not None, EMIT_STATS=stats is not None, BN_STATS=bn_stats is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
@@ -407,15 +430,24 @@ def _launch(
         config = INTERPRET_CONFIG
     if out.numel() == 0:
         return config.block_m if config is not None else _MIN_BLOCK_M
+    if x.device.type != "cuda":  # the interpreter, on CPU tensors
+        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
+        return config.block_m
+    key = None
+    if config is None:
+        # What the autotuner keys on (_AUTOTUNE_KEY) plus the device and the operand dtypes.
+        key = (m, h, w, oh, ow, cg, kg, cd, x.stride(1), xd.stride(1), out.stride(1),
+               residual.stride(1) if residual is not None else 0, tuple(stride), tuple(padding),
+               tuple(dilation), tuple(ds_stride), *flags.values(), x.dtype, scale.dtype, x.device.index,
+               _autotune_enabled())
+        config = _tile_cache.get(key)
     if config is None and not _autotune_enabled():
         config = prune_configs(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
             fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
         )[0]
-    if x.device.type != "cuda":  # the interpreter, on CPU tensors
-        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
-        return config.block_m
+        _tile_cache[key] = config
     # Triton launches on the current device; switch only when x lives elsewhere (the
     # guard costs host time on every call).
     guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
@@ -423,7 +455,8 @@ def _launch(
         if config is None:
             _autotuned_kernel[grid](*args, **flags)
             # The tile the autotuner ran with (its cached choice for this key).
-            return int(_autotuned_kernel.best_config.kwargs["BLOCK_M"])
+            config = _tile_cache[key] = _tile_of(_autotuned_kernel.best_config)
+            return config.block_m
         _conv_bn_act_fwd_kernel[grid](
             *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
         )

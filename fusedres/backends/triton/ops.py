@@ -53,6 +53,9 @@ def conv_bn_act_impl(
     scale: Tensor,
     shift: Tensor,
     residual: Optional[Tensor],
+    mean: Optional[Tensor],
+    var: Optional[Tensor],
+    eps: float,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -63,19 +66,29 @@ def conv_bn_act_impl(
 
     ``x`` ``(N, C, H, W)``, ``weight`` ``(K, C / groups, KH, KW)``, ``scale``/``shift`` ``(K,)``,
     ``residual`` ``(N, K, OH, OW)`` or None; returns ``(N, K, OH, OW)`` in ``x.dtype``.
+    With ``mean``/``var`` ``(K,)`` (an eval BatchNorm's running statistics, both or neither)
+    ``scale``/``shift`` are the BN's weight and bias and the epilogue computes
+    ``(conv - mean) * scale / sqrt(var + eps) + shift``: no host-side fold.
     """
     out = _new_out(x, weight, stride, padding, dilation)
     return _launch.launch(
         x, _launch.kernel_weight(weight), scale, shift, residual, out,
         tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+        bn_stats=_bn_stats(mean, var, eps),
     )
+
+
+def _bn_stats(mean, var, eps, *more) -> tuple | None:
+    if (mean is None) != (var is None):
+        raise ValueError("mean and var must be given together")
+    return None if mean is None else (mean, var, eps, *more)
 
 
 conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())(conv_bn_act_impl)
 
 
 @conv_bn_act_triton.register_fake
-def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
     return _new_out(x, weight, stride, padding, dilation)
 
 
@@ -88,6 +101,12 @@ def block_tail_impl(
     ds_weight: Tensor,
     ds_scale: Tensor,
     ds_shift: Tensor,
+    mean: Optional[Tensor],
+    var: Optional[Tensor],
+    eps: float,
+    ds_mean: Optional[Tensor],
+    ds_var: Optional[Tensor],
+    ds_eps: float,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -99,12 +118,19 @@ def block_tail_impl(
 
     Both GEMMs run in one Triton launch (see ``kernels.py``).  ``y`` ``(N, C, H, W)``,
     ``x`` ``(N, C_d, H_d, W_d)``, ``ds_weight`` ``(K, C_d, 1, 1)``; returns ``(N, K, OH, OW)``.
+    ``mean``/``var``/``ds_mean``/``ds_var``: running statistics of both BNs (all four or
+    none), normalised in the epilogue as in :func:`conv_bn_act_impl`.
     """
+    if (mean is None) != (ds_mean is None):
+        raise ValueError("BN statistics must be given for both branches or for neither")
     out = _new_out(y, weight, stride, padding, dilation)
     ds = (x, _launch.kernel_weight(ds_weight), ds_scale, ds_shift, tuple(ds_stride))
+    bn = _bn_stats(mean, var, eps)
+    ds_bn = _bn_stats(ds_mean, ds_var, ds_eps)
     return _launch.launch(
         y, _launch.kernel_weight(weight), scale, shift, None, out,
         tuple(stride), tuple(padding), tuple(dilation), groups, relu, ds=ds,
+        bn_stats=bn + ds_bn if bn is not None else None,
     )
 
 
@@ -112,7 +138,8 @@ block_tail_triton = torch.library.custom_op("fusedres::block_tail_triton", mutat
 
 
 @block_tail_triton.register_fake
-def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride, padding, dilation, groups, ds_stride, relu):
+def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
+      stride, padding, dilation, groups, ds_stride, relu):
     return _new_out(y, weight, stride, padding, dilation)
 
 
@@ -187,14 +214,23 @@ def _branch_grads(g32, inp, weight, scale, shift, stride, padding, dilation, gro
     return g_in, g_w, g_scale, g_shift
 
 
+_NO_STATS_GRAD = (
+    "fusedres: the Triton ops take BatchNorm running statistics (mean/var) only without autograd; "
+    "fusedres.functional folds them into scale/shift with differentiable ops when a gradient is needed"
+)
+
+
 def _conv_bn_act_setup(ctx, inputs, output):
-    x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
+    x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu = inputs
+    ctx.has_stats = mean is not None
     ctx.save_for_backward(x, weight, scale, shift, output)
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.relu = relu
 
 
 def _conv_bn_act_backward(ctx, grad_out):
+    if ctx.has_stats:
+        raise RuntimeError(_NO_STATS_GRAD)
     x, weight, scale, shift, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     need = ctx.needs_input_grad
@@ -203,15 +239,16 @@ def _conv_bn_act_backward(ctx, grad_out):
         g.float(), x, weight, scale, shift, stride, padding, dilation, groups, need[:4]
     )
     g_res = g if need[4] else None
-    return g_x, g_w, g_scale, g_shift, g_res, None, None, None, None, None
+    return g_x, g_w, g_scale, g_shift, g_res, None, None, None, None, None, None, None, None
 
 
 conv_bn_act_triton.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
 
 
 def _block_tail_setup(ctx, inputs, output):
-    (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
+    (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
      stride, padding, dilation, groups, ds_stride, relu) = inputs
+    ctx.has_stats = mean is not None
     ctx.save_for_backward(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, output)
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.ds_stride = ds_stride
@@ -219,13 +256,15 @@ def _block_tail_setup(ctx, inputs, output):
 
 
 def _block_tail_backward(ctx, grad_out):
+    if ctx.has_stats:
+        raise RuntimeError(_NO_STATS_GRAD)
     y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     need = ctx.needs_input_grad
     g32 = _grad_at_preact(grad_out, out, ctx.relu).float()
     main = _branch_grads(g32, y, weight, scale, shift, stride, padding, dilation, groups, need[:4])
     skip = _branch_grads(g32, x, ds_weight, ds_scale, ds_shift, ctx.ds_stride, [0, 0], [1, 1], 1, need[4:8])
-    return (*main, *skip, None, None, None, None, None, None)
+    return (*main, *skip, *(None,) * 12)
 
 
 block_tail_triton.register_autograd(_block_tail_backward, setup_context=_block_tail_setup)
