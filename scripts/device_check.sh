@@ -54,7 +54,7 @@ export TRITON_CACHE_AUTOTUNING=1
 BUILD_PID=$!
 # Host vs GPU time of a converted ResNet-50 (eager / triton); also warms the Triton caches
 # for ResNet-50's conv shapes at batch 64 and 256, which the block benchmark shares.
-step host-overhead 120 $PY benchmarks/host_overhead.py --backends eager triton --batches 64 256 --launch-micro \
+step host-overhead 120 $PY benchmarks/host_overhead.py --backends eager triton --batches 64 256 --launch-micro --profile \
   --json "$OUTDIR/host_overhead_triton.json"
 # Tests run with the autotuner off (first valid tile): they check numerics; the benchmarks tune.
 FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
@@ -79,7 +79,9 @@ step bench-infer 170 $PY -m fusedres bench --suite gpu-quick --device cuda \
   --compile-on "bottleneck_1024-256-s1_14x14/b256" --time-budget "$(secs 120)" \
   --results-dir "$OUTDIR/results" --summary "$OUTDIR/bench-infer.summary"
 # Training step, bf16 AMP channels_last: ResNet-50 and -18, img/s and peak memory.
+# torch.compile of a train step costs about a minute, so it runs on the last (smallest) workload only.
 step bench-train 120 $PY -m fusedres bench --suite gpu-train --device cuda --time-budget "$(secs 80)" \
+  --compile-on "resnet18/b128" \
   --results-dir "$OUTDIR/results" --summary "$OUTDIR/bench-train.summary"
 step train-memory 45 $PY benchmarks/train_memory.py --device cuda --batch 64 --dtype bf16 --channels-last \
   --json "$OUTDIR/results/train_memory.json"
