@@ -81,6 +81,27 @@ def _default_max_jobs() -> int:
     return max(1, min(cores, by_mem))
 
 
+def _torch_libstdcxx() -> list[str]:
+    """Link arguments naming the shared libstdc++ that torch (imported by now) runs with.
+
+    Without them the toolchain picks the C++ runtime, and one whose library directory
+    holds only libstdc++.a (as $CXX, /opt/gcc/bin/g++, did on the GPU machine) links it
+    statically: _C.so then carries a second C++ runtime whose locale facet ids are
+    STB_GNU_UNIQUE symbols, merged at load time with those of the shared libstdc++ already
+    in the process.  Its iostreams misread the facet tables, so formatting a TORCH_CHECK
+    message (c10::str, evaluated only when a check fails) truncated the message or killed
+    the process (SIGSEGV) instead of raising.  Naming the shared library that torch loaded
+    makes _C.so depend on it (NEEDED libstdc++.so.6) and leaves nothing to the archive.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    except OSError:  # not Linux
+        return []
+    libs = sorted(p for p in paths if Path(p).name.startswith("libstdc++.so"))
+    return libs[:1]
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass) for fusedres._C, or ([], {}) with a printed reason."""
     if os.environ.get("FUSEDRES_SKIP_CUDA_BUILD", "0") == "1":
@@ -137,6 +158,7 @@ def _cuda_extension():
         ],
         include_dirs=[str(ROOT / "csrc" / "cuda"), cutlass],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=_torch_libstdcxx(),
     )
     return [ext], {"build_ext": BuildExtension}
 
