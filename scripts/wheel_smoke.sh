@@ -4,6 +4,7 @@
 # on a machine without a GPU that:
 #   * the wheel contains fusedres/_C*.so and it loads, registering torch.ops.fusedres.*,
 #   * the op schemas are the documented ones and the fake impls give the right shapes,
+#   * a failing input check (TORCH_CHECK) inside the extension raises with its whole message,
 #   * the cuda backend reports itself unavailable with a clear reason (no GPU),
 #   * ptxas reported no register spills for any kernel in the build (-Xptxas -v).
 #
@@ -107,6 +108,20 @@ out = tail(out, torch.empty(128, 128, 3, 3, dtype=torch.bfloat16, device="meta")
            None, None, 0.0, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, [4, 4], True)
 assert out.shape == (2, 128, 8, 7), out.shape
 print("  schemas and fake impls: ok")
+
+# The CUDA kernel's input checks run before any CUDA call, so CPU tensors sent straight to its
+# dispatch key make a TORCH_CHECK in _C fail here too (libstdc++ linked statically into _C.so
+# truncated such messages, or crashed the process, see setup.py).
+cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+bad = torch.randn(1, 16, 8, dtype=torch.bfloat16)
+try:
+    conv.redispatch(cuda_key, bad, torch.randn(16, 16, 3, 3, dtype=torch.bfloat16), torch.ones(16),
+                    torch.ones(16), None, [1, 1], [1, 1], [1, 1], 1, True)
+except RuntimeError as exc:
+    assert "x must be 4-D (N, C, H, W), got [1, 16, 8]" in str(exc), str(exc)
+    print("  C++ input check raises:", str(exc).splitlines()[0])
+else:
+    raise AssertionError("a 3-D x passed the C++ input checks")
 
 if torch.cuda.is_available():
     print("  GPU present; cuda backend available:", cuda.is_available(), cuda.why_unavailable())

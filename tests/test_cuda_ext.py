@@ -196,6 +196,43 @@ def test_cpu_tensors_have_no_kernel():
         torch.ops.fusedres.conv_bn_act_cuda(x, w, s, s, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
 
 
+_CHECK_ERRORS_SCRIPT = r"""
+import torch, fusedres._C
+# Straight to the CUDA kernel with CPU tensors: its input checks (ops.cu) run before any CUDA
+# call, so no GPU is needed to make a TORCH_CHECK in fusedres._C fail and format its message.
+op = torch.ops.fusedres.conv_bn_act_cuda.default
+cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+w, s = torch.randn(16, 16, 3, 3, dtype=torch.bfloat16), torch.ones(16)
+for x, message in [
+    (torch.randn(1, 16, 8, dtype=torch.bfloat16), "x must be 4-D (N, C, H, W), got [1, 16, 8]"),
+    (torch.randn(1, 16, 8, 8), "x must be bfloat16 or float16, got Float"),
+    (torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), "x must be channels_last-contiguous"),
+    (torch.randn(1, 16, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last),
+     "x must be a CUDA tensor, got cpu"),
+]:
+    try:
+        op.redispatch(cuda_key, x, w, s, s, None, [1, 1], [1, 1], [1, 1], 1, True)
+    except RuntimeError as exc:
+        assert message in str(exc), (message, str(exc))
+        print("raised:", message, flush=True)
+    else:
+        raise AssertionError("no error for " + message)
+"""
+
+
+def test_kernel_checks_raise_without_gpu():
+    """A failing TORCH_CHECK in the compiled kernel raises RuntimeError with its whole message.
+
+    In a subprocess: with libstdc++ linked statically into _C.so (see setup.py) formatting the
+    message truncated it after the first number here and killed the process (SIGSEGV) on the
+    H100 machine.
+    """
+    proc = subprocess.run([sys.executable, "-c", _CHECK_ERRORS_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("raised:") == 4
+
+
 # --------------------------------------------------------------------------- GPU
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation): every shape family.  Odd
