@@ -116,7 +116,7 @@ cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 bad = torch.randn(1, 16, 8, dtype=torch.bfloat16)
 try:
     conv.redispatch(cuda_key, bad, torch.randn(16, 16, 3, 3, dtype=torch.bfloat16), torch.ones(16),
-                    torch.ones(16), None, [1, 1], [1, 1], [1, 1], 1, True)
+                    torch.ones(16), None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
 except RuntimeError as exc:
     assert "x must be 4-D (N, C, H, W), got [1, 16, 8]" in str(exc), str(exc)
     print("  C++ input check raises:", str(exc).splitlines()[0])

@@ -211,7 +211,7 @@ for x, message in [
      "x must be a CUDA tensor, got cpu"),
 ]:
     try:
-        op.redispatch(cuda_key, x, w, s, s, None, [1, 1], [1, 1], [1, 1], 1, True)
+        op.redispatch(cuda_key, x, w, s, s, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
     except RuntimeError as exc:
         assert message in str(exc), (message, str(exc))
         print("raised:", message, flush=True)
