@@ -42,7 +42,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record sta
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${FUSEDRES_GIT_COMMIT:-unknown}")"
+  # A copied checkout can carry a stale .git: the commit given by the caller wins.
+  echo "commit: ${FUSEDRES_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   $PY -c 'import sys, torch, torchvision, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 } | tee "$OUTDIR/env.txt"

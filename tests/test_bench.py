@@ -311,7 +311,7 @@ def test_cli_suites_resolve():
 
 
 def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
-    """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a full hash, else "unknown"."""
+    """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a hash, else "unknown"."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
     monkeypatch.delenv("FUSEDRES_GIT_COMMIT", raising=False)
     assert report.git_state() == {"commit": "unknown", "dirty": None}
@@ -319,6 +319,12 @@ def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
     assert report.git_state() == {"commit": "a" * 40, "dirty": None}
     monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "not-a-hash")
     assert report.git_state()["commit"] == "unknown"
+
+
+def test_git_state_prefers_the_given_commit(monkeypatch):
+    """A copied tree may carry a stale .git: $FUSEDRES_GIT_COMMIT wins even inside a checkout."""
+    monkeypatch.setenv("FUSEDRES_GIT_COMMIT", "ffc1a10c6d")
+    assert report.git_state() == {"commit": "ffc1a10c6d", "dirty": None}
 
 
 def test_render_results_leaves_out_other_tools_json(tiny_run, tmp_path, capsys):

@@ -68,12 +68,16 @@ def _version(dist: str) -> str | None:
 def git_state() -> dict:
     """``{"commit", "dirty"}`` of the checkout fusedres is imported from.
 
-    Outside a git checkout (a copied tree on a test machine) the commit comes from
-    ``$FUSEDRES_GIT_COMMIT`` when set, else it is ``"unknown"``.
+    ``$FUSEDRES_GIT_COMMIT`` (a hash, 7 to 40 hex digits) wins when set: a tree copied to a
+    test machine may carry a stale ``.git`` (the GPU runs of 2026-11-27 reported the
+    session's starting commit, "dirty", for newer code).  Outside a git checkout and
+    without it the commit is ``"unknown"``.
     """
     root = Path(fusedres.__file__).resolve().parent.parent
-    fallback = os.environ.get("FUSEDRES_GIT_COMMIT", "").strip().lower()
-    unknown = {"commit": fallback if re.fullmatch(r"[0-9a-f]{40}", fallback) else "unknown", "dirty": None}
+    given = os.environ.get("FUSEDRES_GIT_COMMIT", "").strip().lower()
+    if re.fullmatch(r"[0-9a-f]{7,40}", given):
+        return {"commit": given, "dirty": None}
+    unknown = {"commit": "unknown", "dirty": None}
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
