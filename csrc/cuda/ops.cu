@@ -6,10 +6,11 @@
 // CUTLASS 2.x's conv epilogues take alpha as a scalar (its per-channel-scaling output ops
 // exist only for the 3.x collective epilogues), so act(conv(x, W) * scale + shift) runs as
 // act(conv(x, W * scale) + shift).  The fold is one small kernel per call over the filter
-// (W * scale in fp32, one rounding to the activation dtype), not a cache: a cache keyed on
-// scale/shift *values* would need a device-to-host comparison (a sync) on every call,
-// since callers recompute scale/shift from the live BN each forward.  The shift stays fp32
-// and is the epilogue's broadcast bias.
+// (W * scale in fp32, one rounding to the activation dtype) that also writes the fp32 shift,
+// the epilogue's broadcast bias.  Given an eval BN's running statistics it normalises them
+// itself (scale / sqrt(var + eps), shift - mean * scale), so a conv costs two launches and no
+// host-side arithmetic.  Not a cache: a cache keyed on scale/shift *values* would need a
+// device-to-host comparison (a sync) on every call.
 //
 // block_tail runs as ONE kernel (DualFpropKernel in fprop_impl.cuh): per output tile, the
 // main conv's implicit GEMM and the 1x1 downsample conv's implicit GEMM accumulate into the
@@ -366,9 +367,9 @@ at::Tensor block_tail_cuda(const at::Tensor& y, const at::Tensor& weight, const 
                            const c10::optional<at::Tensor>& var, double eps,
                            const c10::optional<at::Tensor>& ds_mean,
                            const c10::optional<at::Tensor>& ds_var, double ds_eps,
-                           at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           at::IntArrayRef ds_stride, bool relu) {
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, at::IntArrayRef ds_stride,
+                           bool relu) {
   const auto [P, Q] = check_conv("y", y, "weight", weight, "scale", scale, "shift", shift, stride,
                                  padding, dilation, groups);
   const int64_t ds_pad[2] = {0, 0}, ds_dil[2] = {1, 1};
