@@ -131,6 +131,52 @@ def test_time_interleaved_round_robin_rotates_and_survives_errors():
     assert [c[0] for c in timed[6:]] == ["a", "b", "b", "a"]
 
 
+class _FakeEvent:
+    """A CUDA event stand-in: ``record`` logs itself; elapsed time is the gap in record order (ms)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def record(self):
+        self.log.append("rec")
+        self.t = len(self.log)
+
+    def elapsed_time(self, end):
+        return float(end.t - self.t)
+
+
+@pytest.mark.parametrize("mode", timing.TIMING_MODES)
+def test_gpu_rounds_order_of_operations(mode):
+    """Each contender turn starts with a sync; pipelined turns are BURST calls with no sync between them,
+    isolated turns sync after every flush; inputs rotate per call; a contender that raises is dropped."""
+    log, calls, dead = [], [], set()
+
+    def call(name, x):
+        calls.append((name, x))
+        log.append(f"call {name} {x}")
+        if name == "c" and sum(1 for n, _ in calls if n == "c") == 2:
+            dead.add("c")
+
+    repeats = 7
+    samples = timing._gpu_rounds(
+        ["a", "b", "c"], ["x0", "x1", "x2"], repeats, mode, call, alive=lambda n: n not in dead,
+        sync=lambda: log.append("sync"), flush=lambda: log.append("flush"), event=lambda: _FakeEvent(log),
+    )
+    assert set(samples) == {"a", "b"} and all(len(v) == repeats for v in samples.values())
+    assert all(v == 2e-3 for vs in samples.values() for v in vs)  # rec, call, rec: 2 "ms" apart
+    burst = timing.BURST if mode == "pipelined" else 1
+    # The first turn: a's first `burst` calls, on inputs x0, x1, ... in order.
+    first = log[: log.index("call b x0")]
+    per_call = ["flush"] + (["sync"] if mode == "isolated" else []) + ["rec", "call", "rec"]
+    expected = ["sync"] + [e if e != "call" else f"call a x{i % 3}" for i in range(burst) for e in per_call]
+    assert first[: len(expected)] == expected
+    assert [n for n, _ in calls].count("a") == repeats and [n for n, _ in calls].count("c") == 2
+    assert log[-1] == "sync"
+    with pytest.raises(ValueError, match="timing mode"):
+        timing._gpu_rounds(["a"], ["x"], 1, "bogus", call, alive=lambda n: True, sync=lambda: None,
+                           flush=lambda: None, event=lambda: _FakeEvent(log))
+
+
 def test_stats_percentiles():
     s = timing.Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s.median, s.n, s.min) == (3.0, 5, 1.0) and s.p20 == pytest.approx(1.8) and s.p80 == pytest.approx(4.2)

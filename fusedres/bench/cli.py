@@ -24,6 +24,7 @@ import torch
 
 from . import contenders as contenders_mod
 from . import report, runner, workloads
+from . import timing as timing_mod
 
 #: Presets.  Values are what the command line would give; explicit flags win.
 SUITES = {
@@ -87,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, help="timed rounds per workload (default: 20 cpu, 100 cuda)")
     g.add_argument("--warmup", type=int, help="untimed rounds after the first call (default: 3 cpu, 10 cuda)")
     g.add_argument("--time-budget", type=float, help="seconds; workloads not started by then are skipped rows")
+    g.add_argument("--timing", choices=timing_mod.TIMING_MODES, default="pipelined",
+                   help="GPU: 'pipelined' times calls back to back per contender turn (do_bench's semantics: "
+                        "steady-state cost per call); 'isolated' synchronises before every call (latency of "
+                        "one call on an idle GPU, including the host time to its first launch)")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="let cuDNN pick the fastest conv algorithms for every contender (default: on)")
     g.add_argument("--threads", type=int, help="CPU threads for torch during the run (default: torch's own)")
@@ -175,6 +180,8 @@ def canonical_command(a: argparse.Namespace) -> str:
              "--batch", a.batch, "--size", str(a.size), "--blocks", a.blocks or "none", "--model", a.model or "none",
              "--contenders", a.contenders, "--repeats", str(a.repeats), "--warmup", str(a.warmup),
              "--channels-last" if a.channels_last else "--no-channels-last", "--seed", str(a.seed)]
+    if a.device.type == "cuda":
+        parts += ["--timing", a.timing]
     for flag, val in (("--only", a.only), ("--compile-on", a.compile_on), ("--time-budget", a.time_budget),
                       ("--threads", a.threads)):
         if val is not None:
@@ -252,7 +259,7 @@ def _run(a, cons, dtypes, wls, console) -> int:
     cfg = runner.Config(
         device=a.device, dtypes=dtypes, mode=a.mode, contenders=cons, channels_last=a.channels_last,
         compile_on=_csv(a.compile_on) if a.compile_on else None, repeats=a.repeats, warmup=a.warmup,
-        seed=a.seed, time_budget_s=a.time_budget,
+        seed=a.seed, time_budget_s=a.time_budget, timing=a.timing,
     )
     result = report.environment(a.device)
     result["config"] = {
@@ -261,6 +268,7 @@ def _run(a, cons, dtypes, wls, console) -> int:
         "contenders": [c.name for c in cons], "compile_on": cfg.compile_on, "repeats": a.repeats,
         "warmup": a.warmup, "seed": a.seed, "time_budget_s": a.time_budget,
         "cudnn_benchmark": bool(a.cudnn_benchmark) if a.device.type == "cuda" else None,
+        "timing": a.timing if a.device.type == "cuda" else "perf_counter",
     }
     result["memory_method"] = (
         "torch.cuda.max_memory_allocated during one call minus memory allocated before it (MiB)"

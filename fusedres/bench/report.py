@@ -372,7 +372,11 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
             out += [f"Notes: {res['notes']}", ""]
         peaks = "; ".join(f"{dt}: matmul {p['matmul_tflops']:.3g} TFLOP/s, copy {p['copy_gbps']:.3g} GB/s"
                           for dt, p in res["peaks"].items())
-        out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.", ""]
+        timing = {
+            "pipelined": " GPU timing: pipelined (calls back to back per contender turn, do_bench's semantics).",
+            "isolated": " GPU timing: isolated (a synchronisation before every call: one-call latency).",
+        }.get(cfg.get("timing"), "")
+        out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.{timing}", ""]
         # Rows a time budget never reached carry no measurement: counted, not listed.
         shown = [r for r in res["rows"] if not (r["status"] == "skipped" and "time budget" in (r.get("note") or ""))]
         out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in shown] + [""]

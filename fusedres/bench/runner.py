@@ -80,6 +80,7 @@ class Config:
     warmup: int = 3
     seed: int = 0
     time_budget_s: float | None = None
+    timing: str = "pipelined"  # GPU timing mode, see timing.TIMING_MODES
 
     def contenders_for(self, w: Workload) -> list:
         """The contenders that run on ``w``: compile ones only where ``compile_on`` matches
@@ -259,7 +260,8 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
         del ref_out
 
         status("timing")
-        stats, errors = time_interleaved(steps, inputs, dev, cfg.repeats, cfg.warmup, on_round=on_round)
+        stats, errors = time_interleaved(steps, inputs, dev, cfg.repeats, cfg.warmup, on_round=on_round,
+                                         mode=cfg.timing)
         for name, msg in errors.items():
             rows[name].update(status="error", error=f"timing: {msg}")
         for name, s in stats.items():

@@ -11,16 +11,26 @@ Methodology (the same loop on both devices, only the clock differs):
   input left in cache by the previous call does not flatter the next one;
 * GPU: each call is bracketed by CUDA events and preceded by overwriting a 256 MB buffer
   (larger than any current L2), the method ``triton.testing.do_bench`` uses, so every call
-  starts from a cold L2, and by a synchronisation, so every call starts on an idle GPU.
-  The events then measure the call's whole span on the device: its kernels and any gaps
-  in which the GPU waits for the host to launch the next one.  Without that
-  synchronisation a contender that is slow on the host hides behind the queue of work the
-  previous contender left, and host overhead goes unreported (H100, 2026-11-27: the
-  Triton-backend ResNet-50 needed about 16 ms of host time per forward at batch 256, yet
-  timed 14.6 ms right behind eager's 19.8 ms of queued work);
+  starts from a cold L2.  Each contender's turn in a round starts with a synchronisation,
+  so it starts on an idle GPU: without it a contender that is slow on the host hides behind
+  the queue of work the previous contender left, and its host overhead goes unreported
+  (H100, 2026-11-27: the Triton-backend ResNet-50 needed about 16 ms of host time per
+  forward at batch 256, yet timed 14.6 ms right behind eager's 19.8 ms of queued work).
+  Two modes (:data:`TIMING_MODES`):
+
+  - ``pipelined`` (default; ``do_bench``'s semantics): a turn is :data:`BURST` calls back
+    to back, with no synchronisation between them.  The events measure each call's span
+    on the device, including any time the GPU waits for the host, so a host-bound
+    contender shows its host time and a GPU-bound one its GPU time: steady-state cost
+    per call, as inside a model or a serving loop.
+  - ``isolated``: a turn is one call, synchronised after the flush, so the events also
+    include the host time up to the call's first launch: the latency of one call on an
+    idle GPU.  Pessimistic for sub-millisecond blocks with Python-heavy launch paths (the
+    H100 run of 2026-11-27 used this mode);
+
 * CPU: ``time.perf_counter`` around each call (PyTorch CPU ops are synchronous).
 
-The result per contender is the median and the 20th/80th percentiles of all rounds.
+The result per contender is the median and the 20th/80th percentiles of all timed calls.
 """
 
 from __future__ import annotations
@@ -65,14 +75,60 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: GPU timing modes (see the module docstring).
+TIMING_MODES = ("pipelined", "isolated")
+#: Calls per contender turn in ``pipelined`` mode.
+BURST = 5
+
+
+def _gpu_rounds(names, inputs, repeats, mode, call, *, alive, sync, flush, event, on_round=None):
+    """The GPU timing loop: ``repeats`` timed calls per contender, in rotated turns.
+
+    ``call(name, x)`` runs one call (and drops a contender that raised: ``alive(name)``
+    turns false); ``sync``, ``flush`` and ``event`` are the device hooks (injected so the
+    loop's order of operations is testable without a GPU).  Returns seconds per call.
+    """
+    if mode not in TIMING_MODES:
+        raise ValueError(f"timing mode must be one of {TIMING_MODES}, got {mode!r}")
+    burst = BURST if mode == "pipelined" else 1
+    pending: dict[str, list] = {n: [] for n in names}
+    done = 0
+    r = 0
+    while done < repeats:
+        n_calls = min(burst, repeats - done)
+        for name in round_order([n for n in names if alive(n)], r):
+            sync()  # every turn starts on an idle GPU: no hiding behind another's queue
+            for i in range(n_calls):
+                x = inputs[(done + i) % len(inputs)]
+                flush()
+                if mode == "isolated":
+                    sync()  # and the call's host time to its first launch is timed too
+                start, end = event(), event()
+                start.record()
+                call(name, x)
+                end.record()
+                if not alive(name):
+                    break
+                pending[name].append((start, end))
+        done += n_calls
+        r += 1
+        if on_round is not None:
+            for _ in range(n_calls):
+                on_round()
+    sync()
+    return {n: [s.elapsed_time(e) / 1e3 for s, e in ev] for n, ev in pending.items() if alive(n)}
+
+
 def time_interleaved(fns: dict, inputs: list, device: torch.device, repeats: int, warmup: int,
-                     on_round=None) -> tuple[dict[str, Stats], dict[str, str]]:
-    """Time ``fns[name](x)`` for every name, round-robin, ``repeats`` rounds after ``warmup``.
+                     on_round=None, mode: str = "pipelined") -> tuple[dict[str, Stats], dict[str, str]]:
+    """Time ``fns[name](x)`` for every name, round-robin, ``repeats`` calls each after ``warmup``.
 
     Args:
         fns: name -> callable taking one input.
-        inputs: input sets, rotated per round (``len(inputs) >= 1``).
-        on_round: called after each timed round (progress bars).
+        inputs: input sets, rotated per call (``len(inputs) >= 1``).
+        on_round: called ``repeats`` times in all as the timing progresses (progress bars).
+        mode: GPU timing mode, ``"pipelined"`` or ``"isolated"`` (module docstring); the
+            CPU loop is the same in both.
 
     Returns:
         ``(stats, errors)``: :class:`Stats` per name that ran every round, and for a name
@@ -102,23 +158,11 @@ def time_interleaved(fns: dict, inputs: list, device: torch.device, repeats: int
 
     if device.type == "cuda":
         flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-        pending: dict[str, list] = {n: [] for n in live}
-        for r in range(repeats):
-            x = inputs[r % len(inputs)]
-            for name in round_order(list(live), r):
-                flush.zero_()
-                torch.cuda.synchronize(device)
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                call(name, x)
-                end.record()
-                if name in live:
-                    pending[name].append((start, end))
-            if on_round is not None:
-                on_round()
-        sync(device)
-        samples = {n: [s.elapsed_time(e) / 1e3 for s, e in ev] for n, ev in pending.items() if n in live}
+        samples = _gpu_rounds(
+            list(live), inputs, repeats, mode, call, alive=lambda n: n in live,
+            sync=lambda: torch.cuda.synchronize(device), flush=flush.zero_,
+            event=lambda: torch.cuda.Event(enable_timing=True), on_round=on_round,
+        )
     else:
         samples = {n: [] for n in live}
         for r in range(repeats):
