@@ -365,6 +365,15 @@ def test_prune_configs_respects_shared_memory_and_problem_size():
     kept = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=64 * 56 * 56, CG=64, KG=64, CD=0,
                                    elem_size=4, smem_limit=sm80)
     assert kept and all(c.smem_bytes(4) <= sm80 and c.block_n <= 64 for c in kept)
+    # Undersized tiles go where bigger ones fit: no 16/32-wide N or 16-deep K tile on a 64-channel layer.
+    assert all(c.block_n == 64 and c.block_k >= 32 and c.block_m >= 64 for c in kept)
+    # ... but the stem's 3 input channels keep their 16-deep K tiles, and IEEE fp32 keeps its FMA tiles.
+    stem = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=64 * 112 * 112, CG=3, KG=64, CD=0,
+                                   elem_size=2, smem_limit=sm80)
+    assert stem and all(c.block_k == 16 for c in stem)
+    fma = tl_launch.prune_configs(tl_launch.FMA_CONFIGS, M=64 * 56 * 56, CG=64, KG=64, CD=0,
+                                  elem_size=4, smem_limit=sm80, fma=True)
+    assert len(fma) > 1 and all(c.block_k == 16 for c in fma)
     tiny = tl_launch.prune_configs(tl_launch.GPU_CONFIGS, M=8, CG=3, KG=4, CD=0, elem_size=2, smem_limit=sm80)
     assert [(c.block_m, c.block_n, c.block_k) for c in tiny] == [(32, 16, 16)]
 

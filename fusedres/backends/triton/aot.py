@@ -4,8 +4,9 @@
 
 Compiles every compile-time variant of ``_conv_bn_act_fwd_kernel`` (filter size 1/3/7 x
 residual x ReLU x downsample x dtype, fp32 in both TF32 and IEEE mode; padded exactly
-when the filter is larger than 1x1, as in ResNets; and the train-mode statistics variants,
-with and without the BN prologue) with the first
+when the filter is larger than 1x1, as in ResNets; with ReLU also with the eval
+BN-statistics epilogue; and the train-mode statistics variants, with and without the BN
+prologue) with the first
 tile config that :func:`launch.prune_configs` keeps for a large problem of that dtype on
 that arch, plus every surviving config for the heaviest variants (3x3 block tail with
 both accumulators, bf16 and fp32; 3x3 train conv with prologue and statistics, bf16 and
@@ -45,6 +46,8 @@ _TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 _ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Arguments that are exactly 1 on the channels_last fast path (JIT specialises them to constants).
 _UNIT_STRIDES = ("sxc", "swk", "src", "soc", "sdc", "swdk")
+# Scalar float arguments (the BN epsilons).
+_FLOAT_ARGS = ("eps", "ds_eps")
 # Geometry arguments that vary per layer: left as plain i32 (no divisibility assumption).
 _PLAIN_INTS = ("H", "W", "OH", "OW", "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw")
 
@@ -59,13 +62,14 @@ class Variant:
     relu: bool
     prologue_bn: bool = False
     emit_stats: bool = False
+    bn_stats: bool = False
 
     @property
     def name(self) -> str:
         prec = f"-{self.precision}" if self.dtype == "fp32" else ""
         flags = "".join(f for f, on in (("+res", self.has_residual), ("+ds", self.has_downsample),
                                         ("+relu", self.relu), ("+pro", self.prologue_bn),
-                                        ("+stats", self.emit_stats)) if on)
+                                        ("+stats", self.emit_stats), ("+bn", self.bn_stats)) if on)
         return f"{self.dtype}{prec}-k{self.kh}{flags}"
 
 
@@ -77,6 +81,8 @@ def variants() -> list[Variant]:
         dtypes, (1, 3, 7), (True, False), ((False, False), (True, False), (False, True))
     ):
         out.append(Variant(dt, prec, kh, res, ds, relu))
+        if relu:  # the drop-in blocks pass their eval BN's statistics (BN_STATS), always with ReLU
+            out.append(Variant(dt, prec, kh, res, ds, relu, bn_stats=True))
     # Train mode (fusedres.training): every conv emits statistics of its raw output; convs
     # that follow a BN inside a block (1x1 and 3x3) also apply it in their operand load.
     for (dt, prec), (kh, pro) in itertools.product(
@@ -94,6 +100,8 @@ def _signature_and_constants(kernel, v: Variant, cfg):
             fp32 = any(s in name for s in ("scale", "shift", "stat_"))
             sig[name] = "*fp32" if fp32 else act
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
         elif name in _UNIT_STRIDES:
             sig[name] = "constexpr"
             constants[name] = 1
@@ -106,7 +114,7 @@ def _signature_and_constants(kernel, v: Variant, cfg):
     constants.update(
         KH=v.kh, KW=v.kh, PADDED=v.kh > 1,
         HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
-        PROLOGUE_BN=v.prologue_bn, EMIT_STATS=v.emit_stats,
+        PROLOGUE_BN=v.prologue_bn, EMIT_STATS=v.emit_stats, BN_STATS=v.bn_stats,
         DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
     )
     return sig, constants, attrs
@@ -192,14 +200,16 @@ def plan(archs, all_configs: bool):
     Default (CI, a couple of minutes on 2 cores): per arch, every flag combination in bf16
     at the default tile; the other dtypes/precisions for the representative flag sets; and
     every tile the autotuner may pick for the heaviest variants (3x3 with residual, 3x3 train
-    conv with BN prologue and statistics, 3x3
-    block tail) in bf16, fp32-TF32 and fp32-IEEE.  ``all_configs``: every variant x every tile.
+    conv with BN prologue and statistics, 3x3 block tail, the last two also with the eval
+    BN-statistics epilogue) in bf16, fp32-TF32 and fp32-IEEE.  ``all_configs``: every variant x every tile.
     """
     from .launch import base_configs, prune_configs
 
     representative = {"k3+res+relu", "k3+ds+relu", "k7+relu", "k3+pro+stats"}
     heavy = {"bf16-k3+res+relu", "bf16-k3+ds+relu", "fp32-tf32-k3+ds+relu", "fp32-ieee-k3+ds+relu",
-             "bf16-k3+pro+stats", "fp32-ieee-k3+pro+stats"}
+             "bf16-k3+pro+stats", "fp32-ieee-k3+pro+stats",
+             # The eval BN-statistics epilogue (what converted blocks run) adds per-column vectors.
+             "bf16-k3+res+relu+bn", "bf16-k3+ds+relu+bn", "fp32-tf32-k3+ds+relu+bn", "fp32-ieee-k3+ds+relu+bn"}
     jobs = []
     for arch in archs:
         for v in variants():

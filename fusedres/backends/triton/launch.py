@@ -18,7 +18,10 @@ off or cannot fit:
   accumulator needs more than :data:`DS_ACC_REGS` registers per thread are dropped;
 * ``num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size`` bytes of pipelined operand
   tiles must fit the device's shared memory per block (163 KB on sm_80, 227 KB on sm_90);
-* with the train-mode BN prologue, :data:`PROLOGUE_EXCLUDED` tiles (register spills).
+* with the train-mode BN prologue, :data:`PROLOGUE_EXCLUDED` tiles (register spills);
+* tensor-core tiles much smaller than the problem (``BLOCK_N < 64`` with 64+ output channels
+  per group, ``BLOCK_K < 32`` with 64+ input channels, ``BLOCK_M < 64`` with 4096+ rows),
+  unless nothing else is left: they never win there, and each costs a compile.
 
 ``FUSEDRES_TRITON_AUTOTUNE=0`` skips the benchmarking and takes the first surviving
 config (useful for fast test runs).  Under ``TRITON_INTERPRET=1`` (CPU tensors) there is
@@ -148,6 +151,16 @@ def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int,
     ]
     if not kept:  # tiny problem: the smallest tile that fits
         kept = [min(configs, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))]
+    if not fma:
+        # Undersized tensor-core tiles on a problem that fills bigger ones only lose (less data
+        # reuse per loaded byte) but each costs a compile and a benchmark on first use; dropping
+        # them cuts ResNet-50's cold autotuning, which filled whole GPU-check budgets.
+        full = [
+            c for c in kept
+            if not (n_needed >= 64 and c.block_n < 64) and not (k_needed >= 64 and c.block_k < 32)
+            and not (m_needed >= 4096 and c.block_m < 64)
+        ]
+        kept = full or kept
     return kept
 
 
