@@ -4,7 +4,7 @@ Runs ``python -m fusedres.backends.triton.aot`` in a subprocess without TRITON_I
 (in an interpreting process the JIT hands out interpreted functions).  The tool fails on
 compile errors, register spills (``ptxas -v``) or shared memory above the per-block limit,
 and prints a registers/spills/shared-memory report, echoed here (see it with ``-s`` or
-``-rP``).  About 150 kernels (36 of them the train-mode statistics/prologue variants, 44 the
+``-rP``).  About 150 kernels (28 of them the train-mode statistics/prologue variants, 44 the
 eval BN-statistics epilogue); two to three minutes on 2 cores with a cold Triton cache.
 """
 
