@@ -202,7 +202,10 @@ def conv_bn_act(
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
     stats = _check_stats("", running_mean, running_var, eps, x, cout)
-    spec = _spec(x, weight, stride, padding, dilation, groups, relu, (x, weight, scale, shift, residual),
+    # The statistics count for autograd too: a running_mean/var that requires grad (torch.func,
+    # meta-learning) must take the host-side differentiable fold, never the in-kernel one.
+    spec = _spec(x, weight, stride, padding, dilation, groups, relu,
+                 (x, weight, scale, shift, residual, running_mean, running_var),
                  has_residual=residual is not None)
     mod = backends.select(backend, spec)
     if x.shape[0] == 0:
@@ -275,7 +278,8 @@ def block_tail(
     stats = _check_stats("", running_mean, running_var, eps, y, cout)
     ds_stats = _check_stats("ds_", ds_running_mean, ds_running_var, ds_eps, y, cout)
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
-                 (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift),
+                 (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
+                  running_mean, running_var, ds_running_mean, ds_running_var),
                  has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride)
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:

@@ -227,6 +227,72 @@ def test_bn_stats_with_autograd_fold_on_the_host():
     torch.testing.assert_close(gamma.grad, g2.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_bn_stats_requiring_grad_fold_on_the_host():
+    """Running statistics that require grad (torch.func, meta-learning) get their gradient.
+
+    Only the statistics require grad here: they must still count as "a gradient is needed",
+    else the kernel folds them and the gradient is silently lost (the output did not even
+    require grad).
+    """
+    x = _rand(2, 8, 5, 5, dtype=torch.float32, channels_last=True)
+    wt = _rand(12, 8, 3, 3, dtype=torch.float32) / 8
+    gamma, beta, mean, var = _bn_params(12, torch.float32)
+    mean.requires_grad_()
+    var.requires_grad_()
+    out = fusedres.conv_bn_act(x, wt, gamma, beta, padding=1, running_mean=mean, running_var=var, eps=1e-5,
+                               backend="triton")
+    assert out.requires_grad
+    out.square().sum().backward()
+    m2, v2 = mean.detach().clone().requires_grad_(), var.detach().clone().requires_grad_()
+    s, b = fusedres.functional.fold_stats(gamma, beta, (m2, v2, 1e-5))
+    fusedres.conv_bn_act(x, wt, s, b, padding=1, backend="torch").square().sum().backward()
+    torch.testing.assert_close(mean.grad, m2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.grad, v2.grad, rtol=1e-4, atol=1e-4)
+
+    # Block tail: only the downsample branch's statistics require grad.
+    y = _rand(2, 8, 3, 3, dtype=torch.float32, channels_last=True)
+    xd = _rand(2, 4, 5, 5, dtype=torch.float32, channels_last=True)
+    w2, wd = _rand(12, 8, 3, 3, dtype=torch.float32) / 8, _rand(12, 4, 1, 1, dtype=torch.float32) / 2
+    bn, ds_bn = _bn_params(12, torch.float32), _bn_params(12, torch.float32)
+    ds_mean = ds_bn[2].clone().requires_grad_()
+    out = fusedres.block_tail(y, w2, bn[0], bn[1], xd, wd, ds_bn[0], ds_bn[1], padding=1, ds_stride=2,
+                              running_mean=bn[2], running_var=bn[3], ds_running_mean=ds_mean,
+                              ds_running_var=ds_bn[3], backend="triton")
+    assert out.requires_grad
+    out.sum().backward()
+    dm2 = ds_bn[2].clone().requires_grad_()
+    s, b = fusedres.functional.fold_stats(bn[0], bn[1], (bn[2], bn[3], 1e-5))
+    sd, bd = fusedres.functional.fold_stats(ds_bn[0], ds_bn[1], (dm2, ds_bn[3], 1e-5))
+    fusedres.block_tail(y, w2, s, b, xd, wd, sd, bd, padding=1, ds_stride=2, backend="torch").sum().backward()
+    torch.testing.assert_close(ds_mean.grad, dm2.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_strided_affine_vectors():
+    """scale/shift and the BN statistics as strided 1-D views (columns of a 2-D tensor).
+
+    The kernel reads them at unit stride, so the launcher must hand it contiguous copies;
+    reading the views' storage directly mixed up channels.
+    """
+    x = _rand(2, 8, 5, 5, dtype=torch.float32, channels_last=True)
+    wt = _rand(12, 8, 3, 3, dtype=torch.float32) / 8
+    cols = [torch.stack([v, torch.full_like(v, 1e3)], 1)[:, 0] for v in _bn_params(12, torch.float32)]
+    assert not cols[0].is_contiguous()
+    stats = dict(running_mean=cols[2], running_var=cols[3], eps=1e-5)
+    for kw in ({}, stats):
+        ref = fusedres.conv_bn_act(x, wt, cols[0], cols[1], padding=1, backend="torch", **kw)
+        out = fusedres.conv_bn_act(x, wt, cols[0], cols[1], padding=1, backend="triton", **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    y = _rand(2, 8, 3, 3, dtype=torch.float32, channels_last=True)
+    xd = _rand(2, 4, 5, 5, dtype=torch.float32, channels_last=True)
+    wd = _rand(12, 4, 1, 1, dtype=torch.float32) / 2
+    ds_stats = {f"ds_{k}": v for k, v in stats.items()}
+    for kw in ({}, {**stats, **ds_stats}):
+        args = (y, wt, cols[0], cols[1], xd, wd, cols[1].abs(), cols[0])
+        ref = fusedres.block_tail(*args, padding=1, ds_stride=2, backend="torch", **kw)
+        out = fusedres.block_tail(*args, padding=1, ds_stride=2, backend="triton", **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bn_stats_argument_errors_name_the_argument():
     x = _rand(1, 8, 4, 4, dtype=torch.float32)
     wt = _rand(8, 8, 1, 1, dtype=torch.float32)

@@ -399,8 +399,12 @@ def _launch(
         if t is not None and _per_image(t) > _INT32_MAX:
             raise ValueError(f"{name}: one image has {_per_image(t)} elements; at most 2**31 - 1 supported")
     kg = k // groups
+    # The kernel reads every per-channel vector (scale, shift, BN statistics) at unit stride:
+    # a strided 1-D view (a column of a 2-D tensor, an expand()ed scalar) is copied first.
+    scale, shift = scale.contiguous(), shift.contiguous()
     if ds is not None:
         xd, wd_t, ds_scale, ds_shift, ds_stride = ds
+        ds_scale, ds_shift = ds_scale.contiguous(), ds_shift.contiguous()
         cd = xd.shape[1]
         swdc, swdk = wd_t.stride(2), wd_t.stride(3)
     else:
@@ -409,8 +413,10 @@ def _launch(
     in_scale, in_shift = prologue if prologue is not None else (scale, shift)
     psum, pm2 = stats if stats is not None else (scale, shift)
     if bn_stats is not None:
-        mean, var, eps = bn_stats[:3]
-        ds_mean, ds_var, ds_eps = bn_stats[3:] if ds is not None else (mean, var, eps)
+        mean, var, eps = bn_stats[0].contiguous(), bn_stats[1].contiguous(), bn_stats[2]
+        ds_mean, ds_var, ds_eps = (
+            (bn_stats[3].contiguous(), bn_stats[4].contiguous(), bn_stats[5]) if ds is not None else (mean, var, eps)
+        )
     else:
         mean, var, eps, ds_mean, ds_var, ds_eps = scale, shift, 0.0, scale, shift, 0.0
     args = (
