@@ -95,10 +95,18 @@ def _torch_libstdcxx() -> list[str]:
     """
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    except OSError:  # not Linux
+            # The pathname is everything after the 5th field (it may hold spaces, or end in
+            # " (deleted)" when the file was replaced on disk).
+            paths = {parts[5] for parts in (line.rstrip("\n").split(maxsplit=5) for line in f) if len(parts) == 6}
+    except OSError:  # not Linux: the platform's own toolchain rules apply
         return []
-    libs = sorted(p for p in paths if Path(p).name.startswith("libstdc++.so"))
+    libs = sorted(p for p in paths if Path(p).name.startswith("libstdc++.so") and Path(p).is_file())
+    if not libs:
+        _say("no shared libstdc++ mapped in this process; linking the compiler's default C++ runtime "
+             "(if that is a static libstdc++, failing input checks in _C may crash instead of raising)")
+        return []
+    if len(libs) > 1:
+        _say(f"several libstdc++ libraries mapped ({', '.join(libs)}); linking {libs[0]}")
     return libs[:1]
 
 

@@ -321,10 +321,13 @@ at::Tensor fold(const at::Tensor& weight, const Affine& affine, at::Tensor& bias
              : fold_weight<c10::Half>(weight, affine, bias, accumulate, stream);
 }
 
-// The epilogue's fp32 bias; at::empty's allocations are 512-byte aligned, as the epilogue's
-// 8-wide fp32 loads need.
+// The epilogue's fp32 bias.  Its 8-wide fp32 loads need 32-byte alignment, which the caching
+// allocator's 512-byte blocks give; checked, since a pluggable allocator need not.
 at::Tensor new_bias(const at::Tensor& x, int64_t K) {
-  return at::empty({K}, x.options().dtype(at::kFloat));
+  at::Tensor bias = at::empty({K}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(bias.const_data_ptr()) % 32 == 0,
+              "fusedres cuda: the allocator returned a bias buffer that is not 32-byte aligned");
+  return bias;
 }
 
 at::Tensor new_output(const at::Tensor& x, int64_t K, int64_t P, int64_t Q) {

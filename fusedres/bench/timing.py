@@ -22,7 +22,9 @@ Methodology (the same loop on both devices, only the clock differs):
     to back, with no synchronisation between them.  The events measure each call's span
     on the device, including any time the GPU waits for the host, so a host-bound
     contender shows its host time and a GPU-bound one its GPU time: steady-state cost
-    per call, as inside a model or a serving loop.
+    per call, as inside a model or a serving loop.  (The flush before each call, about
+    80 us of GPU time for 256 MB on an H100, lets that much host time per call go unseen,
+    as in ``do_bench``.)
   - ``isolated``: a turn is one call, synchronised after the flush, so the events also
     include the host time up to the call's first launch: the latency of one call on an
     idle GPU.  Pessimistic for sub-millisecond blocks with Python-heavy launch paths (the

@@ -97,7 +97,10 @@ def _signature_and_constants(kernel, v: Variant, cfg):
     act = "*" + _TRITON_DTYPE[v.dtype]
     for i, name in enumerate(kernel.arg_names):
         if name.endswith("_ptr"):
-            fp32 = any(s in name for s in ("scale", "shift", "stat_"))
+            # scale/shift fp32 (functional callers fold in fp32); with BN_STATS all four BN vectors
+            # in the activation dtype, as a converted bf16/fp16 model passes its BN as it is.
+            fp32 = "stat_" in name or (
+                not v.bn_stats and any(s in name for s in ("scale", "shift")))
             sig[name] = "*fp32" if fp32 else act
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:

@@ -457,8 +457,8 @@ def _launch(
         # What the autotuner keys on (_AUTOTUNE_KEY) plus the device and the operand dtypes.
         key = (m, h, w, oh, ow, cg, kg, cd, x.stride(1), xd.stride(1), out.stride(1),
                residual.stride(1) if residual is not None else 0, tuple(stride), tuple(padding),
-               tuple(dilation), tuple(ds_stride), *flags.values(), x.dtype, scale.dtype, x.device.index,
-               _autotune_enabled())
+               tuple(dilation), tuple(ds_stride), *flags.values(), x.dtype, scale.dtype, shift.dtype,
+               mean.dtype, x.device.index, _autotune_enabled())
         config = _tile_cache.get(key)
     if config is None and not _autotune_enabled():
         config = prune_configs(
