@@ -142,6 +142,8 @@ def test_unavailable_without_gpu_says_why():
         (dict(in_channels=12, ds_in_channels=16, ds_stride=(2, 2)), "in_channels=12 is not a multiple of 8"),
         (dict(ds_in_channels=12, ds_stride=(2, 2)), "ds_in_channels=12 is not a multiple of 8"),
         (dict(kernel_size=(33, 1)), "exceeds 32"),
+        (dict(in_channels=0), "zero input or output channels"),
+        (dict(out_channels=0), "zero input or output channels"),
     ],
 )
 def test_unsupported_reasons(kw, needle):

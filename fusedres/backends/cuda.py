@@ -116,6 +116,8 @@ def unsupported_reason(spec) -> str | None:
         return "autograd is needed and the CUDA kernels are forward-only"
     if spec.groups != 1:
         return f"groups={spec.groups} (grouped convolution is not implemented)"
+    if spec.in_channels == 0 or spec.out_channels == 0:
+        return "a conv with zero input or output channels (nothing for the kernels to tile)"
     channels = {"out_channels": spec.out_channels}
     if spec.has_downsample:  # conv_bn_act pads its input channels, block_tail does not
         channels.update(in_channels=spec.in_channels, ds_in_channels=spec.ds_in_channels)
