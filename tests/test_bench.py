@@ -232,6 +232,40 @@ def test_failing_contender_is_an_error_row(mode):
         assert "no fused op ran" in rows["fusedres-torch"]["note"]
 
 
+def test_progress_reaches_its_total_when_a_workload_fails(monkeypatch):
+    """A workload that fails before timing still advances the bar by its share."""
+    shape = workloads.BlockShape("basic", 8, 16, 2, 1, 64, 1, True, 8, 8)
+    wls = [runner.Workload("block", shape.name, b, 32, shape, {"x": 1}) for b in (1, 2)]
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager")], repeats=3, warmup=0)
+    peaks = {"float32": roofline.Peaks(1e11, 1e10, 1, 1, "test")}
+
+    class Progress:
+        total_n, done = None, 0
+
+        def total(self, n):
+            self.total_n = n
+
+        def advance(self, n=1):
+            self.done += n
+
+        def status(self, text):
+            pass
+
+    real = runner.run_workload
+
+    def flaky(w, *args, **kw):
+        if w.batch == 1:
+            raise RuntimeError("out of memory")
+        return real(w, *args, **kw)
+
+    monkeypatch.setattr(runner, "run_workload", flaky)
+    prog = Progress()
+    rows = [r for rs in runner.iter_rows(wls, cfg, peaks, prog) for r in rs]
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert prog.total_n == prog.done == 2 * 3
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -344,15 +344,23 @@ def iter_rows(workloads: list[Workload], cfg: Config, peaks: dict[str, roofline.
                 yield rows_with(w, dtype, status="skipped",
                                 note=f"time budget of {cfg.time_budget_s:g} s spent before this workload")
                 continue
+            advanced = [0]
+
+            def on_round():
+                advanced[0] += 1
+                progress.advance()
+
             try:
                 rows = run_workload(
                     w, dtype, cfg, peaks[dtype_name(dtype)],
                     on_status=progress.status if progress is not None else None,
-                    on_round=progress.advance if progress is not None else None,
+                    on_round=on_round if progress is not None else None,
                 )
             except Exception as exc:
                 rows = rows_with(w, dtype, status="error", error=f"workload: {type(exc).__name__}: {exc}"[:2000])
             finally:
+                if progress is not None and advanced[0] < cfg.repeats:  # failed before or during timing
+                    progress.advance(cfg.repeats - advanced[0])
                 # Fresh compile caches per workload: every block instance shares its class's
                 # forward code object, and Dynamo's recompile limit would otherwise silently
                 # turn later workloads back to eager.
