@@ -62,44 +62,45 @@ def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups)
             f"channel mismatch: {x_name} has {x.shape[1]} channels but {w_name} expects "
             f"{w.shape[1] * groups} ({w.shape[1]} per group x {groups} groups)"
         )
-    cout = w.shape[0]
     for n, v in ((s_name, scale), (b_name, shift)):
-        _check_tensor(n, v, 1)
-        if v.shape[0] != cout:
-            raise ValueError(f"{n} must have {cout} elements (one per output channel), got {v.shape[0]}")
-        if v.device != x.device:
-            raise ValueError(f"{n} is on {v.device} but {x_name} is on {x.device}")
-        if v.dtype not in (torch.float32, x.dtype):
-            raise TypeError(f"{n} must be float32 or {x_name}'s dtype {x.dtype}, got {v.dtype}")
+        _check_channel_vector(n, v, w.shape[0], x_name, x)
 
 
-def _check_stats(prefix: str, mean, var, eps, like: torch.Tensor, cout: int):
+def _check_channel_vector(name: str, v, cout: int, x_name: str, x: torch.Tensor) -> None:
+    """``v`` is a ``(cout,)`` tensor on ``x``'s device, fp32 or ``x``'s dtype (scale, shift, BN statistics)."""
+    _check_tensor(name, v, 1)
+    if v.shape[0] != cout:
+        raise ValueError(f"{name} must have {cout} elements (one per output channel), got {v.shape[0]}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but {x_name} is on {x.device}")
+    if v.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{name} must be float32 or {x_name}'s dtype {x.dtype}, got {v.dtype}")
+
+
+def _check_stats(prefix: str, mean, var, eps, x_name: str, x: torch.Tensor, cout: int):
     """``(mean, var, eps)`` checked (``prefix`` names the arguments), or None when not given."""
     if mean is None and var is None:
         return None
     if (mean is None) != (var is None):
         raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
     for n, v in ((f"{prefix}running_mean", mean), (f"{prefix}running_var", var)):
-        _check_tensor(n, v, 1)
-        if v.shape[0] != cout:
-            raise ValueError(f"{n} must have {cout} elements (one per output channel), got {v.shape[0]}")
-        if v.device != like.device:
-            raise ValueError(f"{n} is on {v.device} but the input is on {like.device}")
-        if v.dtype not in (torch.float32, like.dtype):
-            raise TypeError(f"{n} must be float32 or the input's dtype {like.dtype}, got {v.dtype}")
+        _check_channel_vector(n, v, cout, x_name, x)
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"{prefix}eps must be a non-negative number, got {eps!r}")
     return (mean, var, float(eps))
 
 
-def fold_stats(scale, shift, stats):
-    """``(scale / sqrt(var + eps), shift - mean * scale / sqrt(var + eps))`` in fp32 (fp64 stays fp64).
+def fold_stats(scale, shift, stats, dtype: torch.dtype | None = None):
+    """``(scale / sqrt(var + eps), shift - mean * scale / sqrt(var + eps))`` in ``dtype``.
 
-    The host-side equivalent of the ``BN_STATS`` epilogue; differentiable in ``scale`` and ``shift``.
+    ``dtype`` defaults to fp32, or fp64 when any operand is fp64.  The host-side equivalent of
+    the ``BN_STATS`` epilogue; differentiable in ``scale`` and ``shift``.
     """
     mean, var, eps = stats
-    wide = torch.float64 in (scale.dtype, shift.dtype, mean.dtype, var.dtype)
-    dt = torch.float64 if wide else torch.float32
+    if dtype is None:
+        wide = torch.float64 in (scale.dtype, shift.dtype, mean.dtype, var.dtype)
+        dtype = torch.float64 if wide else torch.float32
+    dt = dtype
     s = scale.to(dt) * torch.rsqrt(var.to(dt) + eps)
     return s, shift.to(dt) - mean.to(dt) * s
 
@@ -201,7 +202,7 @@ def conv_bn_act(
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
-    stats = _check_stats("", running_mean, running_var, eps, x, cout)
+    stats = _check_stats("", running_mean, running_var, eps, "x", x, cout)
     # The statistics count for autograd too: a running_mean/var that requires grad (torch.func,
     # meta-learning) must take the host-side differentiable fold, never the in-kernel one.
     spec = _spec(x, weight, stride, padding, dilation, groups, relu,
@@ -275,8 +276,8 @@ def block_tail(
             f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
         )
     cout = weight.shape[0]
-    stats = _check_stats("", running_mean, running_var, eps, y, cout)
-    ds_stats = _check_stats("ds_", ds_running_mean, ds_running_var, ds_eps, y, cout)
+    stats = _check_stats("", running_mean, running_var, eps, "y", y, cout)
+    ds_stats = _check_stats("ds_", ds_running_mean, ds_running_var, ds_eps, "y", y, cout)
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
                  (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
                   running_mean, running_var, ds_running_mean, ds_running_var),
@@ -303,9 +304,6 @@ def bn_scale_shift(bn, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor
     BN's weight and bias.
     """
     rv = bn.running_var
-    inv = torch.rsqrt(rv.to(dtype) + bn.eps)
-    w = bn.weight.to(dtype) if bn.weight is not None else torch.ones_like(inv)
-    b = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(inv)
-    scale = w * inv
-    shift = b - bn.running_mean.to(dtype) * scale
-    return scale, shift
+    w = bn.weight if bn.weight is not None else torch.ones_like(rv, dtype=dtype)
+    b = bn.bias if bn.bias is not None else torch.zeros_like(rv, dtype=dtype)
+    return fold_stats(w, b, (bn.running_mean, rv, bn.eps), dtype)
