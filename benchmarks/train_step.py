@@ -20,7 +20,6 @@ The ratios fused/eager (and fused/compile) are computed within this one run, on 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import subprocess

@@ -7,7 +7,6 @@ plain torchvision model (ordinary BatchNorm) on the whole batch.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch

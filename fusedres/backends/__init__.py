@@ -101,9 +101,14 @@ class record:
         _recorders.remove(self.used)
 
 
-def _picked(mod: ModuleType) -> ModuleType:
+def note_used(name: str) -> None:
+    """Add ``name`` to every active :class:`record` (backends, and the train-mode chains)."""
     for used in _recorders:
-        used.add(mod.NAME)
+        used.add(name)
+
+
+def _picked(mod: ModuleType) -> ModuleType:
+    note_used(mod.NAME)
     return mod
 
 

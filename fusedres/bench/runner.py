@@ -255,7 +255,10 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
             if name.startswith("fusedres-"):
                 row["backends_used"] = sorted(used)
                 if not used:
-                    row["note"] = "no fused op ran: every block took torchvision's forward (e.g. train-mode BN)"
+                    row["note"] = "no fused op ran: every block took torchvision's forward"
+                elif train:
+                    row["note"] = ("train mode: fusedres.training's chains ran (the backend name picks the "
+                                   "eval kernels only)")
             steps[name] = step
         del ref_out
 

@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..backends import note_used
 from .chain import ChainTrain
+from .ops import use_triton
 
 __all__ = ["ChainTrain", "batch_stat_bn", "chain_ready", "chain_forward", "convert_sync_batchnorm"]
 
@@ -130,7 +132,11 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
         pool_cfg,
         reduction <= RECOMPUTE_MAX_REDUCTION,
     )
-    out, *stats = ChainTrain.apply(cfg, _sync_group(owner), x.to(dtype), *params)
+    x = x.to(dtype)
+    # What ran, for fusedres.backends.record (the bench's "backends used" column): the train
+    # chain's kernels do not depend on the module's eval backend.
+    note_used("train:triton" if use_triton(x) else "train:torch")
+    out, *stats = ChainTrain.apply(cfg, _sync_group(owner), x, *params)
     for i, (_, bn) in enumerate(pairs):
         _update_running_stats(bn, stats[2 * i], stats[2 * i + 1])
     return out

@@ -85,6 +85,10 @@ def _scale_shift(gamma, beta, mean, invstd):
 
 def _bn_backward(g, y, z, mean, invstd, gamma, count, group, *, write_gp: bool):
     """BN(+ReLU via ``y > 0``) backward: ``(g_z, g_gamma, g_beta, gp)``; see the module docstring."""
+    if group is None:  # local statistics: ATen's one-call kernel where it applies
+        fused = ops.bn_backward(g, y, z, mean, invstd, gamma, write_gp=write_gp)
+        if fused is not None:
+            return fused
     sg, sgx = ops.bn_bwd_reduce(g, y, z, mean)
     # gamma/beta get this rank's share only: DDP reduces parameter gradients itself.
     g_gamma, g_beta = sgx * invstd, sg

@@ -13,6 +13,14 @@ The Triton kernels run for CUDA tensors in fp16/bf16/fp32 outside ``torch.compil
 ops run everywhere else (CPU, fp64, and under ``torch.compile``, where Inductor fuses them).
 Both compute in fp32 (fp64 for fp64) and round once to the activation dtype.
 
+Eagerly on fp32/fp64 tensors that Triton does not take (the CPU training path), the torch side
+uses ATen's own BatchNorm kernels, one vectorised pass each instead of a chain of elementwise
+ops: ``batch_norm_update_stats`` for the statistics, ``addcmul`` + in-place add/ReLU for the apply,
+and ``threshold_backward`` + ``native_batch_norm_backward`` for :func:`bn_backward` (the
+reduce and the apply in one call, for statistics of the local batch).  On 2 CPU cores this made
+a ResNet-50 training step about 1.5x faster than the elementwise form (numbers in
+``benchmarks/README.md``).  fp16/bf16 keep the elementwise form: it rounds once, in fp32.
+
 :func:`conv_stats` on the Triton path is a single launch of the conv kernel of
 ``fusedres/backends/triton`` (statistics from its epilogue, the previous BN-apply + ReLU in
 its operand load, so that activation never reaches memory); on the torch path it is
@@ -50,6 +58,17 @@ def _c(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def _aten_bn(*ts) -> bool:
+    """Whether ATen's fused BN kernels serve these tensors (all present ones fp32, or all fp64)."""
+    present = [t for t in ts if t is not None]
+    return (
+        not torch.compiler.is_compiling()
+        and present[0].dtype in (torch.float32, torch.float64)
+        and all(t.dtype == present[0].dtype for t in present)
+        and not use_triton(present[0])
+    )
+
+
 def conv_stats(a, weight, geom, in_scale=None, in_shift=None):
     """``(z, mean, var)``: ``z = conv2d(a', weight)`` with ``a' = relu(a*in_scale[c] + in_shift[c])``
     (``in_scale``/``in_shift`` ``(C_in,)``) or ``a' = a``, and the biased per-channel statistics of ``z``.
@@ -73,6 +92,11 @@ def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased ``(mean, var)`` per channel of ``z``, one fused reduction (Triton) or ``var_mean``."""
     if use_triton(z):
         return _tk.channel_stats(z)
+    if _aten_bn(z):
+        # BatchNorm's own statistics kernel, the one eager nn.BatchNorm2d uses (var_mean over
+        # N, H, W was 3x slower on NCHW and 30x on channels_last, 2 CPU cores); no running
+        # stats given, so it only returns the biased (mean, var).
+        return torch.ops.aten.batch_norm_update_stats(z, None, None, 0.0)
     var, mean = torch.var_mean(z.to(stats_dtype(z.dtype)), dim=_DIMS, correction=0)
     return mean, var
 
@@ -80,6 +104,14 @@ def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bn_act(z, scale, shift, residual=None, zd=None, dscale=None, dshift=None, *, relu: bool):
     if use_triton(z):
         return _tk.bn_act(z, scale, shift, residual, zd, dscale, dshift, relu=relu)
+    if _aten_bn(z, scale, shift, residual, zd, dscale, dshift):
+        # One allocation, then in-place passes (same values as below: fp32/fp64 throughout).
+        out = torch.addcmul(_c(shift if dshift is None else shift + dshift), z, _c(scale))
+        if residual is not None:
+            out.add_(residual)
+        if zd is not None:
+            out.addcmul_(zd, _c(dscale))
+        return out.relu_() if relu else out
     acc = z.to(scale.dtype) * _c(scale) + _c(shift)
     if residual is not None:
         acc = acc + residual
@@ -107,3 +139,21 @@ def bn_bwd_apply(g, y, z, mean, a, b, c, *, write_gp: bool):
         gp = gp * (y > 0)
     gz = (gp * _c(a) + (z.to(mean.dtype) - _c(mean)) * _c(b) + _c(c)).to(z.dtype)
     return gz, (gp.to(g.dtype) if write_gp else None)
+
+
+def bn_backward(g, y, z, mean, invstd, gamma, *, write_gp: bool):
+    """BN(+ReLU) backward over the local batch through ATen's fused kernel, or ``None``.
+
+    ``(g_z, g_gamma, g_beta, gp)`` with ``gp = g * (y > 0)`` (``g`` when ``y`` is ``None``),
+    ``g_gamma = invstd * sum(gp * (z - mean))`` (also when ``gamma`` is ``None``), ``g_beta =
+    sum(gp)``; the same formula as :func:`bn_bwd_reduce` + :func:`bn_bwd_apply`, computed by
+    ``native_batch_norm_backward``.  Returns ``None`` where that kernel does not apply (Triton
+    tensors, fp16/bf16, mixed dtypes, ``torch.compile``): the caller uses the two-pass form.
+    """
+    if not _aten_bn(g, y, z, mean, invstd, gamma):
+        return None
+    gp = g if y is None else torch.ops.aten.threshold_backward(g, y, 0)
+    gz, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+        gp, z, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
+    )
+    return gz, g_gamma, g_beta, (gp if write_gp else None)
