@@ -472,7 +472,7 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
     monkeypatch.setattr(tl_launch, "_max_shared_mem", lambda device: 227 * 1024)
     configs = tl_launch._autotuned_kernel.configs
     x = torch.empty(1, dtype=torch.bfloat16)
-    args = dict(x_ptr=x, M=64 * 28 * 28, CG=128, KG=128, CD=256)
+    args = dict(x_ptr=x, M=64 * 28 * 28, CG=128, KG=128, CD=256, soc=1, src=1, HAS_RESIDUAL=True)
     tc_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=True, PROLOGUE_BN=False, DOT_PRECISION="tf32")
     fma_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=False, DOT_PRECISION="ieee")
     pro_kept = tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=True, DOT_PRECISION="tf32")
@@ -482,6 +482,14 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
     assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
     excluded = {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.PROLOGUE_EXCLUDED}
     assert as_tiles(pro_kept) and not as_tiles(pro_kept) & excluded
+    # An NCHW output or residual (rows contiguous) keeps only the tiles that did not spill there.
+    for strides in (dict(soc=28 * 28, src=1), dict(soc=1, src=28 * 28)):
+        nchw_kept = as_tiles(tl_launch._early_prune(
+            configs, {**args, **strides}, HAS_DOWNSAMPLE=False, PROLOGUE_BN=False, DOT_PRECISION="tf32"))
+        assert nchw_kept and all(m <= tl_launch.M_CONTIG_BLOCK_M and m * n // (32 * w) <= tl_launch.M_CONTIG_ACC_REGS
+                                 for m, n, _, w in nchw_kept)
+        assert nchw_kept < as_tiles(tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=False,
+                                                           DOT_PRECISION="tf32"))
 
 
 def test_direct_eager_path_equals_registered_op():

@@ -15,7 +15,9 @@ every variant (slow).
 
 The signature mirrors what the JIT sees on the channels_last fast path: the unit strides
 (channel stride of activations, output-channel stride of the re-laid-out weight) are the
-constant 1, pointers and the other strides are 16-divisible.
+constant 1, pointers and the other strides are 16-divisible.  A few extra variants cover
+NCHW activations (unit width strides, channel strides of any value) and the padding flag
+the other way round (a padded 1x1, an unpadded 3x3), at the default tile.
 
 For each binary it reports registers per thread, spill bytes and shared memory, and
 fails (exit status 1) on a compile error, any register spill, or shared memory above the
@@ -46,6 +48,10 @@ _TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 _ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Arguments that are exactly 1 on the channels_last fast path (JIT specialises them to constants).
 _UNIT_STRIDES = ("sxc", "swk", "src", "soc", "sdc", "swdk")
+# NCHW activations: the width strides are 1 instead; the weight is re-laid out either way.
+_NCHW_UNIT_STRIDES = ("sxw", "swk", "srw", "sow", "sdw", "swdk")
+# ... and their channel strides are H * W, which need not be 16-divisible (7 x 7).
+_NCHW_CHANNEL_STRIDES = ("sxc", "src", "soc", "sdc")
 # Scalar float arguments (the BN epsilons).
 _FLOAT_ARGS = ("eps", "ds_eps")
 # Geometry arguments that vary per layer: left as plain i32 (no divisibility assumption).
@@ -63,6 +69,14 @@ class Variant:
     prologue_bn: bool = False
     emit_stats: bool = False
     bn_stats: bool = False
+    #: ``"cl"`` (channels_last: unit channel strides) or ``"nchw"`` (unit width strides).
+    layout: str = "cl"
+    #: ``PADDED``; ``None``: as in ResNets, exactly when the filter is larger than 1x1.
+    padded: bool | None = None
+
+    @property
+    def is_padded(self) -> bool:
+        return self.kh > 1 if self.padded is None else self.padded
 
     @property
     def name(self) -> str:
@@ -70,7 +84,9 @@ class Variant:
         flags = "".join(f for f, on in (("+res", self.has_residual), ("+ds", self.has_downsample),
                                         ("+relu", self.relu), ("+pro", self.prologue_bn),
                                         ("+stats", self.emit_stats), ("+bn", self.bn_stats)) if on)
-        return f"{self.dtype}{prec}-k{self.kh}{flags}"
+        extra = ("" if self.layout == "cl" else f"@{self.layout}") + (
+            "" if self.padded is None else ("@pad" if self.padded else "@nopad"))
+        return f"{self.dtype}{prec}-k{self.kh}{flags}{extra}"
 
 
 def variants() -> list[Variant]:
@@ -92,9 +108,22 @@ def variants() -> list[Variant]:
     return out
 
 
+def extra_variants() -> list[Variant]:
+    """Off the ResNet fast path, compiled at the default tile: NCHW activations (unit width,
+    not channel, strides) and the padding flag the other way round for 1x1 and 3x3."""
+    return [
+        Variant("bf16", "tf32", 3, True, False, True, bn_stats=True, layout="nchw"),
+        Variant("fp32", "ieee", 3, False, True, True, layout="nchw"),
+        Variant("bf16", "tf32", 1, False, False, False, prologue_bn=True, emit_stats=True, layout="nchw"),
+        Variant("bf16", "tf32", 1, True, False, True, padded=True),
+        Variant("bf16", "tf32", 3, False, True, True, padded=False),
+    ]
+
+
 def _signature_and_constants(kernel, v: Variant, cfg):
     sig, constants, attrs = {}, {}, {}
     act = "*" + _TRITON_DTYPE[v.dtype]
+    unit = _UNIT_STRIDES if v.layout == "cl" else _NCHW_UNIT_STRIDES
     for i, name in enumerate(kernel.arg_names):
         if name.endswith("_ptr"):
             # scale/shift fp32 (functional callers fold in fp32); with BN_STATS all four BN vectors
@@ -105,17 +134,17 @@ def _signature_and_constants(kernel, v: Variant, cfg):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
-        elif name in _UNIT_STRIDES:
+        elif name in unit:
             sig[name] = "constexpr"
             constants[name] = 1
         elif kernel.params[i].is_constexpr:
             sig[name] = "constexpr"
         else:
             sig[name] = "i32"
-            if name not in _PLAIN_INTS:
+            if name not in _PLAIN_INTS and not (v.layout == "nchw" and name in _NCHW_CHANNEL_STRIDES):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constants.update(
-        KH=v.kh, KW=v.kh, PADDED=v.kh > 1,
+        KH=v.kh, KW=v.kh, PADDED=v.is_padded,
         HAS_RESIDUAL=v.has_residual, HAS_DOWNSAMPLE=v.has_downsample, RELU=v.relu,
         PROLOGUE_BN=v.prologue_bn, EMIT_STATS=v.emit_stats, BN_STATS=v.bn_stats,
         DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
@@ -204,7 +233,8 @@ def plan(archs, all_configs: bool):
     at the default tile; the other dtypes/precisions for the representative flag sets; and
     every tile the autotuner may pick for the heaviest variants (3x3 with residual, 3x3 train
     conv with BN prologue and statistics, 3x3 block tail, the last two also with the eval
-    BN-statistics epilogue) in bf16, fp32-TF32 and fp32-IEEE.  ``all_configs``: every variant x every tile.
+    BN-statistics epilogue) in bf16, fp32-TF32 and fp32-IEEE; and :func:`extra_variants` at the
+    default tile.  ``all_configs``: every variant x every tile.
     """
     from .launch import base_configs, prune_configs
 
@@ -213,22 +243,30 @@ def plan(archs, all_configs: bool):
              "bf16-k3+pro+stats", "fp32-ieee-k3+pro+stats",
              # The eval BN-statistics epilogue (what converted blocks run) adds per-column vectors.
              "bf16-k3+res+relu+bn", "bf16-k3+ds+relu+bn", "fp32-tf32-k3+ds+relu+bn", "fp32-ieee-k3+ds+relu+bn"}
+
+    def kept(v, arch):
+        return prune_configs(
+            base_configs(v.precision), M=1 << 20, CG=512, KG=512, CD=512 if v.has_downsample else 0,
+            elem_size=_ELEM[v.dtype], smem_limit=SMEM_LIMIT[arch],
+            has_downsample=v.has_downsample, fma=v.precision == "ieee", prologue_bn=v.prologue_bn,
+            m_contiguous_out=v.layout == "nchw",
+        )
+
     jobs = []
     for arch in archs:
         for v in variants():
-            kept = prune_configs(
-                base_configs(v.precision), M=1 << 20, CG=512, KG=512, CD=512 if v.has_downsample else 0,
-                elem_size=_ELEM[v.dtype], smem_limit=SMEM_LIMIT[arch],
-                has_downsample=v.has_downsample, fma=v.precision == "ieee", prologue_bn=v.prologue_bn,
-            )
+            configs = kept(v, arch)
             flags = v.name.split("-k", 1)[1]
             if all_configs or v.name in heavy:
-                chosen = kept
+                chosen = configs
             elif v.dtype == "bf16" or "k" + flags in representative:
-                chosen = kept[:1]
+                chosen = configs[:1]
             else:
                 chosen = []
             jobs.extend((arch, v, c) for c in chosen)
+        for v in extra_variants():
+            configs = kept(v, arch)
+            jobs.extend((arch, v, c) for c in (configs if all_configs else configs[:1]))
     return jobs
 
 

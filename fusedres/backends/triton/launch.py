@@ -133,11 +133,22 @@ PROLOGUE_EXCLUDED = (
 )
 
 
+#: Caps when the output (or residual) is NCHW, i.e. contiguous along the tile's rows: the
+#: epilogue then converts the accumulator's layout before storing, and ptxas spilled on
+#: sm_80/sm_90 for every tile above 32 fp32 accumulator registers per thread or 64 rows
+#: (aot report: 128x128x64/8 warps 2-2.8 KB, 128x64x64/8 warps 0.5 KB, 64x256x32/8 warps).
+M_CONTIG_ACC_REGS = 32
+M_CONTIG_BLOCK_M = 64
+
+
 def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
-                  has_downsample: bool = False, fma: bool = False, prologue_bn: bool = False):
+                  has_downsample: bool = False, fma: bool = False, prologue_bn: bool = False,
+                  m_contiguous_out: bool = False):
     """The configs worth benchmarking for one problem (see the module docstring)."""
     if prologue_bn:
         configs = [c for c in configs if c not in PROLOGUE_EXCLUDED]
+    if m_contiguous_out:
+        configs = [c for c in configs if c.acc_regs() <= M_CONTIG_ACC_REGS and c.block_m <= M_CONTIG_BLOCK_M]
     if has_downsample:
         cap = DS_ACC_REGS_FMA if fma else DS_ACC_REGS
         configs = [c for c in configs if c.acc_regs() <= cap]
@@ -188,6 +199,7 @@ def _early_prune(configs, named_args, **kwargs):
         elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
         has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
         prologue_bn=bool(all_args["PROLOGUE_BN"]),
+        m_contiguous_out=all_args["soc"] != 1 or (bool(all_args["HAS_RESIDUAL"]) and all_args["src"] != 1),
     )
     return [by_cfg[t] for t in kept]
 
@@ -465,6 +477,7 @@ def _launch(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
             fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
+            m_contiguous_out=out.stride(1) != 1 or (residual is not None and residual.stride(1) != 1),
         )[0]
         _tile_cache[key] = config
     # Triton launches on the current device; switch only when x lives elsewhere (the
