@@ -3,7 +3,8 @@
 Two measures, both of the *activations autograd keeps for backward* (parameters excluded):
 
 * ``saved``: bytes of the distinct storages packed by ``torch.autograd.graph.saved_tensors_hooks``
-  during the forward (any device; the only measure on CPU);
+  during the forward (any device; the only measure on CPU), without the AMP copies of the
+  weights, which both keep alike and which are reported apart;
 * ``peak`` (CUDA only): ``torch.cuda.max_memory_allocated`` over forward + backward minus the
   memory allocated before the forward (parameters, gradients, the input).
 
@@ -33,19 +34,35 @@ import fusedres  # noqa: E402
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> int:
+def _param_copy(t: torch.Tensor, param_ids: set) -> bool:
+    """``t`` is a dtype copy of a parameter (an AMP weight cast), not an activation."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return False
+    src = fn.next_functions[0][0]
+    return src is not None and id(getattr(src, "variable", None)) in param_ids
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> tuple[int, int]:
+    """``(activation bytes, parameter-copy bytes)`` of the distinct storages saved for backward.
+
+    Parameters and buffers are not counted; under AMP their low-precision copies (which
+    eager and fused keep alike, one per weight) are counted apart from the activations.
+    """
     params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
+    param_ids = {id(p) for p in model.parameters()}
+    acts: dict[int, int] = {}
+    copies: dict[int, int] = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
+            (copies if _param_copy(t, param_ids) else acts)[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x, autocast_dtype):
         model(x)
-    return sum(seen.values())
+    return sum(acts.values()), sum(copies.values())
 
 
 def _autocast(x, dtype):
@@ -98,13 +115,16 @@ def main(argv=None) -> int:
             eager, fused = (m.to(memory_format=torch.channels_last) for m in (eager, fused))
             x = x.contiguous(memory_format=torch.channels_last)
         row = {"model": name}
-        row["saved_eager"], row["saved_fused"] = saved_bytes(eager, x, amp), saved_bytes(fused, x, amp)
+        row["saved_eager"], row["weight_copies_eager"] = saved_bytes(eager, x, amp)
+        row["saved_fused"], row["weight_copies_fused"] = saved_bytes(fused, x, amp)
         row["saved_ratio"] = row["saved_fused"] / row["saved_eager"]
         if dev.type == "cuda":
             row["peak_eager"], row["peak_fused"] = cuda_peak_bytes(eager, x, amp), cuda_peak_bytes(fused, x, amp)
             row["peak_ratio"] = row["peak_fused"] / row["peak_eager"]
         results.append(row)
-        msg = f"{name:9s} saved: eager {row['saved_eager'] / 2**20:8.1f} MiB  fused {row['saved_fused'] / 2**20:8.1f} MiB  ratio {row['saved_ratio']:.3f}"
+        msg = (f"{name:9s} saved activations: eager {row['saved_eager'] / 2**20:8.1f} MiB  fused "
+               f"{row['saved_fused'] / 2**20:8.1f} MiB  ratio {row['saved_ratio']:.3f} (weight copies: eager "
+               f"{row['weight_copies_eager'] / 2**20:.1f} MiB, fused {row['weight_copies_fused'] / 2**20:.1f} MiB)")
         if "peak_ratio" in row:
             msg += f" | peak: eager {row['peak_eager'] / 2**20:8.1f} MiB  fused {row['peak_fused'] / 2**20:8.1f} MiB  ratio {row['peak_ratio']:.3f}"
         print(msg, flush=True)

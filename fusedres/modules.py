@@ -11,12 +11,13 @@ Forward, per BatchNorm state:
   each conv+BN(+ReLU)(+residual) runs as one :func:`fusedres.conv_bn_act`, the last conv of
   a block with a 1x1-conv+BN downsample as one :func:`fusedres.block_tail`.  ``scale``/``shift``
   are recomputed from the live BN parameters and buffers on every call, so they never go stale.
-* BN with batch statistics (train mode, or ``track_running_stats=False``): the block (or the
-  stem with its max-pool) runs as one train-mode chain of :mod:`fusedres.training`, which
-  keeps only pre-BN conv outputs for backward and updates the running stats like
-  ``nn.BatchNorm2d``.
-* anything else (a custom norm layer or downsample, ``SyncBatchNorm`` in train mode, BNs of
-  one block in different modes): torchvision's own forward, i.e. exactly the reference semantics.
+* BN with batch statistics (train mode, or ``track_running_stats=False``; ``nn.BatchNorm2d``
+  or ``nn.SyncBatchNorm``): the block (or the stem with its max-pool) runs as one train-mode
+  chain of :mod:`fusedres.training`, which keeps only pre-BN conv outputs for backward and
+  updates the running stats like ``nn.BatchNorm2d``.
+* anything else (a custom norm layer or downsample, ``SyncBatchNorm`` beside plain BN in one
+  block, BNs of one block in different modes): torchvision's own forward, i.e. exactly the
+  reference semantics.
 """
 
 from __future__ import annotations

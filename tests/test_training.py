@@ -133,6 +133,22 @@ def test_model_train_step_matches_torchvision(block):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_fp64_exact(momentum):
+    """In fp64 the running statistics follow nn.BatchNorm2d to rounding (cumulative average too)."""
+    ref = _tiny_resnet().double().train()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    fused = fusedres.convert(copy.deepcopy(ref))
+    for step in range(3):
+        x = _inputs((2, 3, 20, 20), False, seed=step).double()
+        ref(x)
+        fused(x)
+    for (n, a), b in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda m: f"buffer {n}: {m}")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
 def test_running_stats_over_steps(momentum):
     ref = _tiny_resnet().train()
     for m in ref.modules():
@@ -176,27 +192,54 @@ _CHAINS = {
     "identity-recompute": ("identity", (_G1, _G1), None, (4, 3, 4), True),
     "downsample": ("downsample", (((2, 2), (1, 1), (1, 1), 1), _G1, ((2, 2), (0, 0), (1, 1), 1)), None, (2, 4, 4), False),
     "stem-pool": ("none", (((2, 2), (1, 1), (1, 1), 1),), ((3, 3), (2, 2), (1, 1), (1, 1), False), (2, 3, 3), True),
+    # A strided Bottleneck-like chain: three convs, the downsample, the last conv recomputed.
+    "bottleneck-down": ("downsample", (_G1, ((2, 2), (1, 1), (1, 1), 1), _G1, ((2, 2), (0, 0), (1, 1), 1)), None,
+                        (2, 3, 4), True),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_CHAINS))
-def test_gradcheck_float64(kind):
+def _chain_args(kind, affine=True):
     residual, geoms, pool, (cin, cmid, cout), recompute = _CHAINS[kind]
     nmain = len(geoms) - (residual == "downsample")
     chans = [cin] + [cmid] * (nmain - 1) + [cout]
     params, s = [], 10
+
+    def bn(c, seed):  # gamma, beta (None for an affine=False BatchNorm)
+        return [_param(c, seed=seed), _param(c, seed=seed + 1)] if affine else [None, None]
+
     for i in range(nmain):
-        params += [_param(chans[i + 1], chans[i], 3, 3, seed=s), _param(chans[i + 1], seed=s + 1), _param(chans[i + 1], seed=s + 2)]
+        params += [_param(chans[i + 1], chans[i], 3, 3, seed=s), *bn(chans[i + 1], s + 1)]
         s += 3
     if residual == "downsample":
-        params += [_param(cout, cin, 1, 1, seed=s), _param(cout, seed=s + 1), _param(cout, seed=s + 2)]
+        params += [_param(cout, cin, 1, 1, seed=s), *bn(cout, s + 1)]
     cfg = (geoms, (1e-5,) * len(geoms), residual, pool, recompute)
-    x = _param(2, cin, 5, 5, seed=1)
+    return cfg, _param(2, cin, 5, 5, seed=1), params
+
+
+@pytest.mark.parametrize("kind", sorted(_CHAINS))
+def test_gradcheck_float64(kind):
+    cfg, x, params = _chain_args(kind)
 
     def fn(x, *p):
         return ChainTrain.apply(cfg, None, x, *p)[0]
 
     assert gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_float64_no_affine_and_synchronised(tmp_path):
+    """``gamma``/``beta`` ``None`` (``affine=False``), and the synchronised-statistics code path
+    (all-gather of the statistics, all-reduce of the backward sums) over a 1-rank gloo group."""
+    cfg, x, params = _chain_args("bottleneck-down", affine=False)
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for group in (None, dist.group.WORLD):
+            def fn(x, *w):
+                return ChainTrain.apply(cfg, group, x, *w)[0]
+
+            assert gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4), group
+    finally:
+        dist.destroy_process_group()
 
 
 def test_double_backward_raises_clear_error():
@@ -208,24 +251,25 @@ def test_double_backward_raises_clear_error():
         gx.sum().backward()
 
 
-def test_autocast_bf16_cpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_cpu(dtype):
     ref = _tiny_resnet(tv.Bottleneck).train()
     fused = fusedres.convert(copy.deepcopy(ref))
     truth = copy.deepcopy(ref).double()
     x = _inputs((2, 3, 32, 32), True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out_f = fused(x)
         out_r = ref(x)
-    assert out_f.dtype == out_r.dtype == torch.bfloat16
+    assert out_f.dtype == out_r.dtype == dtype
     assert chain_nodes(out_f) == 5
     out_t = truth(x.double())
-    assert_within_budget(out_f, out_r, out_t, torch.bfloat16)
+    assert_within_budget(out_f, out_r, out_t, dtype)
     out_f.float().sum().backward()
     out_r.float().sum().backward()
     out_t.sum().backward()
     for (n, pf), pr, pt in zip(fused.named_parameters(), ref.parameters(), truth.parameters()):
         assert pf.grad.dtype == pf.dtype
-        assert_within_budget(pf.grad, pr.grad, pt.grad, torch.bfloat16, what=f"grad of {n}")
+        assert_within_budget(pf.grad, pr.grad, pt.grad, dtype, what=f"grad of {n}")
     for (n, bf), br in zip(fused.named_buffers(), ref.buffers()):
         torch.testing.assert_close(bf, br, rtol=2e-2, atol=2e-2, msg=lambda m: f"buffer {n}: {m}")
 
@@ -237,7 +281,9 @@ def test_compile_fullgraph_train_step():
     truth = copy.deepcopy(ref).double()
     compiled = torch.compile(fused, fullgraph=True)
     x = _inputs((4, 3, 40, 40), False)
-    out_c, gr_c = _run(compiled, x)
+    with fusedres.backends.record() as used:  # noted while tracing: the chains are in the graph
+        out_c, gr_c = _run(compiled, x)
+    assert used == {"train:torch"}
     out_r, gr_r = _run(ref, x)
     out_t, gr_t = _run(truth, x.double())
     assert_within_budget(out_c, out_r, out_t, torch.float32)
@@ -292,14 +338,18 @@ def test_convert_sync_batchnorm_marks_blocks_only():
     torch.testing.assert_close(model.train()(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
-def test_torch_syncbatchnorm_on_converted_model_uses_reference():
-    """``nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.convert(m))``: blocks keep torch's SyncBN semantics."""
+def test_torch_syncbatchnorm_on_converted_model_runs_fused():
+    """``nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.convert(m))``: the blocks stay fused
+    (synchronised over the SyncBatchNorm's group; see test_distributed.py); a block mixing
+    SyncBatchNorm with plain BatchNorm keeps torchvision's forward."""
     ref = _tiny_resnet().train()
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.convert(copy.deepcopy(ref)))
     x = _inputs((2, 3, 20, 20), False)
     out = model(x)  # one process, no group: SyncBatchNorm acts as BatchNorm, on CPU too
-    assert chain_nodes(out) == 0
-    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    assert chain_nodes(out) == 5
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
+    model.layer1[0].bn2 = copy.deepcopy(ref.layer1[0].bn2)  # plain BatchNorm2d beside SyncBatchNorm
+    assert chain_nodes(model(x)) == 4
 
 
 def test_batch_of_one_value_per_channel_raises_like_batchnorm():

@@ -32,8 +32,11 @@ RECOMPUTE_MAX_REDUCTION = 512
 
 
 def batch_stat_bn(bn: nn.Module) -> bool:
-    """A plain ``nn.BatchNorm2d`` that normalises with the batch's own statistics in this call."""
-    return type(bn) is nn.BatchNorm2d and (bn.training or (bn.running_mean is None and bn.running_var is None))
+    """An ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) that normalises with the batch's own
+    statistics in this call."""
+    return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and (
+        bn.training or (bn.running_mean is None and bn.running_var is None)
+    )
 
 
 def _plain_conv(conv: nn.Module) -> bool:
@@ -53,6 +56,13 @@ def chain_ready(x, pairs, relu, downsample) -> bool:
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel() > 0):
         return False
     if type(relu) is not nn.ReLU or not all(_plain_conv(c) and batch_stat_bn(b) for c, b in pairs):
+        return False
+    bns = [b for _, b in pairs] + ([downsample[1]] if isinstance(downsample, nn.Sequential) and len(downsample) == 2
+                                   else [])
+    syncs = [b for b in bns if type(b) is nn.SyncBatchNorm]
+    # One chain synchronises all of its BNs over one group, or none: nn.SyncBatchNorm layers
+    # mixed with plain ones, or with different groups, keep torchvision's forward.
+    if syncs and (len(syncs) != len(bns) or any(b.process_group is not syncs[0].process_group for b in syncs)):
         return False
     if downsample is None:
         return True
@@ -75,10 +85,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _sync_group(owner: nn.Module):
-    """The process group to synchronise over, or ``None`` (not marked, not initialised, or 1 rank)."""
-    mark = getattr(owner, _ATTR, None)
+def _sync_group(owner: nn.Module, bns):
+    """The process group to synchronise ``bns`` (one chain's BNs) over, or ``None``.
+
+    As ``nn.SyncBatchNorm`` decides: only in training mode (evaluating with batch statistics,
+    ``track_running_stats=False``, stays per rank, so one rank may evaluate alone), over the
+    group of the ``nn.SyncBatchNorm`` layers or of :func:`convert_sync_batchnorm`'s mark, when
+    ``torch.distributed`` is initialised and the group has more than one rank.
+    """
+    if type(bns[0]) is nn.SyncBatchNorm:
+        mark = (bns[0].process_group,)
+    else:
+        mark = getattr(owner, _ATTR, None)
     if mark is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    training = {bn.training for bn in bns}
+    if training != {True}:
+        if True in training:
+            raise ValueError(
+                "fusedres: a synchronised block has BatchNorms in both train and eval mode; nn.SyncBatchNorm "
+                "would synchronise only the training ones, which one fused chain cannot do"
+            )
         return None
     group = mark[0] if mark[0] is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
@@ -92,8 +119,9 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
-            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole.
-            f = 1.0 / bn.num_batches_tracked if bn.num_batches_tracked is not None else 0.0
+            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole;
+            # fp64, like eager's Python float (a 0-d tensor does not promote the buffers).
+            f = 1.0 / bn.num_batches_tracked.double() if bn.num_batches_tracked is not None else 0.0
         else:
             f = bn.momentum
         bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
@@ -136,7 +164,7 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
     # What ran, for fusedres.backends.record (the bench's "backends used" column): the train
     # chain's kernels do not depend on the module's eval backend.
     note_used("train:triton" if use_triton(x) else "train:torch")
-    out, *stats = ChainTrain.apply(cfg, _sync_group(owner), x, *params)
+    out, *stats = ChainTrain.apply(cfg, _sync_group(owner, [bn for _, bn in pairs]), x, *params)
     for i, (_, bn) in enumerate(pairs):
         _update_running_stats(bn, stats[2 * i], stats[2 * i + 1])
     return out
