@@ -163,8 +163,9 @@ class FusedResNet(tv_resnet.ResNet):
     """torchvision ``ResNet`` whose stem ``relu(bn1(conv1(x)))`` runs as one fused op.
 
     :func:`convert` gives an exact ``torchvision.models.ResNet`` this class in place; every
-    attribute and ``state_dict`` key is unchanged.  When the fused path is active the input
-    is converted to channels_last once here, explicitly: every fused backend's fast layout.
+    attribute and ``state_dict`` key is unchanged.  When the fused path is active (eval or
+    train) the input is converted to channels_last once here, explicitly: every fused
+    backend's fast layout.
     """
 
     backend: str = "auto"
@@ -176,6 +177,9 @@ class FusedResNet(tv_resnet.ResNet):
             x = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
             x = self.maxpool(x)
         elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None):
+            # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
+            # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
+            x = x.contiguous(memory_format=torch.channels_last)
             # The max-pool joins the chain when it is a plain MaxPool2d: its input and
             # indices are then recomputed in backward instead of stored.
             plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices

@@ -335,7 +335,8 @@ def test_convert_sync_batchnorm_marks_blocks_only():
     # Without an initialised process group the marked model is an ordinary (fused) model.
     x = _inputs((2, 3, 20, 20), False)
     ref = _tiny_resnet().train()
-    torch.testing.assert_close(model.train()(x), ref(x), rtol=1e-4, atol=1e-4)
+    truth = copy.deepcopy(ref).double()
+    assert_within_budget(model.train()(x), ref(x), truth(x.double()), torch.float32)
 
 
 def test_torch_syncbatchnorm_on_converted_model_runs_fused():
@@ -347,7 +348,7 @@ def test_torch_syncbatchnorm_on_converted_model_runs_fused():
     x = _inputs((2, 3, 20, 20), False)
     out = model(x)  # one process, no group: SyncBatchNorm acts as BatchNorm, on CPU too
     assert chain_nodes(out) == 5
-    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
+    assert_within_budget(out, ref(x), copy.deepcopy(ref).double()(x.double()), torch.float32)
     model.layer1[0].bn2 = copy.deepcopy(ref.layer1[0].bn2)  # plain BatchNorm2d beside SyncBatchNorm
     assert chain_nodes(model(x)) == 4
 
