@@ -110,6 +110,15 @@ def _tail(conv, bn, y, x, downsample, backend):
     )
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels_last, the fast layout of every fused kernel (a no-op when it already is).
+
+    Blocks convert their input once, so a model fed NCHW pays one copy at its first fused
+    block instead of one per fused op, and hands channels_last on (the same values).
+    """
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class _FusedBlockMixin:
     #: Backend for this block's fused ops; :func:`convert` sets it per instance.
     backend: str = "auto"
@@ -134,8 +143,10 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2))
         if not self._fused_eval_ready(pairs):
             if chain_ready(x, pairs, self.relu, self.downsample):
-                return chain_forward(self, x, pairs, downsample=self.downsample, identity=self.downsample is None)
+                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
+                                     identity=self.downsample is None)
             return super().forward(x)
+        x = _channels_last(x)
         y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
         return _tail(self.conv2, self.bn2, y, x, self.downsample, self.backend)
 
@@ -152,8 +163,10 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not self._fused_eval_ready(pairs):
             if chain_ready(x, pairs, self.relu, self.downsample):
-                return chain_forward(self, x, pairs, downsample=self.downsample, identity=self.downsample is None)
+                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
+                                     identity=self.downsample is None)
             return super().forward(x)
+        x = _channels_last(x)
         y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
         y = _conv_bn(self.conv2, self.bn2, y, relu=True, backend=self.backend)
         return _tail(self.conv3, self.bn3, y, x, self.downsample, self.backend)
@@ -172,14 +185,12 @@ class FusedResNet(tv_resnet.ResNet):
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if _fusable_conv(self.conv1) and _foldable_bn(self.bn1) and type(self.relu) is nn.ReLU:
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
+            x = _conv_bn(self.conv1, self.bn1, _channels_last(x), relu=True, backend=self.backend)
             x = self.maxpool(x)
         elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None):
             # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
             # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = _channels_last(x)
             # The max-pool joins the chain when it is a plain MaxPool2d: its input and
             # indices are then recomputed in backward instead of stored.
             plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices
