@@ -48,3 +48,35 @@ def test_check_cli_fails_on_bad_numerics(monkeypatch):
     monkeypatch.setattr(cpu, "conv_bn_act", lambda *a: real(*a) * 1.01)
     rc = main(["check", "--model", "resnet18", "--batch", "1", "--size", "32", "--repeats", "1"])
     assert rc == 1
+
+
+def test_check_cli_train_json(tmp_path):
+    """``fusedres check --mode train``: one training step, gradients and running statistics too."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedres", "check", "--mode", "train", "--model", "resnet18", "--batch", "2",
+         "--size", "64", "--repeats", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["mode"] == "train" and res["numerics_ok"] is True and res["backends_used"] == ["train:torch"]
+    assert res["fp64_rel_err"] <= 1e-9
+    for key in ("grads", "buffers"):
+        assert res[key]["rel_err_fused"] <= res[key]["budget"], res[key]
+
+
+def test_check_train_fails_on_a_wrong_backward(monkeypatch):
+    """A wrong BN backward must fail the training check (its float64 part catches any error)."""
+    from fusedres.cli import main
+    from fusedres.training import ops
+
+    real = ops.bn_backward
+
+    def wrong(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out if out is None else (out[0] * 1.001, *out[1:])
+
+    monkeypatch.setattr(ops, "bn_backward", wrong)
+    rc = main(["check", "--mode", "train", "--model", "resnet18", "--batch", "2", "--size", "32", "--repeats", "1"])
+    assert rc == 1
