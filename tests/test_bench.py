@@ -390,6 +390,25 @@ def test_cli_suites_resolve():
     assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
 
 
+def test_compile_on_workloads_run_right_after_the_models():
+    """What --compile-on picks runs before the other blocks (a time budget cannot cut it); the rest keeps its order."""
+    p = __import__("argparse").ArgumentParser()
+    bench_cli.add_arguments(p)
+
+    def names(*argv):
+        a = bench_cli.resolve(p.parse_args(["--suite", "gpu-quick", "--device", "cpu", *argv]))
+        return [f"{w.name}/b{w.batch}" for w in bench_cli.build_workloads(a)]
+
+    plain = names("--compile-on", "nothing-matches")
+    assert plain[:2] == ["resnet50/b256", "resnet50/b64"] and plain[2].startswith("basic_64-64")
+    picked = "bottleneck_1024-256-s1_14x14/b256"
+    got = names("--compile-on", picked)
+    assert got[:3] == plain[:2] + [picked] and got[3:] == [n for n in plain[2:] if n != picked]
+    suite = names()  # the suite's own --compile-on: two shapes at batch 256, in block order
+    assert suite[2:4] == ["basic_128-128-s1_28x28/b256", picked] and sorted(suite) == sorted(plain)
+    assert names("--compile-on", "resnet50")[:3] == plain[:3]  # only the models match: order unchanged
+
+
 def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
     """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a hash, else "unknown"."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found

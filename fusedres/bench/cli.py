@@ -168,6 +168,12 @@ def build_workloads(a: argparse.Namespace) -> list[runner.Workload]:
     out = [runner.Workload("model", m, b, a.size) for m in _models(a.model) for b in batches]
     for shape, used_by in workloads.distinct_blocks(_models(a.blocks), a.size).items():
         out += [runner.Workload("block", shape.name, b, a.size, shape, used_by) for b in batches]
+    if a.compile_on:
+        # Then the workloads --compile-on picks (their compile rows are what it asks for), then
+        # the rest: a stable sort, so a time budget cannot cut them (the 2026-11-27 H100 run lost
+        # its one max-autotune row that way, behind the ResNet-18 blocks).
+        pats = _csv(a.compile_on)
+        out.sort(key=lambda w: w.kind != "model" and not runner.compile_selected(w, pats))
     if a.only:
         pats = _csv(a.only)
         out = [w for w in out if any(fnmatch.fnmatchcase(w.name, p) for p in pats)]

@@ -85,14 +85,14 @@ class Config:
     def contenders_for(self, w: Workload) -> list:
         """The contenders that run on ``w``: compile ones only where ``compile_on`` matches
         the workload's name or ``name/b<batch>``."""
-        keys = (w.name, f"{w.name}/b{w.batch}")
-        out = []
-        for c in self.contenders:
-            if c.name in COMPILE_NAMES and self.compile_on is not None:
-                if not any(fnmatch.fnmatchcase(k, pat) for k in keys for pat in self.compile_on):
-                    continue
-            out.append(c)
-        return out
+        return [c for c in self.contenders if c.name not in COMPILE_NAMES or compile_selected(w, self.compile_on)]
+
+
+def compile_selected(w: Workload, patterns: list[str] | None) -> bool:
+    """Whether ``--compile-on`` globs select ``w`` (by name or ``name/b<batch>``); ``None`` selects all."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(k, p) for k in (w.name, f"{w.name}/b{w.batch}") for p in patterns)
 
 
 def _make_inputs(w: Workload, cfg: Config, dtype: torch.dtype, train: bool) -> list[torch.Tensor]:
