@@ -351,6 +351,24 @@ def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, cap
     assert f"]({Path(os.path.relpath(png, tmp_path)).as_posix()})" in new
 
 
+H100_JSON = ROOT / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3_2026-11-27_gpu-quick.json"
+
+
+def test_render_markdown_timing_of_runs_before_the_timing_key():
+    """The committed H100 run predates ``config.timing``; its logs say it synchronised before every call."""
+    res = json.loads(H100_JSON.read_text())
+    assert "timing" not in res["config"] and "--timing" not in res["config"]["command"]
+    isolated = "GPU timing: isolated (each call synchronised; recorded before --timing existed)."
+    assert isolated in report.render_markdown([(res, None)])
+    res["date"] = "2026-11-27T03:39:49+00:00"  # the first session's run: no per-call synchronisation yet
+    md = report.render_markdown([(res, None)])
+    assert "GPU timing: timing mode not recorded." in md and isolated not in md
+    res["config"]["timing"] = "pipelined"
+    assert "GPU timing: pipelined" in report.render_markdown([(res, None)])
+    cpu = json.loads((H100_JSON.parent / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    assert "timing" not in cpu["config"] and "GPU timing" not in report.render_markdown([(cpu, None)])
+
+
 def test_render_results_fails_without_markers(tiny_run, tmp_path, capsys):
     rc, err, readme = _render(tmp_path, "# Title\nno markers\n", tiny_run / "results", capsys)
     assert rc == 2

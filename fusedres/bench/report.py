@@ -343,6 +343,12 @@ def _md_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+# GPU runs made before ``config.timing`` was recorded (6f248e0) timed each call after a
+# synchronisation (what is now ``--timing isolated``) from e78796e on, committed at this time;
+# earlier runs did not synchronise per call (the H100 gpu-quick run at 03:39 UTC, in git history).
+_SYNC_PER_CALL_SINCE = datetime.datetime(2026, 11, 27, 4, 36, 45, tzinfo=datetime.timezone.utc)
+
+
 def render_markdown(results: list[tuple[dict, str | None]]) -> str:
     """The README section: per device, its latest run's table and plot.
 
@@ -376,6 +382,11 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
             "pipelined": " GPU timing: pipelined (calls back to back per contender turn, do_bench's semantics).",
             "isolated": " GPU timing: isolated (a synchronisation before every call: one-call latency).",
         }.get(cfg.get("timing"), "")
+        if "timing" not in cfg and dev["type"] == "cuda":
+            timing = (" GPU timing: isolated (each call synchronised; recorded before --timing existed). "
+                      "To repeat it, add `--timing isolated` to the command (the default is now pipelined)."
+                      if datetime.datetime.fromisoformat(res["date"]) >= _SYNC_PER_CALL_SINCE
+                      else " GPU timing: timing mode not recorded.")
         out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.{timing}", ""]
         # Rows a time budget never reached carry no measurement: counted, not listed.
         shown = [r for r in res["rows"] if not (r["status"] == "skipped" and "time budget" in (r.get("note") or ""))]
