@@ -330,10 +330,15 @@ def test_results_dir_naming(tiny_run):
     assert files == [stem + ".json", stem + ".png"]
 
 
-def _render(tmp_path, readme_text, results, capsys):
+def _render_script():
     spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _render(tmp_path, readme_text, results, capsys):
+    script = _render_script()
     readme = tmp_path / "README.md"
     readme.write_text(readme_text)
     rc = script.main(["--readme", str(readme), "--results", str(results)])
@@ -349,6 +354,19 @@ def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, cap
     assert "stale" not in new and "| workload | batch |" in new and "basic_64-64-s1_8x8" in new
     png = next((tiny_run / "results").glob("*.png"))
     assert f"]({Path(os.path.relpath(png, tmp_path)).as_posix()})" in new
+
+
+def test_committed_results_follow_the_schema_and_readme_is_fresh(capsys):
+    """Every committed `fusedres bench` JSON validates against schema.json, and README.md's results
+    section is what scripts/render_results.py makes of them (`--check`)."""
+    checked = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        if isinstance(res, dict) and res.get("schema") == report.SCHEMA_ID:
+            report.validate(res)
+            checked.append(path.name)
+    assert len(checked) >= 3, checked
+    assert _render_script().main(["--check"]) == 0, capsys.readouterr().err
 
 
 H100_JSON = ROOT / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3_2026-11-27_gpu-quick.json"
