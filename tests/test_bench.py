@@ -72,6 +72,24 @@ def test_block_shape_rebuilds_the_models_blocks(name):
         assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in blk.named_parameters()]
 
 
+def test_model_rows_carry_torchvision_published_gmacs_at_224():
+    """``published_gmacs_per_image``: torchvision's ``_ops`` on model rows at 224x224, null otherwise; schema-valid."""
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager")])
+    shape = workloads.BlockShape("basic", 64, 64, 1, 1, 64, 1, False, 56, 56)
+    wls = [runner.Workload("model", "resnet50", 1, 224), runner.Workload("model", "resnet50", 1, 160),
+           runner.Workload("block", shape.name, 1, 224, shape, {"resnet18": 4})]
+    rows = [runner._base_row(w, torch.float32, cfg, cfg.contenders[0], w.ops(torch.float32, False)) for w in wls]
+    assert [r["published_gmacs_per_image"] for r in rows] == [workloads.published_gmacs("resnet50"), None, None]
+    assert rows[0]["published_gmacs_per_image"] == pytest.approx(rows[0]["gmacs_per_image"], abs=5e-4)
+    res = json.loads((ROOT / "benchmarks" / "results" / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    res["rows"] = [dict(r, status="skipped", note="test") for r in rows]
+    report.validate(res)
+    res["rows"][2]["published_gmacs_per_image"] = 1.0  # a block row has no published figure
+    with pytest.raises(__import__("jsonschema").ValidationError, match="is not of type 'null'"):
+        report.validate(res)
+
+
 def test_block_ops_by_hand():
     """A basic block 64->64 at 56x56 and a bottleneck with downsample, counted by hand."""
     basic = workloads.BlockShape("basic", 64, 64, 1, 1, 64, 1, False, 56, 56)
@@ -301,6 +319,7 @@ def test_tiny_run_json_follows_schema(tiny_run):
     model = [r for r in rows if r["kind"] == "model" and r["contender"] == "eager"][0]
     assert model["gmacs_per_image"] == pytest.approx(workloads.model_gmacs_per_image("resnet18", 32))
     assert model["flops"] == pytest.approx(2e9 * model["gmacs_per_image"])
+    assert model["published_gmacs_per_image"] is None  # torchvision publishes 224x224 figures only
 
 
 def test_tiny_run_csv_and_plot(tiny_run):

@@ -260,9 +260,11 @@ def print_table(result: dict, console=None) -> None:
     host = result["host"]
     console.print(f"host load average (1/5/15 min): {host['loadavg_start']} at start, {host['loadavg_end']} at end "
                   f"({host['logical_cores']} logical cores, torch threads {host['torch_threads']})")
-    costs = {(r["workload"], r["image_size"]): r["gmacs_per_image"] for r in result["rows"] if r["kind"] == "model"}
-    for (name, size), gmacs in costs.items():
-        console.print(f"{name}: {gmacs:.3f} GMACs per {size}x{size} image (convs + classifier)")
+    costs = {(r["workload"], r["image_size"]): (r["gmacs_per_image"], r.get("published_gmacs_per_image"))
+             for r in result["rows"] if r["kind"] == "model"}
+    for (name, size), (gmacs, published) in costs.items():
+        console.print(f"{name}: {gmacs:.3f} GMACs per {size}x{size} image (convs + classifier)"
+                      + (f"; torchvision publishes {published:.3f}" if published is not None else ""))
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -24,7 +24,7 @@ from ..check import build_reference, randomize_bn
 from . import roofline
 from .contenders import COMPILE_NAMES, Contender
 from .timing import Stats, time_interleaved, time_once
-from .workloads import BlockShape, model_gmacs_per_image
+from .workloads import BlockShape, model_gmacs_per_image, published_gmacs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Input sets rotated through the timed rounds, unless they would exceed _INPUT_BYTES_CAP.
@@ -184,6 +184,8 @@ def _base_row(w: Workload, dtype: torch.dtype, cfg: Config, c, ops) -> dict:
         "flops": flops,
         "min_bytes": sum(op.bytes for op in ops),
         "gmacs_per_image": model_gmacs_per_image(w.name, w.size) if w.kind == "model" else None,
+        # torchvision's figure (weights metadata ``_ops``), published for 224x224 only.
+        "published_gmacs_per_image": published_gmacs(w.name) if w.kind == "model" and w.size == 224 else None,
         "peak_mem_mb": None,
         "max_abs_err": None,
         "max_rel_err": None,
