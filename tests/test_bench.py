@@ -335,6 +335,24 @@ def test_tiny_run_csv_and_plot(tiny_run):
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
+def test_csv_header_is_the_same_for_every_run(tmp_path):
+    """Model-only and block runs, used by different models, give one header; used_by is one JSON column."""
+    import csv
+
+    results = ROOT / "benchmarks" / "results"
+    tables = {}
+    for name in ("amd-epyc-2c_2026-11-27_cpu-train", "amd-epyc-2c_2026-11-27_cpu-quick"):
+        report.write_csv(json.loads((results / f"{name}.json").read_text()), tmp_path / f"{name}.csv")
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            tables[name] = list(csv.DictReader(f))
+    train, quick = tables.values()
+    assert list(train[0]) == list(quick[0]) == report.csv_columns()
+    assert not [c for c in report.csv_columns() if c.startswith("used_by_")]
+    block = next(r for r in quick if r["kind"] == "block")
+    assert set(json.loads(block["used_by"])) <= {"resnet18", "resnet50"} and block["block_kind"] in ("basic", "bottleneck")
+    assert train[0]["kind"] == "model" and train[0]["block_kind"] == "" and train[0]["used_by"] == ""
+
+
 def test_tiny_run_summary(tiny_run):
     lines = (tiny_run / "r.txt").read_text().splitlines()
     assert lines[0].startswith("bench infer on ") and "8 workloads" in lines[0]

@@ -161,31 +161,49 @@ def validate(result: dict) -> None:
         jsonschema.validate(result, json.load(f))
 
 
-def _flatten(prefix: str, value, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}_{k}" if prefix else k, v, out)
-    elif isinstance(value, list):
-        out[prefix] = "x".join(map(str, value)) if all(isinstance(v, int) for v in value) else json.dumps(value)
-    else:
-        out[prefix] = value
+#: The run's keys every CSV line carries, as ``<key>_<field>`` columns.
+_CSV_RUN_FIELDS = {
+    "device": ("type", "name", "slug", "capability", "memory_gib"),
+    "versions": ("torch", "torchvision", "triton", "torch_tensorrt", "fusedres", "python", "cuda", "cudnn"),
+    "git": ("commit", "dirty"),
+    "host": ("cpu", "logical_cores", "torch_threads", "platform", "loadavg_start", "loadavg_end"),
+}
+
+
+def csv_columns() -> list[str]:
+    """The CSV header, the same for every run: the run's keys, then every row field of schema.json
+    (``block`` spread over ``block_<field>`` columns, empty on model rows)."""
+    with open(SCHEMA_PATH) as f:
+        row = json.load(f)["properties"]["rows"]["items"]["properties"]
+    block = row["block"]["oneOf"][1]["properties"]
+    cols = ["date"] + [f"{k}_{f}" for k, fields in _CSV_RUN_FIELDS.items() for f in fields]
+    for k in row:
+        cols += [f"block_{f}" for f in block] if k == "block" else [k]
+    return cols
+
+
+def _csv_cell(v):
+    """Lists of ints as ``AxBxC`` (shapes); other lists and dicts (``used_by``) as JSON strings."""
+    if isinstance(v, list) and all(isinstance(x, int) for x in v):
+        return "x".join(map(str, v))
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
 def write_csv(result: dict, path) -> None:
     """One line per row; every line also carries the run's keys (device, versions, commit, date, host)."""
-    keys: dict = {}
-    for k in ("date", "device", "versions", "git", "host"):
-        _flatten(k, result[k], keys)
+    keys = {"date": result["date"]}
+    keys.update({f"{k}_{f}": _csv_cell(result[k].get(f)) for k, fields in _CSV_RUN_FIELDS.items() for f in fields})
     lines = []
     for row in result["rows"]:
-        flat = dict(keys)
-        _flatten("", row, flat)
-        lines.append(flat)
-    fields: list[str] = []
-    for line in lines:
-        fields += [k for k in line if k not in fields]
+        line = dict(keys)
+        for k, v in row.items():
+            if k == "block":
+                line.update({f"block_{f}": x for f, x in (v or {}).items()})
+            else:
+                line[k] = _csv_cell(v)
+        lines.append(line)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(keys))
+        w = csv.DictWriter(f, fieldnames=csv_columns())  # a field not in the schema raises
         w.writeheader()
         w.writerows(lines)
 
