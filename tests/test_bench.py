@@ -482,6 +482,21 @@ def test_compile_on_workloads_run_right_after_the_models():
     assert names("--compile-on", "resnet50")[:3] == plain[:3]  # only the models match: order unchanged
 
 
+def test_pytest_benchmark_cases_run():
+    """benchmarks/ (pytest-benchmark) on a tiny CPU config, timing disabled: cases collect, build and check out."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "--bench-device", "cpu",
+           "--bench-size", "32", "--bench-batch", "1", "--bench-blocks", "resnet18", "--bench-models", "resnet18",
+           "-k", "basic_512 or resnet18-fusedres-torch", "-q", "-p", "no:cacheprovider"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n_block = 1 + len([b for b in ("cpu", "torch") if b in fusedres.available_backends()])
+    assert f"{n_block + 1} passed" in proc.stdout, proc.stdout  # + the whole resnet18 on fusedres-torch
+
+
 def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
     """No git (a copied tree): the commit is $FUSEDRES_GIT_COMMIT when it is a hash, else "unknown"."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable to be found
