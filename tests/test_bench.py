@@ -454,13 +454,41 @@ def test_cli_suites_resolve():
     cfg = runner.Config(device=a.device, dtypes=[torch.float32], mode="infer",
                         contenders=contenders.parse(a.contenders, a.device), compile_on=[a.compile_on])
     assert wls[0].kind == "model" and all(w.kind == "block" for w in wls[1:])  # models first
-    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
-    assert "compile" not in [c.name for c in cfg.contenders_for(wls[1])]
+    compile_ = contenders.Contender("compile")
+    assert cfg.skip_note(compile_, wls[0]) is None
+    assert cfg.skip_note(compile_, wls[1]) == "not in --compile-on"
+    assert cfg.skip_note(contenders.Contender("eager"), wls[1]) is None
     # NAME/bBATCH globs pick one batch size
     cfg.compile_on = ["resnet50/b8"]
-    assert "compile" not in [c.name for c in cfg.contenders_for(wls[0])]
+    assert cfg.skip_note(compile_, wls[0]) == "not in --compile-on"
     cfg.compile_on = ["resnet50/b4"]
-    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+    assert cfg.skip_note(compile_, wls[0]) is None
+
+
+def test_compile_contenders_outside_compile_on_are_skipped_rows():
+    """--compile-on leaves a compile contender out as a skipped row (never dropped), also when a time
+    budget skips the workload; the README table and the summary count such rows instead of listing them."""
+    shape = workloads.BlockShape("basic", 8, 8, 1, 1, 64, 1, False, 8, 8)
+    w = runner.Workload("block", shape.name, 1, 32, shape, {"resnet18": 1})
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager"), contenders.Contender("compile")],
+                        compile_on=["resnet*"], repeats=2, warmup=0)
+    peaks = roofline.Peaks(1e11, 1e10, 1, 1, "test")
+    ran = runner.run_workload(w, torch.float32, cfg, peaks)
+    cfg.time_budget_s = -1.0
+    (budget,) = runner.iter_rows([w], cfg, {"float32": peaks})
+    assert [(r["contender"], r["status"]) for r in ran + budget] == [("eager", "ok"), ("compile", "skipped")] + \
+        [("eager", "skipped"), ("compile", "skipped")]
+    assert ran[1]["note"] == budget[1]["note"] == "not in --compile-on" and "time budget" in budget[0]["note"]
+    res = json.loads((ROOT / "benchmarks" / "results" / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    res["rows"] = ran + budget
+    report.validate(res)
+    md = report.render_markdown([(res, None)])
+    assert md.count(f"| {shape.name} |") == 1 and "| eager |" in md
+    assert "1 more rows were not reached within the run's time budget" in md
+    assert "2 torch.compile rows were not run: their workloads are not in --compile-on" in md
+    lines = report.summary_lines(res)
+    assert "(2 compile rows not in --compile-on)" in lines[0] and "compile" not in "".join(lines[1:])
 
 
 def test_compile_on_workloads_run_right_after_the_models():

@@ -19,6 +19,8 @@ import torchvision
 
 import fusedres
 
+from .contenders import NOT_IN_COMPILE_ON
+
 SCHEMA_ID = "fusedres-bench/1"
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 MARK_BEGIN = "<!-- results:begin -->"
@@ -293,9 +295,14 @@ def summary_lines(result: dict) -> list[str]:
         groups.setdefault((r["workload"], r["batch"], r["dtype"]), []).append(r)
     counts = Counter(r["status"] for r in result["rows"])
     lines = [f"{label}: {len(groups)} workloads, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    n_compile = sum(_unrun(r) == "compile" for r in result["rows"])
+    if n_compile:  # one mention here instead of one per workload line
+        lines[0] += f" ({n_compile} compile rows {NOT_IN_COMPILE_ON})"
     for (name, batch, dtype), rows in groups.items():
         parts = []
         for r in rows:
+            if _unrun(r) == "compile":
+                continue
             if r["status"] != "ok":
                 parts.append(f"{r['contender']} {r['status'].upper()}")
             elif r["contender"] == "eager":
@@ -357,6 +364,15 @@ def plot(result: dict, path) -> None:
 # --------------------------------------------------------------------------- README section
 
 
+def _unrun(r: dict) -> str | None:
+    """``"compile"``, ``"budget"`` or ``None``: why a skipped row was never started by the run's own choice."""
+    if r["status"] != "skipped":
+        return None
+    if r["note"] == NOT_IN_COMPILE_ON:
+        return "compile"
+    return "budget" if "time budget" in (r["note"] or "") else None
+
+
 def _md_row(r: dict) -> str:
     cells = [fn(r).replace("|", "/").replace("\n", " ") for _, fn in COLUMNS]
     cells[-1] = cells[-1][:160]
@@ -408,11 +424,15 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
                       if datetime.datetime.fromisoformat(res["date"]) >= _SYNC_PER_CALL_SINCE
                       else " GPU timing: timing mode not recorded.")
         out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.{timing}", ""]
-        # Rows a time budget never reached carry no measurement: counted, not listed.
-        shown = [r for r in res["rows"] if not (r["status"] == "skipped" and "time budget" in (r.get("note") or ""))]
-        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in shown] + [""]
-        if len(shown) < len(res["rows"]):
-            out += [f"{len(res['rows']) - len(shown)} more rows were not reached within the run's time budget "
+        # Rows a time budget never reached, and compile rows --compile-on left out, carry no
+        # measurement: counted, not listed.
+        unrun = Counter(_unrun(r) for r in res["rows"])
+        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in res["rows"] if not _unrun(r)] + [""]
+        if unrun["budget"]:
+            out += [f"{unrun['budget']} more rows were not reached within the run's time budget "
+                    "(listed in the JSON).", ""]
+        if unrun["compile"]:
+            out += [f"{unrun['compile']} torch.compile rows were not run: their workloads are {NOT_IN_COMPILE_ON} "
                     "(listed in the JSON).", ""]
         if png:
             out += [f"![{dev['name']} speedup and roofline]({png})", ""]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import backends
 from ..check import build_reference, randomize_bn
 from . import roofline
-from .contenders import COMPILE_NAMES, Contender
+from .contenders import COMPILE_NAMES, NOT_IN_COMPILE_ON, Contender
 from .timing import Stats, time_interleaved, time_once
 from .workloads import BlockShape, model_gmacs_per_image, published_gmacs
 
@@ -82,10 +82,12 @@ class Config:
     time_budget_s: float | None = None
     timing: str = "pipelined"  # GPU timing mode, see timing.TIMING_MODES
 
-    def contenders_for(self, w: Workload) -> list:
-        """The contenders that run on ``w``: compile ones only where ``compile_on`` matches
-        the workload's name or ``name/b<batch>``."""
-        return [c for c in self.contenders if c.name not in COMPILE_NAMES or compile_selected(w, self.compile_on)]
+    def skip_note(self, c, w: Workload) -> str | None:
+        """:data:`NOT_IN_COMPILE_ON` for a compile contender that ``compile_on`` does not select
+        for ``w`` (by the workload's name or ``name/b<batch>``): a ``skipped`` row, not a dropped one."""
+        if c.name in COMPILE_NAMES and not compile_selected(w, self.compile_on):
+            return NOT_IN_COMPILE_ON
+        return None
 
 
 def compile_selected(w: Workload, patterns: list[str] | None) -> bool:
@@ -203,8 +205,7 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
     amp_dtype = dtype if train and dtype != torch.float32 else None
     ops = w.ops(dtype, train)
     floor_s = peaks.floor_s(ops)
-    contenders = cfg.contenders_for(w)
-    rows = {c.name: _base_row(w, dtype, cfg, c, ops) for c in contenders}
+    rows = {c.name: _base_row(w, dtype, cfg, c, ops) for c in cfg.contenders}
 
     def fail(name, stage, exc):
         rows[name]["status"] = "error"
@@ -225,8 +226,8 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
     # Built outside inference_mode: copies made inside it would be inference tensors, which
     # a model's parameters never are in real use.
     built = {}
-    for c in contenders:
-        reason = c.skip_reason(dev, cfg.mode)
+    for c in cfg.contenders:
+        reason = cfg.skip_note(c, w) or c.skip_reason(dev, cfg.mode)
         if reason is not None:
             rows[c.name].update(status="skipped", note=reason)
             continue
@@ -277,7 +278,7 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
                 continue
             _fill_times(rows[name], s, w.batch, floor_s, mem)
     _fill_speedups(rows)
-    return [rows[c.name] for c in contenders]
+    return [rows[c.name] for c in cfg.contenders]
 
 
 def _fill_times(row: dict, s: Stats, batch: int, floor_s: float, mem: float | None) -> None:
@@ -336,9 +337,11 @@ def iter_rows(workloads: list[Workload], cfg: Config, peaks: dict[str, roofline.
     t_start = time.perf_counter()
 
     def rows_with(w, dtype, **fields):
-        out = [_base_row(w, dtype, cfg, c, w.ops(dtype, train)) for c in cfg.contenders_for(w)]
-        for r in out:
-            r.update(fields)
+        out = []
+        for c in cfg.contenders:
+            out.append(_base_row(w, dtype, cfg, c, w.ops(dtype, train)))
+            note = cfg.skip_note(c, w)
+            out[-1].update(dict(status="skipped", note=note) if note else fields)
         return out
 
     for dtype in cfg.dtypes:
