@@ -554,6 +554,26 @@ def test_render_results_leaves_out_other_tools_json(tiny_run, tmp_path, capsys):
     assert "basic_64-64-s1_8x8" in readme.read_text()
 
 
+def test_failed_peak_measurement_still_writes_the_json(tmp_path, monkeypatch, capsys):
+    """measure_peaks raising (not an interrupt) fails the run loudly, with the error recorded in its JSON."""
+    from fusedres.cli import main
+
+    def boom(cfg, progress=None):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(runner, "measure_peaks", boom)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--blocks", "none", "--model", "resnet18", "--batch", "1", "--size", "32", "--device", "cpu",
+            "--contenders", "eager", "--json", str(out), "--csv", str(tmp_path / "r.csv")]
+    assert main(argv) == 1
+    assert "measuring the roofline peaks: RuntimeError: CUDA out of memory (simulated)" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    report.validate(res)
+    assert res["error"].startswith("measuring the roofline peaks: RuntimeError") and res["rows"] == []
+    assert res["interrupted"] is False and not (tmp_path / "r.csv").exists()
+    assert "Run failed: measuring the roofline peaks" in report.render_markdown([(res, None)])
+
+
 def test_sigterm_still_writes_the_results(tmp_path):
     """A run stopped by SIGTERM (a step timeout) prints and saves what it measured, marked interrupted."""
     import signal

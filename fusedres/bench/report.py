@@ -412,6 +412,8 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
         ]
         if res.get("notes"):
             out += [f"Notes: {res['notes']}", ""]
+        if res.get("error"):
+            out += [f"Run failed: {res['error']}", ""]
         peaks = "; ".join(f"{dt}: matmul {p['matmul_tflops']:.3g} TFLOP/s, copy {p['copy_gbps']:.3g} GB/s"
                           for dt, p in res["peaks"].items())
         timing = {
