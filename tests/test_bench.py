@@ -510,14 +510,15 @@ def test_compile_on_workloads_run_right_after_the_models():
     assert names("--compile-on", "resnet50")[:3] == plain[:3]  # only the models match: order unchanged
 
 
-def test_pytest_benchmark_cases_run():
+def test_pytest_benchmark_cases_run(tmp_path):
     """benchmarks/ (pytest-benchmark) on a tiny CPU config, timing disabled: cases collect, build and check out."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "--bench-device", "cpu",
            "--bench-size", "32", "--bench-batch", "1", "--bench-blocks", "resnet18", "--bench-models", "resnet18",
-           "-k", "basic_512 or resnet18-fusedres-torch", "-q", "-p", "no:cacheprovider"]
+           "-k", "basic_512 or resnet18-fusedres-torch", "-q", "-p", "no:cacheprovider",
+           f"--benchmark-storage=file://{tmp_path}"]  # not a .benchmarks/ in the checkout
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
