@@ -76,7 +76,11 @@ step check 60 $PY -m fusedres check --model resnet50 --batch 64 --device cuda --
 
 mkdir -p "$OUTDIR/results"
 # Inference, bf16 channels_last: ResNet-50 whole model, then every distinct ResNet-18/-50 block
-# at batch 256 and 64: eager vs the fused backends, max-autotune on one shape.
+# at batch 256 and 64: eager vs the fused backends, max-autotune on one shape (run right after the
+# models: --compile-on's workloads come first, so the time budget cannot cut them).  Not on the
+# whole ResNet-50: its max-autotune compile has never been timed here and a default-mode compile
+# of a train step already costs about a minute; in this 3-minute step, first in line, it could
+# run into the step's limit before any block row.
 step bench-infer 170 $PY -m fusedres bench --suite gpu-quick --device cuda \
   --compile-on "bottleneck_1024-256-s1_14x14/b256" --time-budget "$(secs 120)" \
   --results-dir "$OUTDIR/results" --summary "$OUTDIR/bench-infer.summary"

@@ -72,6 +72,24 @@ def test_block_shape_rebuilds_the_models_blocks(name):
         assert [(n, p.shape) for n, p in rebuilt.named_parameters()] == [(n, p.shape) for n, p in blk.named_parameters()]
 
 
+def test_model_rows_carry_torchvision_published_gmacs_at_224():
+    """``published_gmacs_per_image``: torchvision's ``_ops`` on model rows at 224x224, null otherwise; schema-valid."""
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager")])
+    shape = workloads.BlockShape("basic", 64, 64, 1, 1, 64, 1, False, 56, 56)
+    wls = [runner.Workload("model", "resnet50", 1, 224), runner.Workload("model", "resnet50", 1, 160),
+           runner.Workload("block", shape.name, 1, 224, shape, {"resnet18": 4})]
+    rows = [runner._base_row(w, torch.float32, cfg, cfg.contenders[0], w.ops(torch.float32, False)) for w in wls]
+    assert [r["published_gmacs_per_image"] for r in rows] == [workloads.published_gmacs("resnet50"), None, None]
+    assert rows[0]["published_gmacs_per_image"] == pytest.approx(rows[0]["gmacs_per_image"], abs=5e-4)
+    res = json.loads((ROOT / "benchmarks" / "results" / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    res["rows"] = [dict(r, status="skipped", note="test") for r in rows]
+    report.validate(res)
+    res["rows"][2]["published_gmacs_per_image"] = 1.0  # a block row has no published figure
+    with pytest.raises(__import__("jsonschema").ValidationError, match="is not of type 'null'"):
+        report.validate(res)
+
+
 def test_block_ops_by_hand():
     """A basic block 64->64 at 56x56 and a bottleneck with downsample, counted by hand."""
     basic = workloads.BlockShape("basic", 64, 64, 1, 1, 64, 1, False, 56, 56)
@@ -301,6 +319,7 @@ def test_tiny_run_json_follows_schema(tiny_run):
     model = [r for r in rows if r["kind"] == "model" and r["contender"] == "eager"][0]
     assert model["gmacs_per_image"] == pytest.approx(workloads.model_gmacs_per_image("resnet18", 32))
     assert model["flops"] == pytest.approx(2e9 * model["gmacs_per_image"])
+    assert model["published_gmacs_per_image"] is None  # torchvision publishes 224x224 figures only
 
 
 def test_tiny_run_csv_and_plot(tiny_run):
@@ -314,6 +333,24 @@ def test_tiny_run_csv_and_plot(tiny_run):
     for png in (tiny_run / "r.png", *(tiny_run / "results").glob("*.png")):
         data = png.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_csv_header_is_the_same_for_every_run(tmp_path):
+    """Model-only and block runs, used by different models, give one header; used_by is one JSON column."""
+    import csv
+
+    results = ROOT / "benchmarks" / "results"
+    tables = {}
+    for name in ("amd-epyc-2c_2026-11-27_cpu-train", "amd-epyc-2c_2026-11-27_cpu-quick"):
+        report.write_csv(json.loads((results / f"{name}.json").read_text()), tmp_path / f"{name}.csv")
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            tables[name] = list(csv.DictReader(f))
+    train, quick = tables.values()
+    assert list(train[0]) == list(quick[0]) == report.csv_columns()
+    assert not [c for c in report.csv_columns() if c.startswith("used_by_")]
+    block = next(r for r in quick if r["kind"] == "block")
+    assert set(json.loads(block["used_by"])) <= {"resnet18", "resnet50"} and block["block_kind"] in ("basic", "bottleneck")
+    assert train[0]["kind"] == "model" and train[0]["block_kind"] == "" and train[0]["used_by"] == ""
 
 
 def test_tiny_run_summary(tiny_run):
@@ -330,10 +367,15 @@ def test_results_dir_naming(tiny_run):
     assert files == [stem + ".json", stem + ".png"]
 
 
-def _render(tmp_path, readme_text, results, capsys):
+def _render_script():
     spec = importlib.util.spec_from_file_location("render_results", ROOT / "scripts" / "render_results.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _render(tmp_path, readme_text, results, capsys):
+    script = _render_script()
     readme = tmp_path / "README.md"
     readme.write_text(readme_text)
     rc = script.main(["--readme", str(readme), "--results", str(results)])
@@ -349,6 +391,37 @@ def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, cap
     assert "stale" not in new and "| workload | batch |" in new and "basic_64-64-s1_8x8" in new
     png = next((tiny_run / "results").glob("*.png"))
     assert f"]({Path(os.path.relpath(png, tmp_path)).as_posix()})" in new
+
+
+def test_committed_results_follow_the_schema_and_readme_is_fresh(capsys):
+    """Every committed `fusedres bench` JSON validates against schema.json, and README.md's results
+    section is what scripts/render_results.py makes of them (`--check`)."""
+    checked = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        res = json.loads(path.read_text())
+        if isinstance(res, dict) and res.get("schema") == report.SCHEMA_ID:
+            report.validate(res)
+            checked.append(path.name)
+    assert len(checked) >= 3, checked
+    assert _render_script().main(["--check"]) == 0, capsys.readouterr().err
+
+
+H100_JSON = ROOT / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3_2026-11-27_gpu-quick.json"
+
+
+def test_render_markdown_timing_of_runs_before_the_timing_key():
+    """The committed H100 run predates ``config.timing``; its logs say it synchronised before every call."""
+    res = json.loads(H100_JSON.read_text())
+    assert "timing" not in res["config"] and "--timing" not in res["config"]["command"]
+    isolated = "GPU timing: isolated (each call synchronised; recorded before --timing existed)."
+    assert isolated in report.render_markdown([(res, None)])
+    res["date"] = "2026-11-27T03:39:49+00:00"  # the first session's run: no per-call synchronisation yet
+    md = report.render_markdown([(res, None)])
+    assert "GPU timing: timing mode not recorded." in md and isolated not in md
+    res["config"]["timing"] = "pipelined"
+    assert "GPU timing: pipelined" in report.render_markdown([(res, None)])
+    cpu = json.loads((H100_JSON.parent / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    assert "timing" not in cpu["config"] and "GPU timing" not in report.render_markdown([(cpu, None)])
 
 
 def test_render_results_fails_without_markers(tiny_run, tmp_path, capsys):
@@ -381,13 +454,76 @@ def test_cli_suites_resolve():
     cfg = runner.Config(device=a.device, dtypes=[torch.float32], mode="infer",
                         contenders=contenders.parse(a.contenders, a.device), compile_on=[a.compile_on])
     assert wls[0].kind == "model" and all(w.kind == "block" for w in wls[1:])  # models first
-    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
-    assert "compile" not in [c.name for c in cfg.contenders_for(wls[1])]
+    compile_ = contenders.Contender("compile")
+    assert cfg.skip_note(compile_, wls[0]) is None
+    assert cfg.skip_note(compile_, wls[1]) == "not in --compile-on"
+    assert cfg.skip_note(contenders.Contender("eager"), wls[1]) is None
     # NAME/bBATCH globs pick one batch size
     cfg.compile_on = ["resnet50/b8"]
-    assert "compile" not in [c.name for c in cfg.contenders_for(wls[0])]
+    assert cfg.skip_note(compile_, wls[0]) == "not in --compile-on"
     cfg.compile_on = ["resnet50/b4"]
-    assert "compile" in [c.name for c in cfg.contenders_for(wls[0])]
+    assert cfg.skip_note(compile_, wls[0]) is None
+
+
+def test_compile_contenders_outside_compile_on_are_skipped_rows():
+    """--compile-on leaves a compile contender out as a skipped row (never dropped), also when a time
+    budget skips the workload; the README table and the summary count such rows instead of listing them."""
+    shape = workloads.BlockShape("basic", 8, 8, 1, 1, 64, 1, False, 8, 8)
+    w = runner.Workload("block", shape.name, 1, 32, shape, {"resnet18": 1})
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager"), contenders.Contender("compile")],
+                        compile_on=["resnet*"], repeats=2, warmup=0)
+    peaks = roofline.Peaks(1e11, 1e10, 1, 1, "test")
+    ran = runner.run_workload(w, torch.float32, cfg, peaks)
+    cfg.time_budget_s = -1.0
+    (budget,) = runner.iter_rows([w], cfg, {"float32": peaks})
+    assert [(r["contender"], r["status"]) for r in ran + budget] == [("eager", "ok"), ("compile", "skipped")] + \
+        [("eager", "skipped"), ("compile", "skipped")]
+    assert ran[1]["note"] == budget[1]["note"] == "not in --compile-on" and "time budget" in budget[0]["note"]
+    res = json.loads((ROOT / "benchmarks" / "results" / "amd-epyc-2c_2026-11-27_cpu-quick.json").read_text())
+    res["rows"] = ran + budget
+    report.validate(res)
+    md = report.render_markdown([(res, None)])
+    assert md.count(f"| {shape.name} |") == 1 and "| eager |" in md
+    assert "1 more rows were not reached within the run's time budget" in md
+    assert "2 torch.compile rows were not run: their workloads are not in --compile-on" in md
+    lines = report.summary_lines(res)
+    assert "(2 compile rows not in --compile-on)" in lines[0] and "compile" not in "".join(lines[1:])
+
+
+def test_compile_on_workloads_run_right_after_the_models():
+    """What --compile-on picks runs before the other blocks (a time budget cannot cut it); the rest keeps its order."""
+    p = __import__("argparse").ArgumentParser()
+    bench_cli.add_arguments(p)
+
+    def names(*argv):
+        a = bench_cli.resolve(p.parse_args(["--suite", "gpu-quick", "--device", "cpu", *argv]))
+        return [f"{w.name}/b{w.batch}" for w in bench_cli.build_workloads(a)]
+
+    plain = names("--compile-on", "nothing-matches")
+    assert plain[:2] == ["resnet50/b256", "resnet50/b64"] and plain[2].startswith("basic_64-64")
+    picked = "bottleneck_1024-256-s1_14x14/b256"
+    got = names("--compile-on", picked)
+    assert got[:3] == plain[:2] + [picked] and got[3:] == [n for n in plain[2:] if n != picked]
+    suite = names()  # the suite's own --compile-on: two shapes at batch 256, in block order
+    assert suite[2:4] == ["basic_128-128-s1_28x28/b256", picked] and sorted(suite) == sorted(plain)
+    assert names("--compile-on", "resnet50")[:3] == plain[:3]  # only the models match: order unchanged
+
+
+def test_pytest_benchmark_cases_run(tmp_path):
+    """benchmarks/ (pytest-benchmark) on a tiny CPU config, timing disabled: cases collect, build and check out."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "--bench-device", "cpu",
+           "--bench-size", "32", "--bench-batch", "1", "--bench-blocks", "resnet18", "--bench-models", "resnet18",
+           "-k", "basic_512 or resnet18-fusedres-torch", "-q", "-p", "no:cacheprovider",
+           f"--benchmark-storage=file://{tmp_path}"]  # not a .benchmarks/ in the checkout
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n_block = 1 + len([b for b in ("cpu", "torch") if b in fusedres.available_backends()])
+    assert f"{n_block + 1} passed" in proc.stdout, proc.stdout  # + the whole resnet18 on fusedres-torch
 
 
 def test_git_state_outside_a_checkout(monkeypatch, tmp_path):
@@ -417,6 +553,26 @@ def test_render_results_leaves_out_other_tools_json(tiny_run, tmp_path, capsys):
     rc, err, readme = _render(tmp_path, text, results, capsys)
     assert rc == 0 and "triton_blocks.json is not a `fusedres bench` result" in err
     assert "basic_64-64-s1_8x8" in readme.read_text()
+
+
+def test_failed_peak_measurement_still_writes_the_json(tmp_path, monkeypatch, capsys):
+    """measure_peaks raising (not an interrupt) fails the run loudly, with the error recorded in its JSON."""
+    from fusedres.cli import main
+
+    def boom(cfg, progress=None):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(runner, "measure_peaks", boom)
+    out = tmp_path / "r.json"
+    argv = ["bench", "--blocks", "none", "--model", "resnet18", "--batch", "1", "--size", "32", "--device", "cpu",
+            "--contenders", "eager", "--json", str(out), "--csv", str(tmp_path / "r.csv")]
+    assert main(argv) == 1
+    assert "measuring the roofline peaks: RuntimeError: CUDA out of memory (simulated)" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    report.validate(res)
+    assert res["error"].startswith("measuring the roofline peaks: RuntimeError") and res["rows"] == []
+    assert res["interrupted"] is False and not (tmp_path / "r.csv").exists()
+    assert "Run failed: measuring the roofline peaks" in report.render_markdown([(res, None)])
 
 
 def test_sigterm_still_writes_the_results(tmp_path):

@@ -168,6 +168,12 @@ def build_workloads(a: argparse.Namespace) -> list[runner.Workload]:
     out = [runner.Workload("model", m, b, a.size) for m in _models(a.model) for b in batches]
     for shape, used_by in workloads.distinct_blocks(_models(a.blocks), a.size).items():
         out += [runner.Workload("block", shape.name, b, a.size, shape, used_by) for b in batches]
+    if a.compile_on:
+        # Then the workloads --compile-on picks (their compile rows are what it asks for), then
+        # the rest: a stable sort, so a time budget cannot cut them (the 2026-11-27 H100 run lost
+        # its one max-autotune row that way, behind the ResNet-18 blocks).
+        pats = _csv(a.compile_on)
+        out.sort(key=lambda w: w.kind != "model" and not runner.compile_selected(w, pats))
     if a.only:
         pats = _csv(a.only)
         out = [w for w in out if any(fnmatch.fnmatchcase(w.name, p) for p in pats)]
@@ -255,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(a, cons, dtypes, wls, console) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     cfg = runner.Config(
         device=a.device, dtypes=dtypes, mode=a.mode, contenders=cons, channels_last=a.channels_last,
@@ -291,12 +298,17 @@ def _run(a, cons, dtypes, wls, console) -> int:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             prog = _Progress(bar)
-            peaks = runner.measure_peaks(cfg, prog)
-            result["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
-            for rows in runner.iter_rows(wls, cfg, peaks, prog):
-                result["rows"] += rows
-                for path in json_paths:
-                    report.write_json(result, path)
+            try:
+                peaks = runner.measure_peaks(cfg, prog)
+            except Exception as exc:  # no roofline, so no rows: the file records why
+                result["error"] = f"measuring the roofline peaks: {type(exc).__name__}: {exc}"[:2000]
+                status = 1
+            else:
+                result["peaks"] = {k: v.as_dict() for k, v in peaks.items()}
+                for rows in runner.iter_rows(wls, cfg, peaks, prog):
+                    result["rows"] += rows
+                    for path in json_paths:
+                        report.write_json(result, path)
         result["interrupted"] = False
     except KeyboardInterrupt:
         status = 130
@@ -304,10 +316,13 @@ def _run(a, cons, dtypes, wls, console) -> int:
         signal.signal(signal.SIGTERM, prev_sigterm)
         # Whatever happened, show and save what was measured.
         result["host"]["loadavg_end"] = report.loadavg()
-        if result["peaks"]:
-            report.print_table(result, console)
+        if result.get("error"):
+            Console(stderr=True).print(f"[red]fusedres bench: {result['error']}[/red]", soft_wrap=True)
+        if result["peaks"] or result.get("error"):
             for path in json_paths:
                 report.write_json(result, path)
+        if result["peaks"]:
+            report.print_table(result, console)
             if a.csv_path:
                 report.write_csv(result, a.csv_path)
             if a.plot_path:

@@ -10,8 +10,9 @@
 ==================  =====================================================================
 
 A contender that cannot run here (a backend that is not built, TensorRT missing, a CPU-only
-backend on a GPU run) is *skipped* with the reason, never silently dropped; one that fails
-while building or running is recorded as an *error* row and the run goes on.
+backend on a GPU run), or a compile contender on a workload ``--compile-on`` does not pick, is
+*skipped* with the reason, never silently dropped; one that fails while building or running is
+recorded as an *error* row and the run goes on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _BACKEND_DEVICES = {"torch": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda"
 #: Every contender name, in the order rows are printed.
 NAMES = ("eager", "compile", "compile-max") + tuple(f"fusedres-{b}" for b in backends.BACKENDS) + ("tensorrt",)
 COMPILE_NAMES = ("compile", "compile-max")
+#: The note of a compile contender's row on a workload that ``--compile-on`` leaves out.
+NOT_IN_COMPILE_ON = "not in --compile-on"
 
 
 @dataclass(frozen=True)

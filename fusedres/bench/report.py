@@ -19,6 +19,8 @@ import torchvision
 
 import fusedres
 
+from .contenders import NOT_IN_COMPILE_ON
+
 SCHEMA_ID = "fusedres-bench/1"
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 MARK_BEGIN = "<!-- results:begin -->"
@@ -161,31 +163,49 @@ def validate(result: dict) -> None:
         jsonschema.validate(result, json.load(f))
 
 
-def _flatten(prefix: str, value, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}_{k}" if prefix else k, v, out)
-    elif isinstance(value, list):
-        out[prefix] = "x".join(map(str, value)) if all(isinstance(v, int) for v in value) else json.dumps(value)
-    else:
-        out[prefix] = value
+#: The run's keys every CSV line carries, as ``<key>_<field>`` columns.
+_CSV_RUN_FIELDS = {
+    "device": ("type", "name", "slug", "capability", "memory_gib"),
+    "versions": ("torch", "torchvision", "triton", "torch_tensorrt", "fusedres", "python", "cuda", "cudnn"),
+    "git": ("commit", "dirty"),
+    "host": ("cpu", "logical_cores", "torch_threads", "platform", "loadavg_start", "loadavg_end"),
+}
+
+
+def csv_columns() -> list[str]:
+    """The CSV header, the same for every run: the run's keys, then every row field of schema.json
+    (``block`` spread over ``block_<field>`` columns, empty on model rows)."""
+    with open(SCHEMA_PATH) as f:
+        row = json.load(f)["properties"]["rows"]["items"]["properties"]
+    block = row["block"]["oneOf"][1]["properties"]
+    cols = ["date"] + [f"{k}_{f}" for k, fields in _CSV_RUN_FIELDS.items() for f in fields]
+    for k in row:
+        cols += [f"block_{f}" for f in block] if k == "block" else [k]
+    return cols
+
+
+def _csv_cell(v):
+    """Lists of ints as ``AxBxC`` (shapes); other lists and dicts (``used_by``) as JSON strings."""
+    if isinstance(v, list) and all(isinstance(x, int) for x in v):
+        return "x".join(map(str, v))
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
 def write_csv(result: dict, path) -> None:
     """One line per row; every line also carries the run's keys (device, versions, commit, date, host)."""
-    keys: dict = {}
-    for k in ("date", "device", "versions", "git", "host"):
-        _flatten(k, result[k], keys)
+    keys = {"date": result["date"]}
+    keys.update({f"{k}_{f}": _csv_cell(result[k].get(f)) for k, fields in _CSV_RUN_FIELDS.items() for f in fields})
     lines = []
     for row in result["rows"]:
-        flat = dict(keys)
-        _flatten("", row, flat)
-        lines.append(flat)
-    fields: list[str] = []
-    for line in lines:
-        fields += [k for k in line if k not in fields]
+        line = dict(keys)
+        for k, v in row.items():
+            if k == "block":
+                line.update({f"block_{f}": x for f, x in (v or {}).items()})
+            else:
+                line[k] = _csv_cell(v)
+        lines.append(line)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(keys))
+        w = csv.DictWriter(f, fieldnames=csv_columns())  # a field not in the schema raises
         w.writeheader()
         w.writerows(lines)
 
@@ -260,9 +280,11 @@ def print_table(result: dict, console=None) -> None:
     host = result["host"]
     console.print(f"host load average (1/5/15 min): {host['loadavg_start']} at start, {host['loadavg_end']} at end "
                   f"({host['logical_cores']} logical cores, torch threads {host['torch_threads']})")
-    costs = {(r["workload"], r["image_size"]): r["gmacs_per_image"] for r in result["rows"] if r["kind"] == "model"}
-    for (name, size), gmacs in costs.items():
-        console.print(f"{name}: {gmacs:.3f} GMACs per {size}x{size} image (convs + classifier)")
+    costs = {(r["workload"], r["image_size"]): (r["gmacs_per_image"], r.get("published_gmacs_per_image"))
+             for r in result["rows"] if r["kind"] == "model"}
+    for (name, size), (gmacs, published) in costs.items():
+        console.print(f"{name}: {gmacs:.3f} GMACs per {size}x{size} image (convs + classifier)"
+                      + (f"; torchvision publishes {published:.3f}" if published is not None else ""))
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -273,9 +295,14 @@ def summary_lines(result: dict) -> list[str]:
         groups.setdefault((r["workload"], r["batch"], r["dtype"]), []).append(r)
     counts = Counter(r["status"] for r in result["rows"])
     lines = [f"{label}: {len(groups)} workloads, " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    n_compile = sum(_unrun(r) == "compile" for r in result["rows"])
+    if n_compile:  # one mention here instead of one per workload line
+        lines[0] += f" ({n_compile} compile rows {NOT_IN_COMPILE_ON})"
     for (name, batch, dtype), rows in groups.items():
         parts = []
         for r in rows:
+            if _unrun(r) == "compile":
+                continue
             if r["status"] != "ok":
                 parts.append(f"{r['contender']} {r['status'].upper()}")
             elif r["contender"] == "eager":
@@ -337,10 +364,25 @@ def plot(result: dict, path) -> None:
 # --------------------------------------------------------------------------- README section
 
 
+def _unrun(r: dict) -> str | None:
+    """``"compile"``, ``"budget"`` or ``None``: why a skipped row was never started by the run's own choice."""
+    if r["status"] != "skipped":
+        return None
+    if r["note"] == NOT_IN_COMPILE_ON:
+        return "compile"
+    return "budget" if "time budget" in (r["note"] or "") else None
+
+
 def _md_row(r: dict) -> str:
     cells = [fn(r).replace("|", "/").replace("\n", " ") for _, fn in COLUMNS]
     cells[-1] = cells[-1][:160]
     return "| " + " | ".join(cells) + " |"
+
+
+# GPU runs made before ``config.timing`` was recorded (6f248e0) timed each call after a
+# synchronisation (what is now ``--timing isolated``) from e78796e on, committed at this time;
+# earlier runs did not synchronise per call (the H100 gpu-quick run at 03:39 UTC, in git history).
+_SYNC_PER_CALL_SINCE = datetime.datetime(2026, 11, 27, 4, 36, 45, tzinfo=datetime.timezone.utc)
 
 
 def render_markdown(results: list[tuple[dict, str | None]]) -> str:
@@ -370,18 +412,29 @@ def render_markdown(results: list[tuple[dict, str | None]]) -> str:
         ]
         if res.get("notes"):
             out += [f"Notes: {res['notes']}", ""]
+        if res.get("error"):
+            out += [f"Run failed: {res['error']}", ""]
         peaks = "; ".join(f"{dt}: matmul {p['matmul_tflops']:.3g} TFLOP/s, copy {p['copy_gbps']:.3g} GB/s"
                           for dt, p in res["peaks"].items())
         timing = {
             "pipelined": " GPU timing: pipelined (calls back to back per contender turn, do_bench's semantics).",
             "isolated": " GPU timing: isolated (a synchronisation before every call: one-call latency).",
         }.get(cfg.get("timing"), "")
+        if "timing" not in cfg and dev["type"] == "cuda":
+            timing = (" GPU timing: isolated (each call synchronised; recorded before --timing existed). "
+                      "To repeat it, add `--timing isolated` to the command (the default is now pipelined)."
+                      if datetime.datetime.fromisoformat(res["date"]) >= _SYNC_PER_CALL_SINCE
+                      else " GPU timing: timing mode not recorded.")
         out += [f"Roofline peaks measured in the run: {peaks}. Peak memory: {res['memory_method']}.{timing}", ""]
-        # Rows a time budget never reached carry no measurement: counted, not listed.
-        shown = [r for r in res["rows"] if not (r["status"] == "skipped" and "time budget" in (r.get("note") or ""))]
-        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in shown] + [""]
-        if len(shown) < len(res["rows"]):
-            out += [f"{len(res['rows']) - len(shown)} more rows were not reached within the run's time budget "
+        # Rows a time budget never reached, and compile rows --compile-on left out, carry no
+        # measurement: counted, not listed.
+        unrun = Counter(_unrun(r) for r in res["rows"])
+        out += [header, "|" + "---|" * len(COLUMNS)] + [_md_row(r) for r in res["rows"] if not _unrun(r)] + [""]
+        if unrun["budget"]:
+            out += [f"{unrun['budget']} more rows were not reached within the run's time budget "
+                    "(listed in the JSON).", ""]
+        if unrun["compile"]:
+            out += [f"{unrun['compile']} torch.compile rows were not run: their workloads are {NOT_IN_COMPILE_ON} "
                     "(listed in the JSON).", ""]
         if png:
             out += [f"![{dev['name']} speedup and roofline]({png})", ""]

@@ -22,9 +22,9 @@ import torch.nn as nn
 from .. import backends
 from ..check import build_reference, randomize_bn
 from . import roofline
-from .contenders import COMPILE_NAMES, Contender
+from .contenders import COMPILE_NAMES, NOT_IN_COMPILE_ON, Contender
 from .timing import Stats, time_interleaved, time_once
-from .workloads import BlockShape, model_gmacs_per_image
+from .workloads import BlockShape, model_gmacs_per_image, published_gmacs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Input sets rotated through the timed rounds, unless they would exceed _INPUT_BYTES_CAP.
@@ -82,17 +82,19 @@ class Config:
     time_budget_s: float | None = None
     timing: str = "pipelined"  # GPU timing mode, see timing.TIMING_MODES
 
-    def contenders_for(self, w: Workload) -> list:
-        """The contenders that run on ``w``: compile ones only where ``compile_on`` matches
-        the workload's name or ``name/b<batch>``."""
-        keys = (w.name, f"{w.name}/b{w.batch}")
-        out = []
-        for c in self.contenders:
-            if c.name in COMPILE_NAMES and self.compile_on is not None:
-                if not any(fnmatch.fnmatchcase(k, pat) for k in keys for pat in self.compile_on):
-                    continue
-            out.append(c)
-        return out
+    def skip_note(self, c, w: Workload) -> str | None:
+        """:data:`NOT_IN_COMPILE_ON` for a compile contender that ``compile_on`` does not select
+        for ``w`` (by the workload's name or ``name/b<batch>``): a ``skipped`` row, not a dropped one."""
+        if c.name in COMPILE_NAMES and not compile_selected(w, self.compile_on):
+            return NOT_IN_COMPILE_ON
+        return None
+
+
+def compile_selected(w: Workload, patterns: list[str] | None) -> bool:
+    """Whether ``--compile-on`` globs select ``w`` (by name or ``name/b<batch>``); ``None`` selects all."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(k, p) for k in (w.name, f"{w.name}/b{w.batch}") for p in patterns)
 
 
 def _make_inputs(w: Workload, cfg: Config, dtype: torch.dtype, train: bool) -> list[torch.Tensor]:
@@ -184,6 +186,8 @@ def _base_row(w: Workload, dtype: torch.dtype, cfg: Config, c, ops) -> dict:
         "flops": flops,
         "min_bytes": sum(op.bytes for op in ops),
         "gmacs_per_image": model_gmacs_per_image(w.name, w.size) if w.kind == "model" else None,
+        # torchvision's figure (weights metadata ``_ops``), published for 224x224 only.
+        "published_gmacs_per_image": published_gmacs(w.name) if w.kind == "model" and w.size == 224 else None,
         "peak_mem_mb": None,
         "max_abs_err": None,
         "max_rel_err": None,
@@ -201,8 +205,7 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
     amp_dtype = dtype if train and dtype != torch.float32 else None
     ops = w.ops(dtype, train)
     floor_s = peaks.floor_s(ops)
-    contenders = cfg.contenders_for(w)
-    rows = {c.name: _base_row(w, dtype, cfg, c, ops) for c in contenders}
+    rows = {c.name: _base_row(w, dtype, cfg, c, ops) for c in cfg.contenders}
 
     def fail(name, stage, exc):
         rows[name]["status"] = "error"
@@ -223,8 +226,8 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
     # Built outside inference_mode: copies made inside it would be inference tensors, which
     # a model's parameters never are in real use.
     built = {}
-    for c in contenders:
-        reason = c.skip_reason(dev, cfg.mode)
+    for c in cfg.contenders:
+        reason = cfg.skip_note(c, w) or c.skip_reason(dev, cfg.mode)
         if reason is not None:
             rows[c.name].update(status="skipped", note=reason)
             continue
@@ -275,7 +278,7 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
                 continue
             _fill_times(rows[name], s, w.batch, floor_s, mem)
     _fill_speedups(rows)
-    return [rows[c.name] for c in contenders]
+    return [rows[c.name] for c in cfg.contenders]
 
 
 def _fill_times(row: dict, s: Stats, batch: int, floor_s: float, mem: float | None) -> None:
@@ -334,9 +337,11 @@ def iter_rows(workloads: list[Workload], cfg: Config, peaks: dict[str, roofline.
     t_start = time.perf_counter()
 
     def rows_with(w, dtype, **fields):
-        out = [_base_row(w, dtype, cfg, c, w.ops(dtype, train)) for c in cfg.contenders_for(w)]
-        for r in out:
-            r.update(fields)
+        out = []
+        for c in cfg.contenders:
+            out.append(_base_row(w, dtype, cfg, c, w.ops(dtype, train)))
+            note = cfg.skip_note(c, w)
+            out[-1].update(dict(status="skipped", note=note) if note else fields)
         return out
 
     for dtype in cfg.dtypes:
