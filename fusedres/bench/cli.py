@@ -48,10 +48,19 @@ SUITES = {
     # Training step (forward + backward, bf16 autocast, channels_last) of ResNet-50 and -18:
     # img/s and peak memory, fused vs eager vs torch.compile (default mode, on ResNet-50 at
     # batch 256 only: each train-mode compile costs about a minute).
+    # Train mode runs fusedres.training's chains whatever the backend name, so one fused
+    # contender (on CUDA the chains use the Triton kernels).
     "gpu-train": dict(
         model="resnet50,resnet18", blocks="none", batch="256,128", dtype="bfloat16", mode="train",
-        channels_last=True, contenders="eager,compile,fusedres-triton,fusedres-cuda", compile_on="resnet50/b256",
+        channels_last=True, contenders="eager,compile,fusedres-triton", compile_on="resnet50/b256",
         repeats=20, warmup=5, time_budget=150.0,
+    ),
+    # The committed CPU training run: ResNet-50 and -18 training steps at batch 8, fp32 and
+    # bf16 autocast, NCHW model and input, fused vs eager vs torch.compile (about 8 minutes
+    # on 2 cores).
+    "cpu-train": dict(
+        model="resnet50,resnet18", blocks="none", batch="8", dtype="float32,bfloat16", mode="train",
+        channels_last=False, contenders="eager,compile,fusedres-torch", repeats=9, warmup=2,
     ),
 }
 
