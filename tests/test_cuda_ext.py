@@ -482,23 +482,30 @@ def test_empty_batch():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("stats", [False, True], ids=["folded", "bn-stats"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_opcheck_conv_bn_act(residual):
+def test_opcheck_conv_bn_act(residual, stats):
     x, wt, scale, shift = _inputs(2, 16, 10, 10, 32, 3, torch.bfloat16)
     res = _cl(torch.randn(2, 32, 5, 5, device="cuda", dtype=torch.bfloat16)) if residual else None
+    mean, var = _bn_stats(32, scale.dtype) if stats else (None, None)
     torch.library.opcheck(
         torch.ops.fusedres.conv_bn_act_cuda.default,
-        (x, wt, scale, shift, res, None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True),
+        (x, wt, scale, shift, res, mean, var, 1e-5 if stats else 0.0, [2, 2], [1, 1], [1, 1], 1, True),
     )
 
 
 @pytest.mark.cuda
-def test_opcheck_block_tail():
+@pytest.mark.parametrize("stats", [False, True], ids=["folded", "bn-stats"])
+def test_opcheck_block_tail(stats):
     y, wt, scale, shift = _inputs(2, 16, 6, 6, 32, 3, torch.float16)
     x, wd, sd, bd = _inputs(2, 8, 11, 11, 32, 1, torch.float16)
+    mean, var = _bn_stats(32, scale.dtype) if stats else (None, None)
+    ds_mean, ds_var = _bn_stats(32, sd.dtype) if stats else (None, None)
+    eps = 1e-5 if stats else 0.0
     torch.library.opcheck(
         torch.ops.fusedres.block_tail_cuda.default,
-        (y, wt, scale, shift, x, wd, sd, bd, None, None, 0.0, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, [2, 2], True),
+        (y, wt, scale, shift, x, wd, sd, bd, mean, var, eps, ds_mean, ds_var, eps, [1, 1], [1, 1], [1, 1], 1, [2, 2],
+         True),
     )
 
 
