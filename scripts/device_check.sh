@@ -6,10 +6,11 @@
 # summary table.  Every step has its own time limit and a failing step never stops the rest.
 # Step limits add up to about 15 minutes at DEVICE_CHECK_SCALE=1, all of one session's device
 # time: pick steps.  Build 1 min (in the background, beside the Triton tests), host overhead
-# 2.5 min, tests 3 min each set, check 1 min, inference bench 3 min, training bench 2 min.
+# 2.5 min, tests 3 min each set, check and check-train 1 min each, inference bench 3 min, training bench 2 min.
 # DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget; DEVICE_CHECK_STEPS=bench-infer,bench-train
 # runs only the named steps (build, tests-triton, host-overhead, tests-cuda, tests-quick, check,
-# bench-infer, bench-train, train-memory).  Still owed after 2026-11-27: tests-triton and tests-cuda
+# check-train, bench-infer, bench-train, train-memory).  Still owed after 2026-11-27: tests-triton and tests-cuda,
+# check-train (new)
 # to completion, bench-infer's block and compile-max rows, bench-train, train-memory.
 set -u
 OUTDIR=${1:-${OUT:-out}/device}
@@ -73,6 +74,10 @@ FUSEDRES_TRITON_AUTOTUNE=0 step tests-quick 100 $PY -m pytest -v -rfE -p no:cach
   -k "bn_stat or opcheck or schema or kernel_errors or direct_eager or converted or resnet"
 step check 60 $PY -m fusedres check --model resnet50 --batch 64 --device cuda --dtype bfloat16 \
   --json "$OUTDIR/check.json"
+# One bf16 AMP training step: the Triton train kernels against eager's spread, and the chain's
+# algorithm in float64 (small: its first call autotunes every train conv shape).
+step check-train 60 $PY -m fusedres check --mode train --model resnet18 --batch 16 --size 112 --device cuda \
+  --dtype bfloat16 --repeats 10 --json "$OUTDIR/check_train.json"
 
 mkdir -p "$OUTDIR/results"
 # Inference, bf16 channels_last: ResNet-50 whole model, then every distinct ResNet-18/-50 block
