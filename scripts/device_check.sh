@@ -9,9 +9,8 @@
 # 2.5 min, tests 3 min each set, check and check-train 1 min each, inference bench 3 min, training bench 2 min.
 # DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget; DEVICE_CHECK_STEPS=bench-infer,bench-train
 # runs only the named steps (build, tests-triton, host-overhead, tests-cuda, tests-quick, check,
-# check-train, bench-infer, bench-train, train-memory).  Still owed after 2026-11-27: tests-triton and tests-cuda,
-# check-train (new)
-# to completion, bench-infer's block and compile-max rows, bench-train, train-memory.
+# check-train, bench-infer, bench-train, train-memory).  Still owed after 2026-11-27: tests-triton and tests-cuda
+# to completion, check-train (new), bench-infer's block and compile-max rows, bench-train, train-memory.
 set -u
 OUTDIR=${1:-${OUT:-out}/device}
 mkdir -p "$OUTDIR"
