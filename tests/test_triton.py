@@ -15,6 +15,8 @@ NaN-poisoned before each kernel run so that an element the kernel skips fails.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -424,6 +426,48 @@ def test_unsupported_reasons_are_explicit():
 
     spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False)
     assert "meta" in mod.unsupported_reason(spec)
+
+
+_PRECISION_SCRIPT = """
+import sys
+import torch
+import fusedres
+from fusedres.backends.triton import launch
+
+exec(sys.argv[1])
+got = launch.dot_precision(torch.float32)
+assert got == sys.argv[2], f"dot_precision(float32) is {got!r}, expected {sys.argv[2]!r}"
+assert launch.dot_precision(torch.bfloat16) == "tf32"
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x, w = torch.randn(2, 8, 5, 5, device=dev), torch.randn(12, 8, 3, 3, device=dev) / 8
+s, b = torch.rand(12, device=dev) + 0.5, torch.randn(12, device=dev)
+out = fusedres.conv_bn_act(x, w, s, b, padding=1, backend="triton")
+ref = fusedres.conv_bn_act(x.double(), w.double(), s.double(), b.double(), padding=1, backend="torch")
+torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+"""
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("", "tf32"),
+    ("torch.backends.cudnn.allow_tf32 = False", "ieee"),
+    ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.cudnn.conv.fp32_precision = 'tf32'", "tf32"),
+    ("torch.backends.cudnn.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.fp32_precision = 'tf32'; torch.backends.cudnn.conv.fp32_precision = 'none'", "tf32"),
+], ids=["default", "legacy-off", "conv-ieee", "conv-tf32", "cudnn-ieee", "generic-ieee", "conv-inherits"])
+def test_dot_precision_follows_torch_tf32_settings(setting, expected):
+    """fp32 convs take TF32 exactly when PyTorch's cuDNN convs would, under either API.
+
+    Once the new ``fp32_precision`` API is used, reading the legacy ``cudnn.allow_tf32``
+    raises, which used to fail every fp32 Triton conv.  The settings are process-global,
+    hence a subprocess per case.
+    """
+    if setting and not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this PyTorch has no fp32_precision API")
+    proc = subprocess.run([sys.executable, "-c", _PRECISION_SCRIPT, setting, expected], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_prune_configs_respects_shared_memory_and_problem_size():

@@ -76,6 +76,32 @@ class ConvSpec:
         return self.ds_stride is not None
 
 
+def cudnn_conv_tf32() -> bool:
+    """Whether PyTorch's cuDNN convolutions compute fp32 on TF32 tensor cores now.
+
+    Resolved as PyTorch does: ``torch.backends.cudnn.conv.fp32_precision``, and while a level
+    says ``"none"`` (``"default"`` before PyTorch 2.9) its parent
+    ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; TF32
+    exactly when that gives ``"tf32"`` (inheriting all the way up means IEEE, which is what
+    ``allow_tf32 = False`` sets).  Once the new API is used, reading the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises, so it is only the fallback for a PyTorch
+    without ``fp32_precision``.
+    """
+    cudnn = torch.backends.cudnn
+    for level in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(level, "fp32_precision", None)
+        if precision is None:  # a PyTorch without the new API
+            break
+        if precision not in ("none", "default"):
+            return precision == "tf32"
+    else:
+        return False
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 _loaded: dict[str, ModuleType | None] = {}
 _available: dict[str, bool] = {}
 _load_errors: dict[str, str] = {}

@@ -39,6 +39,7 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import cudnn_conv_tf32
 from .kernels import _conv_bn_act_fwd_kernel
 
 
@@ -251,9 +252,9 @@ def kernel_weight(w: torch.Tensor) -> torch.Tensor:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 convs use TF32 tensor cores exactly when PyTorch's cuDNN convs would."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and not cudnn_conv_tf32():
         return "ieee"
-    return "tf32"  # fp16/bf16 ignore it; fp32 with allow_tf32 (PyTorch's conv default)
+    return "tf32"  # fp16/bf16 ignore it; fp32 with TF32 allowed (PyTorch's conv default)
 
 
 def _strides4(t: torch.Tensor | None):
