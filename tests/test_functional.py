@@ -123,6 +123,35 @@ def test_bad_inputs_name_the_argument():
         fusedres.conv_bn_act(x, wt, scale, shift, groups=3)
 
 
+def _tail_args():
+    g = torch.Generator().manual_seed(5)
+    y, x = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 12, 10, 10, generator=g)
+    w, wd = torch.randn(16, 8, 3, 3, generator=g), torch.randn(16, 12, 1, 1, generator=g)
+    s, b, sd, bd = (torch.rand(16, generator=g) + 0.5 for _ in range(4))
+    return (y, w, s, b, x, wd, sd, bd)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw, needle", [
+    (dict(stride=0), "stride must be >= 1"),
+    (dict(ds_stride=(2, 0)), "ds_stride must be >= 1"),
+    (dict(dilation=0), "dilation must be >= 1"),
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(padding=0, dilation=3), "y spatial size"),
+], ids=["stride", "ds_stride", "dilation", "padding", "empty-output"])
+def test_block_tail_checks_geometry(kw, needle, backend):
+    """Like conv_bn_act, block_tail rejects a bad geometry by name before any backend runs
+    (it used to divide by zero, or the Triton kernel returned a tensor where torch raises)."""
+    kw = {"padding": 1, "ds_stride": 2, **kw}
+    with pytest.raises(ValueError, match=needle):
+        fusedres.block_tail(*_tail_args(), backend=backend, **kw)
+    if "ds_stride" not in needle:  # conv_bn_act shares the check
+        y, w, s, b = _tail_args()[:4]
+        kw.pop("ds_stride")
+        with pytest.raises(ValueError, match=needle.replace("y spatial", "x spatial")):
+            fusedres.conv_bn_act(y, w, s, b, backend=backend, **kw)
+
+
 def test_named_backend_errors_are_clear():
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
     with pytest.raises(ValueError, match="backend must be one of"):
