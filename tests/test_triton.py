@@ -384,6 +384,62 @@ def test_opcheck_block_tail(requires_grad):
                                [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
 
 
+# case: (op, argument index, bad value, the error's text)
+_BAD_OP_ARGS = {
+    "scale": ("conv", 2, lambda a: a["s"][:4], r"scale must be a \(16,\) tensor"),
+    "residual": ("conv", 4, lambda a: a["r"][:, :, :2], r"residual must be a \(2, 16, 3, 3\)"),
+    "weight": ("conv", 1, lambda a: a["w"][:, :4], r"weight \(16, 4, 3, 3\) with groups=1 does not fit x's 8 channels"),
+    "mean": ("conv", 5, lambda a: a["s"], "mean and var must be given together"),
+    "dtype": ("conv", 1, lambda a: a["w"].double(), "x and weight must be 4-D fp16, bf16 or fp32 tensors of one dtype"),
+    "dilation": ("conv", 10, lambda a: [1, 0], "invalid stride"),
+    "ds_scale": ("tail", 6, lambda a: a["s"][:4], r"ds_scale must be a \(16,\) tensor"),
+    "ds_input": ("tail", 4, lambda a: a["xd"][:, :, :3], "the downsample branch"),
+    "ds_stride": ("tail", 18, lambda a: [0, 2], "invalid ds_stride"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OP_ARGS))
+def test_ops_check_their_arguments(case):
+    """Called directly (as compiled graphs call them) the ops reject bad operands, naming them,
+    eagerly (ValueError) and in their fake implementations (torch._check); they used to read
+    past the end of a 4-element scale or a too small residual."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, s, b = _opcheck_args(False)
+    a = dict(s=s, w=w, r=_rand(2, 16, 3, 3, dtype=torch.float32), xd=_rand(2, 6, 5, 5, dtype=torch.float32))
+    wd = _rand(16, 6, 1, 1, dtype=torch.float32)
+    conv = [x, w, s, b, a["r"], None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True]
+    tail = [x[:, :, :3, :3], w, s, b, a["xd"], wd, *_affine(16), None, None, 0.0, None, None, 0.0,
+            [1, 1], [1, 1], [1, 1], 1, [2, 2], True]
+    which, index, value, needle = _BAD_OP_ARGS[case]
+    op, args = {"conv": (torch.ops.fusedres.conv_bn_act_triton, conv),
+                "tail": (torch.ops.fusedres.block_tail_triton, tail)}[which]
+    args[index] = value(a)
+    with pytest.raises(ValueError, match=needle):
+        op(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        with pytest.raises(RuntimeError, match=needle):
+            op(*fake)
+
+
+def test_train_op_checks_its_arguments():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, _, _ = _opcheck_args(False)
+    op = torch.ops.fusedres.conv_train_fwd_triton
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match=r"weight \(16, 8, 3, 3\) with groups=2 does not fit"):
+        op(x, w, None, None, [1, 1], [1, 1], [1, 1], 2)
+    with pytest.raises(ValueError, match="in_scale must be an fp32 \\(8,\\)"):
+        op(x, w, torch.ones(4, device=DEVICE), torch.ones(8, device=DEVICE), *geom)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        with pytest.raises(RuntimeError, match=r"in_scale must be a \(8,\) tensor of torch.float32"):
+            op(fx, fw, mode.from_tensor(torch.ones(4, device=DEVICE)), mode.from_tensor(torch.ones(8, device=DEVICE)),
+               *geom)
+
+
 def _bn(c):
     bn = nn.BatchNorm2d(c)
     with torch.no_grad():
