@@ -156,6 +156,8 @@ def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra)
         relu=bool(relu),
         channels_last=_is_channels_last(x),
         requires_grad=_wants_grad(*operands),
+        batch=x.shape[0],
+        input_size=(x.shape[2], x.shape[3]),
         **extra,
     )
 
@@ -289,7 +291,8 @@ def block_tail(
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
                  (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
                   running_mean, running_var, ds_running_mean, ds_running_var),
-                 has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride)
+                 has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride,
+                 ds_input_size=(x.shape[2], x.shape[3]))
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:
         return _empty_like_out(y, cout, oh, ow)

@@ -179,6 +179,59 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(out1, out2)
 
 
+def _cuda_spec(**kw):
+    base = dict(device_type="cuda", dtype=torch.bfloat16, in_channels=64, out_channels=64, kernel_size=(3, 3),
+                stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False,
+                channels_last=True, requires_grad=False, batch=8, input_size=(56, 56))
+    return backends.ConvSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, cuda_needle, triton_needle", [
+    (dict(), None, None),
+    # 600 * 2048 * 2048 output rows: the CUDA kernels chunk the batch, Triton's row index is int32.
+    (dict(in_channels=8, out_channels=8, batch=600, input_size=(2048, 2048)), None, "output pixels"),
+    (dict(batch=1, input_size=(6000, 6000)), "one input sample is 4608000000 bytes", "x: one image has"),
+    (dict(ds_in_channels=64, ds_stride=(2, 2), ds_input_size=(12000, 12000)),
+     "one downsample input sample is", "ds input: one image has"),
+    (dict(in_channels=8192, out_channels=8192, kernel_size=(31, 31)), "one filter is", "weight has"),
+], ids=["fits", "rows", "sample", "ds-sample", "filter"])
+def test_size_limits_are_reported_by_unsupported_reason(kw, cuda_needle, triton_needle):
+    """The kernels' 32-bit limits are declined up front (no GPU or compiled extension needed)."""
+    pytest.importorskip("triton")
+    from fusedres.backends import cuda as cuda_backend
+    from fusedres.backends import triton as triton_backend
+
+    spec = _cuda_spec(**kw)
+    for backend, needle in ((cuda_backend, cuda_needle), (triton_backend, triton_needle)):
+        reason = backend.unsupported_reason(spec)
+        assert reason is None if needle is None else needle in (reason or ""), (backend.NAME, reason)
+
+
+def test_auto_falls_back_on_size_limits(monkeypatch):
+    """Too large for every fused kernel: "auto" takes the reference with its one warning instead of raising."""
+    if not backends.is_available("triton"):
+        pytest.skip("needs the triton backend (a GPU or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(backends, "_warned", set())
+    spec = _cuda_spec(batch=1, input_size=(6000, 6000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.select("auto", spec).NAME == "torch"
+        assert backends.select("auto", spec).NAME == "torch"
+    msgs = [str(w.message) for w in caught if "falls back" in str(w.message)]
+    assert len(msgs) == 1 and "triton: x: one image has 2304000000 elements" in msgs[0], msgs
+    with pytest.raises(fusedres.BackendUnavailableError, match="one image has"):
+        backends.select("triton", spec)
+
+
+def test_spec_describes_the_tensor_sizes(monkeypatch):
+    specs = []
+    select = backends.select
+    monkeypatch.setattr(backends, "select", lambda backend, spec: specs.append(spec) or select(backend, spec))
+    fusedres.block_tail(*_tail_args(), padding=1, ds_stride=2)
+    (spec,) = specs
+    assert (spec.batch, spec.input_size, spec.ds_input_size, spec.output_size) == (2, (5, 5), (10, 10), (5, 5))
+
+
 def test_env_var_selects_backend(monkeypatch):
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
     monkeypatch.setenv("FUSEDRES_BACKEND", "torch")
@@ -210,7 +263,7 @@ def _spec_like(x, wt, kw):
         device_type="cpu", dtype=x.dtype, in_channels=x.shape[1], out_channels=wt.shape[0],
         kernel_size=tuple(wt.shape[2:]), stride=_pair("s", kw["stride"]), padding=_pair("p", kw["padding"]),
         dilation=_pair("d", kw["dilation"]), groups=kw["groups"], relu=True, has_residual=False,
-        channels_last=False, requires_grad=False,
+        channels_last=False, requires_grad=False, batch=x.shape[0], input_size=tuple(x.shape[2:]),
     )
 
 

@@ -480,7 +480,8 @@ def test_unsupported_reasons_are_explicit():
                              torch.zeros(4, device=DEVICE, dtype=torch.float64), backend="triton")
     from fusedres.backends import ConvSpec
 
-    spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False)
+    spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False,
+                    batch=1, input_size=(3, 3))
     assert "meta" in mod.unsupported_reason(spec)
 
 
@@ -603,7 +604,7 @@ def test_direct_eager_path_equals_registered_op():
     spec = backends.ConvSpec(
         device_type=x.device.type, dtype=x.dtype, in_channels=8, out_channels=16, kernel_size=(3, 3),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False, channels_last=True,
-        requires_grad=False,
+        requires_grad=False, batch=2, input_size=(6, 5),
     )
     assert mod._direct(spec, x, w, s, b, None)
     with FakeTensorMode() as fake_mode:

@@ -51,10 +51,17 @@ def unsupported_reason(spec) -> str | None:
         return f"tensors are on {spec.device_type}; the triton backend needs CUDA tensors"
     if spec.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {spec.dtype} is not supported (fp16, bf16, fp32 only)"
-    return None
+    (h, w), (hd, wd), (oh, ow) = spec.input_size, spec.ds_input_size, spec.output_size
+    kh, kw = spec.kernel_size
+    return _launch.size_limit_reason(
+        spec.batch * oh * ow, spec.out_channels * (spec.in_channels // spec.groups) * kh * kw,
+        (("x", spec.in_channels * h * w), ("out", spec.out_channels * oh * ow),
+         ("ds input", spec.ds_in_channels * hd * wd)),
+    )
 
 
 if _HAS_TRITON:
+    from . import launch as _launch
     from . import ops as _ops  # registers torch.ops.fusedres.*_triton
 
 
