@@ -121,12 +121,15 @@ def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
     _check(out, ref64, same, dtype)
 
 
-# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, ds_stride, relu): BasicBlock tail
-# (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not.
+# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, dilation, groups, ds_stride, relu): BasicBlock
+# tail (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not; a dilated
+# and a grouped 3x3 main conv next to the (ungrouped) downsample GEMM.
 TAIL_CASES = {
-    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 2, True),
-    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1, True),
-    "bottleneck-s2-norelu": (2, 16, 36, 40, 7, 8, 1, 1, 0, 2, False),
+    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 1, 1, 2, True),
+    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1, 1, 1, True),
+    "bottleneck-s2-norelu": (2, 16, 36, 40, 7, 8, 1, 1, 0, 1, 1, 2, False),
+    "dilated": (1, 12, 8, 20, 7, 6, 3, 1, 2, 2, 1, 1, True),
+    "groups4": (1, 16, 12, 24, 7, 5, 3, 1, 1, 1, 4, 2, True),
 }
 
 
@@ -134,20 +137,20 @@ TAIL_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(TAIL_CASES))
 def test_block_tail_matches_fp64(case, dtype, channels_last):
-    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
+    n, cm, cin, k, h, w, ks, stride, padding, dilation, groups, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=channels_last)
     x = _rand(n, cin, h, w, dtype=dtype, channels_last=channels_last)
-    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
+    wt = _rand(k, cm // groups, ks, ks, dtype=dtype) / math.sqrt(cm // groups * ks * ks)
     wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
     (s, b), (sd, bd) = _affine(k), _affine(k)
-    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, ds_stride=ds_stride, relu=relu)
     ref64 = fusedres.block_tail(y.double(), wt.double(), s.double(), b.double(), x.double(), wd.double(),
                                 sd.double(), bd.double(), backend="torch", **kwargs)
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, s, b, x, wd, sd, bd, backend="torch", **kwargs))
     out = _poisoned((n, k, oh, ow), dtype, channels_last)
-    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (1, 1), 1, relu,
-                     ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (dilation,) * 2,
+                     groups, relu, ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
     _check(out, ref64, same, dtype)
 
 
@@ -194,7 +197,7 @@ def test_conv_bn_stats_epilogue_matches_fp64(case, dtype, param_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["basic-s2", "bottleneck-s2-norelu"])
 def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
-    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
+    n, cm, cin, k, h, w, ks, stride, padding, _, _, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
     x = _rand(n, cin, h, w, dtype=dtype, channels_last=True)
@@ -209,8 +212,14 @@ def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
                  ds_running_var=ds_bn[3], ds_eps=1e-3)
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1],
                                                          backend="torch", **stats, **kwargs))
-    out = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), bn[0], bn[1], None, out, (stride,) * 2, (padding,) * 2, (1, 1),
+                     1, relu, ds=(x, tl_launch.kernel_weight(wd), ds_bn[0], ds_bn[1], (ds_stride,) * 2),
+                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3))
     _check(out, ref64, same, dtype)
+    # The public op routes both branches' statistics to the kernel and gives the same result.
+    via_api = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
+    torch.testing.assert_close(via_api, out, rtol=0, atol=0)
 
 
 def test_bn_stats_with_autograd_fold_on_the_host():
