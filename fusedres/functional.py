@@ -120,6 +120,20 @@ def conv_out_hw(h, w, kernel_size, stride, padding, dilation):
     return oh, ow
 
 
+def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_name="stride"):
+    """``(H_out, W_out)`` of a conv of ``x``; raises naming the argument that makes it invalid or empty."""
+    for name, v, lo in ((stride_name, stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if min(v) < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{x_name} spatial size {tuple(x.shape[2:])} is too small for kernel_size={tuple(kernel_size)}, "
+            f"{stride_name}={stride}, padding={padding}, dilation={dilation} (output {oh}x{ow})"
+        )
+    return oh, ow
+
+
 def _wants_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
@@ -142,6 +156,8 @@ def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra)
         relu=bool(relu),
         channels_last=_is_channels_last(x),
         requires_grad=_wants_grad(*operands),
+        batch=x.shape[0],
+        input_size=(x.shape[2], x.shape[3]),
         **extra,
     )
 
@@ -185,12 +201,7 @@ def conv_bn_act(
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups)
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"invalid stride={stride} / padding={padding} / dilation={dilation}")
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh, ow = conv_out_hw(x.shape[2], x.shape[3], (kh, kw), stride, padding, dilation)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is too small for this kernel/padding")
+    oh, ow = _checked_out_hw("x", x, weight.shape[2:], stride, padding, dilation)
     cout = weight.shape[0]
     if residual is not None:
         _check_tensor("residual", residual, 4)
@@ -268,9 +279,8 @@ def block_tail(
         )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x batch {x.shape[0]} does not match y batch {y.shape[0]}")
-    kh, kw = weight.shape[2], weight.shape[3]
-    oh, ow = conv_out_hw(y.shape[2], y.shape[3], (kh, kw), stride, padding, dilation)
-    dh, dw = conv_out_hw(x.shape[2], x.shape[3], (1, 1), ds_stride, (0, 0), (1, 1))
+    oh, ow = _checked_out_hw("y", y, weight.shape[2:], stride, padding, dilation)
+    dh, dw = _checked_out_hw("x", x, (1, 1), ds_stride, (0, 0), (1, 1), stride_name="ds_stride")
     if (oh, ow) != (dh, dw):
         raise ValueError(
             f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
@@ -281,7 +291,8 @@ def block_tail(
     spec = _spec(y, weight, stride, padding, dilation, groups, relu,
                  (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift,
                   running_mean, running_var, ds_running_mean, ds_running_var),
-                 has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride)
+                 has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride,
+                 ds_input_size=(x.shape[2], x.shape[3]))
     mod = backends.select(backend, spec)
     if y.shape[0] == 0:
         return _empty_like_out(y, cout, oh, ow)

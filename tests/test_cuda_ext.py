@@ -54,7 +54,7 @@ def _spec(**kw):
     base = dict(
         device_type="cuda", dtype=torch.bfloat16, in_channels=64, out_channels=64, kernel_size=(3, 3),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False,
-        channels_last=True, requires_grad=False,
+        channels_last=True, requires_grad=False, batch=8, input_size=(56, 56), ds_input_size=(112, 112),
     )
     base.update(kw)
     return ConvSpec(**base)
@@ -273,7 +273,7 @@ def _spec_for(x, w, stride, padding, dilation, relu, residual, **kw):
         device_type="cuda", dtype=x.dtype, in_channels=x.shape[1], out_channels=w.shape[0],
         kernel_size=tuple(w.shape[2:]), stride=pair(stride), padding=pair(padding),
         dilation=pair(dilation), groups=1, relu=relu, has_residual=residual, channels_last=True,
-        requires_grad=False, **kw,
+        requires_grad=False, batch=x.shape[0], input_size=tuple(x.shape[2:]), **kw,
     )
 
 
@@ -345,7 +345,7 @@ def test_bn_statistics_folded_in_the_kernel(dtype, stats_dtype):
     md, vd = _bn_stats(64, torch.float32)
     tail = torch.ops.fusedres.block_tail_cuda(y, w2, s2, b2, xd, wd, sd_, bd, m2, v2, 1e-5, md, vd, 1e-3,
                                               [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
-    tspec = _spec_for(y, w2, 1, 1, 1, True, False, ds_in_channels=32, ds_stride=(2, 2))
+    tspec = _spec_for(y, w2, 1, 1, 1, True, False, ds_in_channels=32, ds_stride=(2, 2), ds_input_size=(17, 17))
     (s64, b64), (sd64, bd64) = _fold64(s2, b2, m2, v2, 1e-5), _fold64(sd_, bd, md, vd, 1e-3)
     ref64 = torch_ref.block_tail(y.double(), w2.double(), s64, b64, xd.double(), wd.double(), sd64, bd64, tspec)
     same = torch_ref.block_tail(y, w2, s64.float(), b64.float(), xd, wd, sd64.float(), bd64.float(), tspec)
@@ -370,7 +370,8 @@ def test_block_tail_matches_reference(case, relu, dtype):
     n, cmid, h, w, cout, k, stride, padding, cin, xh, xw, ds_stride = TAIL_CASES[case]
     y, wt, scale, shift = _inputs(n, cmid, h, w, cout, k, dtype)
     x, wd, ds_scale, ds_shift = _inputs(n, cin, xh, xw, cout, 1, dtype)
-    spec = _spec_for(y, wt, stride, padding, 1, relu, False, ds_in_channels=cin, ds_stride=(ds_stride, ds_stride))
+    spec = _spec_for(y, wt, stride, padding, 1, relu, False, ds_in_channels=cin, ds_stride=(ds_stride, ds_stride),
+                     ds_input_size=(xh, xw))
 
     out = torch.ops.fusedres.block_tail_cuda(
         y, wt, scale, shift, x, wd, ds_scale, ds_shift, None, None, 0.0, None, None, 0.0,

@@ -123,6 +123,35 @@ def test_bad_inputs_name_the_argument():
         fusedres.conv_bn_act(x, wt, scale, shift, groups=3)
 
 
+def _tail_args():
+    g = torch.Generator().manual_seed(5)
+    y, x = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 12, 10, 10, generator=g)
+    w, wd = torch.randn(16, 8, 3, 3, generator=g), torch.randn(16, 12, 1, 1, generator=g)
+    s, b, sd, bd = (torch.rand(16, generator=g) + 0.5 for _ in range(4))
+    return (y, w, s, b, x, wd, sd, bd)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw, needle", [
+    (dict(stride=0), "stride must be >= 1"),
+    (dict(ds_stride=(2, 0)), "ds_stride must be >= 1"),
+    (dict(dilation=0), "dilation must be >= 1"),
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(padding=0, dilation=3), "y spatial size"),
+], ids=["stride", "ds_stride", "dilation", "padding", "empty-output"])
+def test_block_tail_checks_geometry(kw, needle, backend):
+    """Like conv_bn_act, block_tail rejects a bad geometry by name before any backend runs
+    (it used to divide by zero, or the Triton kernel returned a tensor where torch raises)."""
+    kw = {"padding": 1, "ds_stride": 2, **kw}
+    with pytest.raises(ValueError, match=needle):
+        fusedres.block_tail(*_tail_args(), backend=backend, **kw)
+    if "ds_stride" not in needle:  # conv_bn_act shares the check
+        y, w, s, b = _tail_args()[:4]
+        kw.pop("ds_stride")
+        with pytest.raises(ValueError, match=needle.replace("y spatial", "x spatial")):
+            fusedres.conv_bn_act(y, w, s, b, backend=backend, **kw)
+
+
 def test_named_backend_errors_are_clear():
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -148,6 +177,59 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     assert len(msgs) == 1 and "float64" in msgs[0], msgs
     assert used == {"torch"}
     torch.testing.assert_close(out1, out2)
+
+
+def _cuda_spec(**kw):
+    base = dict(device_type="cuda", dtype=torch.bfloat16, in_channels=64, out_channels=64, kernel_size=(3, 3),
+                stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False,
+                channels_last=True, requires_grad=False, batch=8, input_size=(56, 56))
+    return backends.ConvSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, cuda_needle, triton_needle", [
+    (dict(), None, None),
+    # 600 * 2048 * 2048 output rows: the CUDA kernels chunk the batch, Triton's row index is int32.
+    (dict(in_channels=8, out_channels=8, batch=600, input_size=(2048, 2048)), None, "output pixels"),
+    (dict(batch=1, input_size=(6000, 6000)), "one input sample is 4608000000 bytes", "x: one image has"),
+    (dict(ds_in_channels=64, ds_stride=(2, 2), ds_input_size=(12000, 12000)),
+     "one downsample input sample is", "ds input: one image has"),
+    (dict(in_channels=8192, out_channels=8192, kernel_size=(31, 31)), "one filter is", "weight has"),
+], ids=["fits", "rows", "sample", "ds-sample", "filter"])
+def test_size_limits_are_reported_by_unsupported_reason(kw, cuda_needle, triton_needle):
+    """The kernels' 32-bit limits are declined up front (no GPU or compiled extension needed)."""
+    pytest.importorskip("triton")
+    from fusedres.backends import cuda as cuda_backend
+    from fusedres.backends import triton as triton_backend
+
+    spec = _cuda_spec(**kw)
+    for backend, needle in ((cuda_backend, cuda_needle), (triton_backend, triton_needle)):
+        reason = backend.unsupported_reason(spec)
+        assert reason is None if needle is None else needle in (reason or ""), (backend.NAME, reason)
+
+
+def test_auto_falls_back_on_size_limits(monkeypatch):
+    """Too large for every fused kernel: "auto" takes the reference with its one warning instead of raising."""
+    if not backends.is_available("triton"):
+        pytest.skip("needs the triton backend (a GPU or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(backends, "_warned", set())
+    spec = _cuda_spec(batch=1, input_size=(6000, 6000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.select("auto", spec).NAME == "torch"
+        assert backends.select("auto", spec).NAME == "torch"
+    msgs = [str(w.message) for w in caught if "falls back" in str(w.message)]
+    assert len(msgs) == 1 and "triton: x: one image has 2304000000 elements" in msgs[0], msgs
+    with pytest.raises(fusedres.BackendUnavailableError, match="one image has"):
+        backends.select("triton", spec)
+
+
+def test_spec_describes_the_tensor_sizes(monkeypatch):
+    specs = []
+    select = backends.select
+    monkeypatch.setattr(backends, "select", lambda backend, spec: specs.append(spec) or select(backend, spec))
+    fusedres.block_tail(*_tail_args(), padding=1, ds_stride=2)
+    (spec,) = specs
+    assert (spec.batch, spec.input_size, spec.ds_input_size, spec.output_size) == (2, (5, 5), (10, 10), (5, 5))
 
 
 def test_env_var_selects_backend(monkeypatch):
@@ -181,7 +263,7 @@ def _spec_like(x, wt, kw):
         device_type="cpu", dtype=x.dtype, in_channels=x.shape[1], out_channels=wt.shape[0],
         kernel_size=tuple(wt.shape[2:]), stride=_pair("s", kw["stride"]), padding=_pair("p", kw["padding"]),
         dilation=_pair("d", kw["dilation"]), groups=kw["groups"], relu=True, has_residual=False,
-        channels_last=False, requires_grad=False,
+        channels_last=False, requires_grad=False, batch=x.shape[0], input_size=tuple(x.shape[2:]),
     )
 
 

@@ -15,6 +15,8 @@ NaN-poisoned before each kernel run so that an element the kernel skips fails.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,12 +121,15 @@ def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
     _check(out, ref64, same, dtype)
 
 
-# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, ds_stride, relu): BasicBlock tail
-# (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not.
+# (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, dilation, groups, ds_stride, relu): BasicBlock
+# tail (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not; a dilated
+# and a grouped 3x3 main conv next to the (ungrouped) downsample GEMM.
 TAIL_CASES = {
-    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 2, True),
-    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1, True),
-    "bottleneck-s2-norelu": (2, 16, 36, 40, 7, 8, 1, 1, 0, 2, False),
+    "basic-s2": (2, 24, 12, 24, 9, 7, 3, 1, 1, 1, 1, 2, True),
+    "bottleneck-s1": (2, 16, 20, 40, 5, 6, 1, 1, 0, 1, 1, 1, True),
+    "bottleneck-s2-norelu": (2, 16, 36, 40, 7, 8, 1, 1, 0, 1, 1, 2, False),
+    "dilated": (1, 12, 8, 20, 7, 6, 3, 1, 2, 2, 1, 1, True),
+    "groups4": (1, 16, 12, 24, 7, 5, 3, 1, 1, 1, 4, 2, True),
 }
 
 
@@ -132,20 +137,20 @@ TAIL_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(TAIL_CASES))
 def test_block_tail_matches_fp64(case, dtype, channels_last):
-    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
+    n, cm, cin, k, h, w, ks, stride, padding, dilation, groups, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=channels_last)
     x = _rand(n, cin, h, w, dtype=dtype, channels_last=channels_last)
-    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
+    wt = _rand(k, cm // groups, ks, ks, dtype=dtype) / math.sqrt(cm // groups * ks * ks)
     wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
     (s, b), (sd, bd) = _affine(k), _affine(k)
-    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, ds_stride=ds_stride, relu=relu)
     ref64 = fusedres.block_tail(y.double(), wt.double(), s.double(), b.double(), x.double(), wd.double(),
                                 sd.double(), bd.double(), backend="torch", **kwargs)
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, s, b, x, wd, sd, bd, backend="torch", **kwargs))
     out = _poisoned((n, k, oh, ow), dtype, channels_last)
-    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (1, 1), 1, relu,
-                     ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (dilation,) * 2,
+                     groups, relu, ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
     _check(out, ref64, same, dtype)
 
 
@@ -192,7 +197,7 @@ def test_conv_bn_stats_epilogue_matches_fp64(case, dtype, param_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["basic-s2", "bottleneck-s2-norelu"])
 def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
-    n, cm, cin, k, h, w, ks, stride, padding, ds_stride, relu = TAIL_CASES[case]
+    n, cm, cin, k, h, w, ks, stride, padding, _, _, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
     x = _rand(n, cin, h, w, dtype=dtype, channels_last=True)
@@ -207,8 +212,14 @@ def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
                  ds_running_var=ds_bn[3], ds_eps=1e-3)
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1],
                                                          backend="torch", **stats, **kwargs))
-    out = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), bn[0], bn[1], None, out, (stride,) * 2, (padding,) * 2, (1, 1),
+                     1, relu, ds=(x, tl_launch.kernel_weight(wd), ds_bn[0], ds_bn[1], (ds_stride,) * 2),
+                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3))
     _check(out, ref64, same, dtype)
+    # The public op routes both branches' statistics to the kernel and gives the same result.
+    via_api = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
+    torch.testing.assert_close(via_api, out, rtol=0, atol=0)
 
 
 def test_bn_stats_with_autograd_fold_on_the_host():
@@ -382,6 +393,62 @@ def test_opcheck_block_tail(requires_grad):
                                [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
 
 
+# case: (op, argument index, bad value, the error's text)
+_BAD_OP_ARGS = {
+    "scale": ("conv", 2, lambda a: a["s"][:4], r"scale must be a \(16,\) tensor"),
+    "residual": ("conv", 4, lambda a: a["r"][:, :, :2], r"residual must be a \(2, 16, 3, 3\)"),
+    "weight": ("conv", 1, lambda a: a["w"][:, :4], r"weight \(16, 4, 3, 3\) with groups=1 does not fit x's 8 channels"),
+    "mean": ("conv", 5, lambda a: a["s"], "mean and var must be given together"),
+    "dtype": ("conv", 1, lambda a: a["w"].double(), "x and weight must be 4-D fp16, bf16 or fp32 tensors of one dtype"),
+    "dilation": ("conv", 10, lambda a: [1, 0], "invalid stride"),
+    "ds_scale": ("tail", 6, lambda a: a["s"][:4], r"ds_scale must be a \(16,\) tensor"),
+    "ds_input": ("tail", 4, lambda a: a["xd"][:, :, :3], "the downsample branch"),
+    "ds_stride": ("tail", 18, lambda a: [0, 2], "invalid ds_stride"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OP_ARGS))
+def test_ops_check_their_arguments(case):
+    """Called directly (as compiled graphs call them) the ops reject bad operands, naming them,
+    eagerly (ValueError) and in their fake implementations (torch._check); they used to read
+    past the end of a 4-element scale or a too small residual."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, s, b = _opcheck_args(False)
+    a = dict(s=s, w=w, r=_rand(2, 16, 3, 3, dtype=torch.float32), xd=_rand(2, 6, 5, 5, dtype=torch.float32))
+    wd = _rand(16, 6, 1, 1, dtype=torch.float32)
+    conv = [x, w, s, b, a["r"], None, None, 0.0, [2, 2], [1, 1], [1, 1], 1, True]
+    tail = [x[:, :, :3, :3], w, s, b, a["xd"], wd, *_affine(16), None, None, 0.0, None, None, 0.0,
+            [1, 1], [1, 1], [1, 1], 1, [2, 2], True]
+    which, index, value, needle = _BAD_OP_ARGS[case]
+    op, args = {"conv": (torch.ops.fusedres.conv_bn_act_triton, conv),
+                "tail": (torch.ops.fusedres.block_tail_triton, tail)}[which]
+    args[index] = value(a)
+    with pytest.raises(ValueError, match=needle):
+        op(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        with pytest.raises(RuntimeError, match=needle):
+            op(*fake)
+
+
+def test_train_op_checks_its_arguments():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, _, _ = _opcheck_args(False)
+    op = torch.ops.fusedres.conv_train_fwd_triton
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match=r"weight \(16, 8, 3, 3\) with groups=2 does not fit"):
+        op(x, w, None, None, [1, 1], [1, 1], [1, 1], 2)
+    with pytest.raises(ValueError, match="in_scale must be an fp32 \\(8,\\)"):
+        op(x, w, torch.ones(4, device=DEVICE), torch.ones(8, device=DEVICE), *geom)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        with pytest.raises(RuntimeError, match=r"in_scale must be a \(8,\) tensor of torch.float32"):
+            op(fx, fw, mode.from_tensor(torch.ones(4, device=DEVICE)), mode.from_tensor(torch.ones(8, device=DEVICE)),
+               *geom)
+
+
 def _bn(c):
     bn = nn.BatchNorm2d(c)
     with torch.no_grad():
@@ -422,8 +489,51 @@ def test_unsupported_reasons_are_explicit():
                              torch.zeros(4, device=DEVICE, dtype=torch.float64), backend="triton")
     from fusedres.backends import ConvSpec
 
-    spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False)
+    spec = ConvSpec("meta", torch.float32, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, False, True, False,
+                    batch=1, input_size=(3, 3))
     assert "meta" in mod.unsupported_reason(spec)
+
+
+_PRECISION_SCRIPT = """
+import sys
+import torch
+import fusedres
+from fusedres.backends.triton import launch
+
+exec(sys.argv[1])
+got = launch.dot_precision(torch.float32)
+assert got == sys.argv[2], f"dot_precision(float32) is {got!r}, expected {sys.argv[2]!r}"
+assert launch.dot_precision(torch.bfloat16) == "tf32"
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+x, w = torch.randn(2, 8, 5, 5, device=dev), torch.randn(12, 8, 3, 3, device=dev) / 8
+s, b = torch.rand(12, device=dev) + 0.5, torch.randn(12, device=dev)
+out = fusedres.conv_bn_act(x, w, s, b, padding=1, backend="triton")
+ref = fusedres.conv_bn_act(x.double(), w.double(), s.double(), b.double(), padding=1, backend="torch")
+torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+"""
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("", "tf32"),
+    ("torch.backends.cudnn.allow_tf32 = False", "ieee"),
+    ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.cudnn.conv.fp32_precision = 'tf32'", "tf32"),
+    ("torch.backends.cudnn.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.fp32_precision = 'ieee'", "ieee"),
+    ("torch.backends.fp32_precision = 'tf32'; torch.backends.cudnn.conv.fp32_precision = 'none'", "tf32"),
+], ids=["default", "legacy-off", "conv-ieee", "conv-tf32", "cudnn-ieee", "generic-ieee", "conv-inherits"])
+def test_dot_precision_follows_torch_tf32_settings(setting, expected):
+    """fp32 convs take TF32 exactly when PyTorch's cuDNN convs would, under either API.
+
+    Once the new ``fp32_precision`` API is used, reading the legacy ``cudnn.allow_tf32``
+    raises, which used to fail every fp32 Triton conv.  The settings are process-global,
+    hence a subprocess per case.
+    """
+    if setting and not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("this PyTorch has no fp32_precision API")
+    proc = subprocess.run([sys.executable, "-c", _PRECISION_SCRIPT, setting, expected], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_prune_configs_respects_shared_memory_and_problem_size():
@@ -503,7 +613,7 @@ def test_direct_eager_path_equals_registered_op():
     spec = backends.ConvSpec(
         device_type=x.device.type, dtype=x.dtype, in_channels=8, out_channels=16, kernel_size=(3, 3),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False, channels_last=True,
-        requires_grad=False,
+        requires_grad=False, batch=2, input_size=(6, 5),
     )
     assert mod._direct(spec, x, w, s, b, None)
     with FakeTensorMode() as fake_mode:

@@ -253,7 +253,7 @@ def test_auto_picks_triton_on_cuda_when_cuda_backend_absent():
     w = _rand(16, 16, 3, 3, dtype=torch.bfloat16, scale=0.1)
     s, b = _affine(16)
     spec = backends.ConvSpec("cuda", torch.bfloat16, 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
-                             False, True, False)
+                             False, True, False, batch=2, input_size=(8, 8))
     assert backends.select("auto", spec).NAME == "triton"
     torch.testing.assert_close(fusedres.conv_bn_act(x, w, s, b, padding=1),
                                fusedres.conv_bn_act(x, w, s, b, padding=1, backend="triton"))

@@ -52,7 +52,9 @@ class ConvSpec:
     """Static description of one fused conv call; what a backend needs to decide support.
 
     ``stride``/``padding``/``dilation`` are 2-tuples.  ``ds_stride`` is set only for
-    ``block_tail`` (the fused 1x1 downsample branch).
+    ``block_tail`` (the fused 1x1 downsample branch).  ``batch``, ``input_size`` (the conv
+    input's ``(H, W)``) and ``ds_input_size`` (the downsample input's) size the tensors, for
+    backends whose kernels index them with 32 bits; 0 where unknown.
     """
 
     device_type: str
@@ -70,10 +72,46 @@ class ConvSpec:
     requires_grad: bool
     ds_in_channels: int = 0
     ds_stride: tuple[int, int] | None = None
+    batch: int = 0
+    input_size: tuple[int, int] = (0, 0)
+    ds_input_size: tuple[int, int] = (0, 0)
 
     @property
     def has_downsample(self) -> bool:
         return self.ds_stride is not None
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The conv's ``(H_out, W_out)``."""
+        (h, w), (kh, kw) = self.input_size, self.kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def cudnn_conv_tf32() -> bool:
+    """Whether PyTorch's cuDNN convolutions compute fp32 on TF32 tensor cores now.
+
+    Resolved as PyTorch does: ``torch.backends.cudnn.conv.fp32_precision``, and while a level
+    says ``"none"`` (``"default"`` before PyTorch 2.9) its parent
+    ``torch.backends.cudnn.fp32_precision``, then ``torch.backends.fp32_precision``; TF32
+    exactly when that gives ``"tf32"`` (inheriting all the way up means IEEE, which is what
+    ``allow_tf32 = False`` sets).  Once the new API is used, reading the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises, so it is only the fallback for a PyTorch
+    without ``fp32_precision``.
+    """
+    cudnn = torch.backends.cudnn
+    for level in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(level, "fp32_precision", None)
+        if precision is None:  # a PyTorch without the new API
+            break
+        if precision not in ("none", "default"):
+            return precision == "tf32"
+    else:
+        return False
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 _loaded: dict[str, ModuleType | None] = {}

@@ -30,7 +30,8 @@ that and is not built here).
 
 Limits, declined by :func:`unsupported_reason` so ``auto`` falls back: CUDA tensors
 only, fp16/bf16 only, no autograd (forward kernels only), ``groups == 1``, output channels
-(and, for ``block_tail``, both input channel counts) multiples of 8, filters at most 32x32.
+(and, for ``block_tail``, both input channel counts) multiples of 8, filters at most 32x32,
+one sample and each filter under 2 GiB.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ ALIGNMENT = 8
 #: CUTLASS's optimized activation iterator keeps one mask bit per filter row/column.
 MAX_FILTER = 32
 _MIN_CAPABILITY = (8, 0)
+#: CUTLASS's iterators use 32-bit byte offsets: one sample (or filter) must stay below 2 GiB.
+_MAX_BYTES = 2**31 - 1
 
 try:
     from fusedres import _C  # noqa: F401  (loading it registers torch.ops.fusedres.*_cuda)
@@ -126,6 +129,23 @@ def unsupported_reason(spec) -> str | None:
             return f"{name}={c} is not a multiple of {ALIGNMENT} (128-bit accesses)"
     if max(spec.kernel_size) > MAX_FILTER:
         return f"kernel_size={spec.kernel_size} exceeds {MAX_FILTER}"
+    return _size_limit_reason(spec)
+
+
+def _size_limit_reason(spec) -> str | None:
+    """What ``batch_chunk`` (csrc/cuda/ops.cu) refuses: one sample of an activation, or a
+    folded filter, of 2 GiB or more (CUTLASS's 32-bit offsets; the batch is chunked)."""
+    (h, w), (hd, wd), (oh, ow) = spec.input_size, spec.ds_input_size, spec.output_size
+    kh, kw = spec.kernel_size
+    k, cd = spec.out_channels, spec.ds_in_channels
+    # conv_bn_act pads its input channels to the alignment (see _pad_channels).
+    c = spec.in_channels if spec.has_downsample else -(-spec.in_channels // ALIGNMENT) * ALIGNMENT
+    size = spec.dtype.itemsize
+    for name, count in (("input sample", c * h * w), ("output sample", k * oh * ow),
+                        ("downsample input sample", cd * hd * wd), ("filter", k * kh * kw * c),
+                        ("downsample filter", k * cd)):
+        if count * size > _MAX_BYTES:
+            return f"one {name} is {count * size} bytes, 2 GiB or more: beyond the kernels' 32-bit offsets"
     return None
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import cudnn_conv_tf32
 from .timing import Stats, sync, time_interleaved
 from .workloads import BlockShape, count_macs, meta_model, model_blocks
 
@@ -188,10 +189,14 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int | None 
     src.fill_(1)
     dst = torch.empty_like(src)
     note = "measured: matmul in bench dtype; copy counts read + write bytes"
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    # The new API where PyTorch has it: once it is used, reading the legacy allow_tf32 raises.
+    knob = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    prev_tf32 = getattr(matmul, knob)
     if cuda and dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-        note += f"; fp32 matmul with allow_tf32={torch.backends.cudnn.allow_tf32} (as cuDNN convs)"
+        tf32 = cudnn_conv_tf32()
+        setattr(matmul, knob, ("tf32" if tf32 else "ieee") if knob == "fp32_precision" else tf32)
+        note += f"; fp32 matmul with TF32 {'on' if tf32 else 'off'} (as cuDNN convs)"
     fns = {"matmul": lambda _: torch.mm(a, b), "copy": lambda _: dst.copy_(src)}
     rate_flops = {"matmul": 2 * n**3}
     if not cuda:
@@ -209,7 +214,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int | None 
         with torch.inference_mode():
             stats, errors = time_interleaved(fns, [None], device, repeats=repeats, warmup=2)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+        setattr(matmul, knob, prev_tf32)
     sync(device)
     if errors:
         raise RuntimeError(f"peak measurement failed on {device} {dtype}: {errors}")

@@ -51,10 +51,17 @@ def unsupported_reason(spec) -> str | None:
         return f"tensors are on {spec.device_type}; the triton backend needs CUDA tensors"
     if spec.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {spec.dtype} is not supported (fp16, bf16, fp32 only)"
-    return None
+    (h, w), (hd, wd), (oh, ow) = spec.input_size, spec.ds_input_size, spec.output_size
+    kh, kw = spec.kernel_size
+    return _launch.size_limit_reason(
+        spec.batch * oh * ow, spec.out_channels * (spec.in_channels // spec.groups) * kh * kw,
+        (("x", spec.in_channels * h * w), ("out", spec.out_channels * oh * ow),
+         ("ds input", spec.ds_in_channels * hd * wd)),
+    )
 
 
 if _HAS_TRITON:
+    from . import launch as _launch
     from . import ops as _ops  # registers torch.ops.fusedres.*_triton
 
 
@@ -68,7 +75,8 @@ def _direct(spec, *tensors) -> bool:
     costs tens of microseconds of host time per call, comparable to a whole small conv
     on an H100.  When nothing needs it - no autograd, no tracing (``torch.compile``,
     export), no tensor subclass such as a FakeTensor - the implementation is called
-    directly; it is the very function the op registers, so results are identical.
+    directly: the very function the op registers, less the argument checks that
+    ``fusedres.functional`` has just made, so results are identical.
     """
     return (
         not spec.requires_grad
@@ -86,7 +94,7 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
     args = (x, weight, scale, shift, residual, mean, var, eps,
             list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu)
     if _direct(spec, x, weight, scale, shift, residual, mean, var):
-        return _ops.conv_bn_act_impl(*args)
+        return _ops.conv_bn_act_unchecked(*args)
     return torch.ops.fusedres.conv_bn_act_triton(*args)
 
 
@@ -97,7 +105,7 @@ def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, 
             list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
             list(spec.ds_stride), spec.relu)
     if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var):
-        return _ops.block_tail_impl(*args)
+        return _ops.block_tail_unchecked(*args)
     return torch.ops.fusedres.block_tail_triton(*args)
 
 

@@ -39,6 +39,7 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import cudnn_conv_tf32
 from .kernels import _conv_bn_act_fwd_kernel
 
 
@@ -251,9 +252,9 @@ def kernel_weight(w: torch.Tensor) -> torch.Tensor:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 convs use TF32 tensor cores exactly when PyTorch's cuDNN convs would."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and not cudnn_conv_tf32():
         return "ieee"
-    return "tf32"  # fp16/bf16 ignore it; fp32 with allow_tf32 (PyTorch's conv default)
+    return "tf32"  # fp16/bf16 ignore it; fp32 with TF32 allowed (PyTorch's conv default)
 
 
 def _strides4(t: torch.Tensor | None):
@@ -384,6 +385,24 @@ def _per_image(t: torch.Tensor) -> int:
     return t.numel() // t.shape[0] if t.shape[0] else 0
 
 
+def size_limit_reason(rows: int, weight_numel: int, per_image) -> str | None:
+    """Why the kernel's 32-bit indexing cannot run a problem, or None.
+
+    ``rows`` is ``N * H_out * W_out``; ``per_image`` holds ``(name, C * H * W)`` of the input,
+    the output (and so the residual, of the same shape) and the downsample input.
+    """
+    if rows > _INT32_MAX - 256:
+        return f"N*H_out*W_out = {rows} output pixels exceeds the kernel's int32 row index"
+    if weight_numel > _INT32_MAX:
+        return f"weight has {weight_numel} elements; the kernel addresses it with int32"
+    # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
+    # is exact while one image (C * H * W) stays below 2**31 elements.
+    for name, count in per_image:
+        if count > _INT32_MAX:
+            return f"{name}: one image has {count} elements; at most 2**31 - 1 supported"
+    return None
+
+
 def _launch(
     x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu,
     ds=None, prologue=None, stats=None, config=None, bn_stats=None,
@@ -399,17 +418,12 @@ def _launch(
     kh, kw, cg, k = w_t.shape
     _, _, oh, ow = out.shape
     m = n * oh * ow
-    if m > _INT32_MAX - 256:
-        raise ValueError(f"N*H_out*W_out = {m} output pixels exceeds the kernel's int32 row index")
-    if w_t.numel() > _INT32_MAX:
-        raise ValueError(f"weight has {w_t.numel()} elements; the kernel addresses it with int32")
+    reason = size_limit_reason(m, w_t.numel(), (("x", _per_image(x)), ("out", _per_image(out)),
+                                                ("ds input", _per_image(ds[0]) if ds else 0)))
+    if reason is not None:
+        raise ValueError(reason)
     if stats is not None and (residual is not None or ds is not None or relu or bn_stats is not None):
         raise ValueError("the statistics mode stores the raw conv output: no residual, downsample, relu or BN")
-    # Batch and spatial offsets are int64; a channel offset c * stride_c stays int32, which
-    # is exact while one image (C * H * W) stays below 2**31 elements.
-    for name, t in (("x", x), ("residual", residual), ("out", out), ("ds input", ds[0] if ds else None)):
-        if t is not None and _per_image(t) > _INT32_MAX:
-            raise ValueError(f"{name}: one image has {_per_image(t)} elements; at most 2**31 - 1 supported")
     kg = k // groups
     # The kernel reads every per-channel vector (scale, shift, BN statistics) at unit stride:
     # a strided 1-D view (a column of a 2-D tensor, an expand()ed scalar) is copied first.

@@ -9,8 +9,11 @@ traces with ``fullgraph=True`` and the eager kernel - weight re-layout cache, au
 and all - runs unchanged inside the compiled graph and inside CUDA-graph capture (warm
 each shape up once before capturing: the first call of a shape autotunes).
 
-The backend module calls ``*_impl`` directly for eager inference on plain tensors (see
-``_direct`` in ``__init__.py``): the same function, without the dispatcher's host cost.
+Each implementation checks its arguments (shapes, dtypes, devices, geometry), and so does
+each fake one with ``torch._check``.  The backend module calls ``*_unchecked`` directly for
+eager inference on plain tensors (see ``_direct`` in ``__init__.py``): the same function
+without the dispatcher's host cost, and without re-checking what ``fusedres.functional``
+has just checked.
 
 Output memory format: channels_last when the input (``x``, resp. ``y``) is channels_last,
 otherwise contiguous NCHW - what ``torch.nn.functional.conv2d`` returns for these inputs.
@@ -47,6 +50,79 @@ def _new_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
     )
 
 
+# --------------------------------------------------------------------------- argument checks
+#
+# The ops are public (``torch.ops.fusedres.*``) and compiled graphs call them without going
+# through ``fusedres.functional``, so they check what the kernel relies on: a wrong shape
+# would make it read past the end of a tensor.  Each check is ``check(cond, message)``:
+# :func:`_require` in the eager implementations and ``torch._check`` in the fake ones; plain
+# comparisons, messages built only on failure.  They cost about as much host time as
+# allocating the output, so the backend's eager path, which ``fusedres.functional`` has just
+# validated the same way, calls the ``*_unchecked`` functions instead.
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _require(cond: bool, message) -> None:
+    if not cond:
+        raise ValueError(f"fusedres triton: {message()}")
+
+
+def _check_conv(check, x_name, x, w_name, weight, stride, padding, dilation, groups, stride_name="stride"):
+    """``x`` ``(N, C, H, W)``, ``weight`` ``(K, C / groups, KH, KW)`` and the geometry; returns ``(N, K, OH, OW)``."""
+    xs, ws, dt = x.shape, weight.shape, x.dtype
+    check(len(xs) == 4 and len(ws) == 4 and dt in _DTYPES and weight.dtype == dt and weight.device == x.device,
+          lambda: f"{x_name} and {w_name} must be 4-D fp16, bf16 or fp32 tensors of one dtype on one device, got "
+                  f"{tuple(xs)} {dt} on {x.device} and {tuple(ws)} {weight.dtype} on {weight.device}")
+    (n, c, h, w), (k, cg, kh, kw) = xs, ws
+    check(groups >= 1 and k % groups == 0 and cg * groups == c,
+          lambda: f"{w_name} {tuple(ws)} with groups={groups} does not fit {x_name}'s {c} channels")
+    check(len(stride) == len(padding) == len(dilation) == 2 and min(*stride, *dilation) >= 1 and min(padding) >= 0,
+          lambda: f"invalid {stride_name}={stride}, padding={padding}, dilation={dilation} for {w_name}")
+    oh, ow = _out_hw(h, w, kh, kw, stride, padding, dilation)
+    check(oh >= 1 and ow >= 1, lambda: f"{x_name} spatial size {(h, w)} gives an empty output {oh}x{ow}")
+    return n, k, oh, ow
+
+
+def _check_vectors(check, x, n, named, dtypes=None) -> None:
+    """Each non-None ``(name, v)`` in ``named`` is ``(n,)`` on ``x``'s device, in ``dtypes`` (default fp32 or ``x``'s)."""
+    dtypes = dtypes or (torch.float32, x.dtype)
+    device = x.device
+    for name, v in named:
+        if v is not None:
+            check(v.shape == (n,) and v.dtype in dtypes and v.device == device,
+                  lambda: f"{name} must be a ({n},) tensor of {' or '.join(map(str, dtypes))} on {device}, "
+                          f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+
+
+def _check_conv_bn_act(check, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups):
+    """The operands of :func:`conv_bn_act_impl`."""
+    out = _check_conv(check, "x", x, "weight", weight, stride, padding, dilation, groups)
+    _check_vectors(check, x, out[1], (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)))
+    check((mean is None) == (var is None), lambda: "mean and var must be given together")
+    if residual is not None:
+        check(residual.shape == out and residual.dtype == x.dtype and residual.device == x.device,
+              lambda: f"residual must be a {out} {x.dtype} tensor on {x.device} (the output's), got "
+                      f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+
+
+def _check_block_tail(check, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var,
+                      stride, padding, dilation, groups, ds_stride):
+    """The operands of :func:`block_tail_impl`."""
+    out = _check_conv(check, "y", y, "weight", weight, stride, padding, dilation, groups)
+    ds_out = _check_conv(check, "x", x, "ds_weight", ds_weight, ds_stride, (0, 0), (1, 1), 1, "ds_stride")
+    check(x.dtype == y.dtype and x.device == y.device,
+          lambda: f"x ({x.dtype} on {x.device}) must match y ({y.dtype} on {y.device})")
+    check(ds_out == out and ds_weight.shape[2:] == (1, 1),
+          lambda: f"the downsample branch (x {tuple(x.shape)}, ds_weight {tuple(ds_weight.shape)}, a 1x1 kernel, "
+                  f"ds_stride={ds_stride}) must give the main branch's output {out}, got {ds_out}")
+    _check_vectors(check, y, out[1], (("scale", scale), ("shift", shift), ("ds_scale", ds_scale),
+                                      ("ds_shift", ds_shift), ("mean", mean), ("var", var), ("ds_mean", ds_mean),
+                                      ("ds_var", ds_var)))
+    check((mean is None) == (var is None) == (ds_mean is None) == (ds_var is None),
+          lambda: "BN statistics (mean, var, ds_mean, ds_var) must be given all together or not at all")
+
+
 def conv_bn_act_impl(
     x: Tensor,
     weight: Tensor,
@@ -70,6 +146,13 @@ def conv_bn_act_impl(
     ``scale``/``shift`` are the BN's weight and bias and the epilogue computes
     ``(conv - mean) * scale / sqrt(var + eps) + shift``: no host-side fold.
     """
+    _check_conv_bn_act(_require, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups)
+    return conv_bn_act_unchecked(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups,
+                                 relu)
+
+
+def conv_bn_act_unchecked(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
+    """:func:`conv_bn_act_impl` without the argument checks, for callers that have made them."""
     out = _new_out(x, weight, stride, padding, dilation)
     return _launch.launch(
         x, _launch.kernel_weight(weight), scale, shift, residual, out,
@@ -78,10 +161,8 @@ def conv_bn_act_impl(
     )
 
 
-def _bn_stats(mean, var, eps, *more) -> tuple | None:
-    if (mean is None) != (var is None):
-        raise ValueError("mean and var must be given together")
-    return None if mean is None else (mean, var, eps, *more)
+def _bn_stats(mean, var, eps) -> tuple | None:
+    return None if mean is None else (mean, var, eps)
 
 
 conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())(conv_bn_act_impl)
@@ -89,6 +170,7 @@ conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mut
 
 @conv_bn_act_triton.register_fake
 def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
+    _check_conv_bn_act(torch._check, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups)
     return _new_out(x, weight, stride, padding, dilation)
 
 
@@ -121,8 +203,15 @@ def block_tail_impl(
     ``mean``/``var``/``ds_mean``/``ds_var``: running statistics of both BNs (all four or
     none), normalised in the epilogue as in :func:`conv_bn_act_impl`.
     """
-    if (mean is None) != (ds_mean is None):
-        raise ValueError("BN statistics must be given for both branches or for neither")
+    _check_block_tail(_require, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var,
+                      stride, padding, dilation, groups, ds_stride)
+    return block_tail_unchecked(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean,
+                                ds_var, ds_eps, stride, padding, dilation, groups, ds_stride, relu)
+
+
+def block_tail_unchecked(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var,
+                         ds_eps, stride, padding, dilation, groups, ds_stride, relu):
+    """:func:`block_tail_impl` without the argument checks, for callers that have made them."""
     out = _new_out(y, weight, stride, padding, dilation)
     ds = (x, _launch.kernel_weight(ds_weight), ds_scale, ds_shift, tuple(ds_stride))
     bn = _bn_stats(mean, var, eps)
@@ -140,6 +229,8 @@ block_tail_triton = torch.library.custom_op("fusedres::block_tail_triton", mutat
 @block_tail_triton.register_fake
 def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
       stride, padding, dilation, groups, ds_stride, relu):
+    _check_block_tail(torch._check, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean,
+                      ds_var, stride, padding, dilation, groups, ds_stride)
     return _new_out(y, weight, stride, padding, dilation)
 
 
@@ -162,6 +253,7 @@ def conv_train_fwd_impl(
     ``N, OH, OW``, from the fp32 accumulator.  Forward only (the training chain owns the
     backward, see ``fusedres/training/chain.py``).
     """
+    _check_conv(_require, "x", x, "weight", weight, stride, padding, dilation, groups)
     out = _new_out(x, weight, stride, padding, dilation)
     return _launch.conv_train_fwd(
         x, _launch.kernel_weight(weight), out, tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -176,6 +268,9 @@ conv_train_fwd_triton = torch.library.custom_op("fusedres::conv_train_fwd_triton
 
 @conv_train_fwd_triton.register_fake
 def _(x, weight, in_scale, in_shift, stride, padding, dilation, groups):
+    _check_conv(torch._check, "x", x, "weight", weight, stride, padding, dilation, groups)
+    torch._check((in_scale is None) == (in_shift is None), lambda: "in_scale and in_shift must be given together")
+    _check_vectors(torch._check, x, x.shape[1], (("in_scale", in_scale), ("in_shift", in_shift)), (torch.float32,))
     stat = x.new_empty((weight.shape[0],), dtype=torch.float32)
     return _new_out(x, weight, stride, padding, dilation), stat, stat.new_empty(stat.shape)
 
