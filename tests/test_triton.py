@@ -622,3 +622,17 @@ def test_direct_eager_path_equals_registered_op():
     via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1,
                                                    True)
     torch.testing.assert_close(direct, via_op, rtol=0, atol=0)
+
+
+def test_autotune_key_buckets_rows_to_powers_of_two():
+    """Tuned tiles are keyed on M rounded up to a power of two (a new batch size in the bucket
+    reuses the tile); that is sound only if pruning sees nothing finer than the bucket."""
+    assert "M_BUCKET" in tl_launch._AUTOTUNE_KEY and "M" not in tl_launch._AUTOTUNE_KEY
+    kw = dict(CG=64, KG=64, CD=0, elem_size=2, smem_limit=227 * 1024)
+    for precision in ("tf32", "ieee"):
+        for m in (1, 17, 33, 100, 1000, 4097, 7 * 56 * 56, 64 * 56 * 56):
+            bucket = tl_launch._pow2_at_least(m, 32)
+            assert m <= bucket < 2 * max(m, 16)
+            base = tl_launch.base_configs(precision)
+            same = lambda mm: tl_launch.prune_configs(base, M=mm, fma=precision == "ieee", **kw)  # noqa: E731
+            assert same(m) == same(bucket), (precision, m)

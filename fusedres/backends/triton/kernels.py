@@ -108,8 +108,9 @@ def _conv_bn_act_fwd_kernel(
     xd_ptr, wd_ptr, ds_scale_ptr, ds_shift_ptr,
     in_scale_ptr, in_shift_ptr, stat_sum_ptr, stat_m2_ptr,
     mean_ptr, var_ptr, ds_mean_ptr, ds_var_ptr, eps, ds_eps,
-    # problem size (M = N * OH * OW rows; CG/KG channels per group; CD downsample channels)
-    M, H, W, OH, OW, CG, KG, CD,
+    # problem size (M = N * OH * OW rows; CG/KG channels per group; CD downsample channels);
+    # M_BUCKET, M rounded up to a power of two, is not read: the autotuner keys on it
+    M, M_BUCKET, H, W, OH, OW, CG, KG, CD,
     # strides, in elements
     sxn, sxc, sxh, sxw,
     swh, sww, swc, swk,

@@ -176,8 +176,12 @@ def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int,
     return kept
 
 
+#: What a tuned tile is reused for.  Rows enter as ``M_BUCKET``, ``M`` rounded up to a power of
+#: two (which is also all :func:`prune_configs` looks at), so a new batch size within the bucket
+#: reuses the tile instead of benchmarking every candidate again: a ResNet-50 has about 20
+#: distinct convs, and a server batching requests would re-tune them for each batch size.
 _AUTOTUNE_KEY = [
-    "M", "H", "W", "OH", "OW", "CG", "KG", "CD",
+    "M_BUCKET", "H", "W", "OH", "OW", "CG", "KG", "CD",
     "sxc", "sdc", "soc", "src",
     "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w", "ds_sh", "ds_sw",
     "KH", "KW", "PADDED", "HAS_RESIDUAL", "HAS_DOWNSAMPLE", "RELU", "PROLOGUE_BN", "EMIT_STATS",
@@ -445,12 +449,13 @@ def _launch(
         )
     else:
         mean, var, eps, ds_mean, ds_var, ds_eps = scale, shift, 0.0, scale, shift, 0.0
+    m_bucket = _pow2_at_least(m, 32)
     args = (
         x, w_t, scale, shift, residual if residual is not None else out, out,
         xd, wd_t, ds_scale, ds_shift,
         in_scale, in_shift, psum, pm2,
         mean, var, ds_mean, ds_var, float(eps), float(ds_eps),
-        m, h, w, oh, ow, cg, kg, cd,
+        m, m_bucket, h, w, oh, ow, cg, kg, cd,
         *x.stride(),
         *w_t.stride(),
         *_strides4(residual),
@@ -481,7 +486,7 @@ def _launch(
     key = None
     if config is None:
         # What the autotuner keys on (_AUTOTUNE_KEY) plus the device and the operand dtypes.
-        key = (m, h, w, oh, ow, cg, kg, cd, x.stride(1), xd.stride(1), out.stride(1),
+        key = (m_bucket, h, w, oh, ow, cg, kg, cd, x.stride(1), xd.stride(1), out.stride(1),
                residual.stride(1) if residual is not None else 0, tuple(stride), tuple(padding),
                tuple(dilation), tuple(ds_stride), *flags.values(), x.dtype, scale.dtype, shift.dtype,
                mean.dtype, x.device.index, _autotune_enabled())
