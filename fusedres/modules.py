@@ -142,7 +142,7 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2))
         if not self._fused_eval_ready(pairs):
-            if chain_ready(x, pairs, self.relu, self.downsample):
+            if chain_ready(x, pairs, self.relu, self.downsample, self):
                 return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
                                      identity=self.downsample is None)
             return super().forward(x)
@@ -162,7 +162,7 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
         if not self._fused_eval_ready(pairs):
-            if chain_ready(x, pairs, self.relu, self.downsample):
+            if chain_ready(x, pairs, self.relu, self.downsample, self):
                 return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
                                      identity=self.downsample is None)
             return super().forward(x)
@@ -187,7 +187,7 @@ class FusedResNet(tv_resnet.ResNet):
         if _fusable_conv(self.conv1) and _foldable_bn(self.bn1) and type(self.relu) is nn.ReLU:
             x = _conv_bn(self.conv1, self.bn1, _channels_last(x), relu=True, backend=self.backend)
             x = self.maxpool(x)
-        elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None):
+        elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None, self):
             # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
             # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
             x = _channels_last(x)

@@ -24,8 +24,9 @@ from helpers import chain_nodes, randomize
 
 WORLD = 2
 STEPS = 2
-# Per-rank batch sizes: even, and uneven (the global statistics weight each rank by its count).
-SPLITS = {"even": (2, 2), "uneven": (3, 1)}
+# Per-rank batch sizes: even, uneven (the global statistics weight each rank by its count), and
+# one rank without samples (it must still take part in the exchange, or the other one waits forever).
+SPLITS = {"even": (2, 2), "uneven": (3, 1), "empty": (4, 0)}
 
 
 def _model():

@@ -349,7 +349,9 @@ def test_torch_syncbatchnorm_on_converted_model_runs_fused():
     out = model(x)  # one process, no group: SyncBatchNorm acts as BatchNorm, on CPU too
     assert chain_nodes(out) == 5
     assert_within_budget(out, ref(x), copy.deepcopy(ref).double()(x.double()), torch.float32)
-    model.layer1[0].bn2 = copy.deepcopy(ref.layer1[0].bn2)  # plain BatchNorm2d beside SyncBatchNorm
+    model.layer1[0].bn2.eval()  # SyncBatchNorms of one block in different modes: torchvision's forward
+    assert chain_nodes(model(x)) == 4
+    model.layer1[0].bn2 = copy.deepcopy(ref.layer1[0].bn2).train()  # plain BatchNorm2d beside SyncBatchNorm
     assert chain_nodes(model(x)) == 4
 
 

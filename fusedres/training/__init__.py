@@ -50,10 +50,10 @@ def _plain_conv(conv: nn.Module) -> bool:
     )
 
 
-def chain_ready(x, pairs, relu, downsample) -> bool:
-    """Whether ``(conv, bn)`` pairs (+ ReLU module, + downsample) can run through :class:`ChainTrain`."""
-    # An empty batch keeps torchvision's forward (BatchNorm's own empty-input semantics).
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.numel() > 0):
+def chain_ready(x, pairs, relu, downsample, owner=None) -> bool:
+    """Whether ``(conv, bn)`` pairs (+ ReLU module, + downsample) can run through :class:`ChainTrain`
+    (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
         return False
     if type(relu) is not nn.ReLU or not all(_plain_conv(c) and batch_stat_bn(b) for c, b in pairs):
         return False
@@ -61,8 +61,15 @@ def chain_ready(x, pairs, relu, downsample) -> bool:
                                    else [])
     syncs = [b for b in bns if type(b) is nn.SyncBatchNorm]
     # One chain synchronises all of its BNs over one group, or none: nn.SyncBatchNorm layers
-    # mixed with plain ones, or with different groups, keep torchvision's forward.
-    if syncs and (len(syncs) != len(bns) or any(b.process_group is not syncs[0].process_group for b in syncs)):
+    # mixed with plain ones, with different groups or in different modes (torch would sync
+    # only the training ones) keep torchvision's forward.
+    if syncs and (len(syncs) != len(bns) or any(b.process_group is not syncs[0].process_group for b in syncs)
+                  or len({b.training for b in syncs}) > 1):
+        return False
+    # An empty local batch keeps torchvision's forward (BatchNorm's own empty-input semantics),
+    # unless the statistics are synchronised: the other ranks' chains then wait for this
+    # rank's (empty) share, which the chain contributes with count 0.
+    if x.numel() == 0 and _sync_group(owner, bns) is None:
         return False
     if downsample is None:
         return True
@@ -99,16 +106,18 @@ def _sync_group(owner: nn.Module, bns):
         mark = getattr(owner, _ATTR, None)
     if mark is None or not (dist.is_available() and dist.is_initialized()):
         return None
-    training = {bn.training for bn in bns}
-    if training != {True}:
-        if True in training:
-            raise ValueError(
-                "fusedres: a synchronised block has BatchNorms in both train and eval mode; nn.SyncBatchNorm "
-                "would synchronise only the training ones, which one fused chain cannot do"
-            )
-        return None
     group = mark[0] if mark[0] is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+    if dist.get_world_size(group) <= 1:
+        return None
+    training = {bn.training for bn in bns}
+    if training == {False}:
+        return None
+    if training != {True}:  # a convert_sync_batchnorm block (SyncBatchNorm ones never get here)
+        raise ValueError(
+            "fusedres: a synchronised block has BatchNorms in both train and eval mode; nn.SyncBatchNorm "
+            "would synchronise only the training ones, which one fused chain cannot do"
+        )
+    return group
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:

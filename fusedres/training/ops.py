@@ -98,6 +98,9 @@ def conv_stats(a, weight, geom, in_scale=None, in_shift=None):
 
 def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased ``(mean, var)`` per channel of ``z``, one fused reduction (Triton) or ``var_mean``."""
+    if z.numel() == 0:  # an empty share of a synchronised batch (ATen's kernel refuses it)
+        zero = z.new_zeros(z.shape[1], dtype=stats_dtype(z.dtype))
+        return zero, zero.clone()
     if use_triton(z):
         return _tk.channel_stats(z)
     if _aten_bn([z]):
@@ -115,7 +118,7 @@ def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bn_act(z, scale, shift, residual=None, zd=None, dscale=None, dshift=None, *, relu: bool):
-    if use_triton(z):
+    if use_triton(z) and z.numel() > 0:
         return _tk.bn_act(z, scale, shift, residual, zd, dscale, dshift, relu=relu)
     if _aten_bn([z, residual, zd], [scale, shift, dscale, dshift]):
         if z.dtype != scale.dtype and residual is None and zd is None:
@@ -145,7 +148,7 @@ def bn_act(z, scale, shift, residual=None, zd=None, dscale=None, dshift=None, *,
 
 
 def bn_bwd_reduce(g, y, z, mean):
-    if use_triton(z):
+    if use_triton(z) and z.numel() > 0:
         return _tk.bn_bwd_reduce(g, y, z, mean)
     gp = g.to(mean.dtype)
     if y is not None:
@@ -154,7 +157,7 @@ def bn_bwd_reduce(g, y, z, mean):
 
 
 def bn_bwd_apply(g, y, z, mean, a, b, c, *, write_gp: bool):
-    if use_triton(z):
+    if use_triton(z) and z.numel() > 0:
         return _tk.bn_bwd_apply(g, y, z, mean, a, b, c, write_gp=write_gp)
     gp = g.to(mean.dtype)
     if y is not None:
