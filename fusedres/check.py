@@ -58,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS)
     p.add_argument("--mode", default="infer", choices=("infer", "train"),
                    help="infer (eval BN, inference_mode) or train (one training step: output, gradients, "
-                        "running statistics; autocast for fp16/bf16)")
+                        "running statistics; autocast for fp16/bf16; --backend only picks eval kernels, so "
+                        "it does not matter there)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of each (default: 10 cpu, 50 cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON")
@@ -165,6 +166,8 @@ def run_check(
         fused64 = convert(copy.deepcopy(ref64), backend=backend)
         truth = _train_step(ref64, x.double(), cot, None)
         fp64_errs = [rel_err(_train_step(fused64, x.double(), cot, None), truth)]
+        if any(p.grad is None for p in fused64.parameters()):
+            raise RuntimeError("fusedres check: the float64 fused step left a parameter without a gradient")
         fp64_errs += [rel_err(a, b) for a, b in zip(_grads_and_buffers(fused64), _grads_and_buffers(ref64))]
         out_ref = _train_step(ref, xin, cot, amp)
         out_ref_p = _train_step(ref_p, x_p, cot, amp)

@@ -97,7 +97,8 @@ def conv_stats(a, weight, geom, in_scale=None, in_shift=None):
 
 
 def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased ``(mean, var)`` per channel of ``z``, one fused reduction (Triton) or ``var_mean``."""
+    """Biased ``(mean, var)`` per channel of ``z``: Triton's fused reduction, ATen's BatchNorm
+    statistics kernel, or ``var_mean`` (under ``torch.compile``)."""
     if z.numel() == 0:  # an empty share of a synchronised batch (ATen's kernel refuses it)
         zero = z.new_zeros(z.shape[1], dtype=stats_dtype(z.dtype))
         return zero, zero.clone()
@@ -172,8 +173,9 @@ def bn_backward(g, y, z, mean, invstd, gamma, *, write_gp: bool):
     ``(g_z, g_gamma, g_beta, gp)`` with ``gp = g * (y > 0)`` (``g`` when ``y`` is ``None``),
     ``g_gamma = invstd * sum(gp * (z - mean))`` (also when ``gamma`` is ``None``), ``g_beta =
     sum(gp)``; the same formula as :func:`bn_bwd_reduce` + :func:`bn_bwd_apply`, computed by
-    ``native_batch_norm_backward``.  Returns ``None`` where that kernel does not apply (Triton
-    tensors, fp16/bf16, mixed dtypes, ``torch.compile``): the caller uses the two-pass form.
+    ``native_batch_norm_backward`` (fp16/bf16 activations with fp32 vectors included).  Returns
+    ``None`` where that kernel does not apply (Triton tensors, activations of different dtypes,
+    vectors not in the statistics dtype, ``torch.compile``): the caller uses the two-pass form.
     """
     if not _aten_bn([g, y, z], [mean, invstd, gamma]):
         return None
