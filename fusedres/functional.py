@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .backends import ConvSpec
+from .backends import ConvSpec, conv_out_hw
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -112,12 +112,6 @@ def _resolve_stats(mod, spec, stats_list):
         and getattr(mod, "SUPPORTS_BN_STATS", False)
         and not spec.requires_grad
     )
-
-
-def conv_out_hw(h, w, kernel_size, stride, padding, dilation):
-    oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    return oh, ow
 
 
 def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_name="stride"):

@@ -217,6 +217,8 @@ def test_auto_falls_back_on_size_limits(monkeypatch):
         warnings.simplefilter("always")
         assert backends.select("auto", spec).NAME == "torch"
         assert backends.select("auto", spec).NAME == "torch"
+        # Another size, the same reason: still one warning (sizes are not part of its key).
+        assert backends.select("auto", _cuda_spec(batch=1, input_size=(6000, 6001))).NAME == "torch"
     msgs = [str(w.message) for w in caught if "falls back" in str(w.message)]
     assert len(msgs) == 1 and "triton: x: one image has 2304000000 elements" in msgs[0], msgs
     with pytest.raises(fusedres.BackendUnavailableError, match="one image has"):

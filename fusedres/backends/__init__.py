@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -83,9 +84,14 @@ class ConvSpec:
     @property
     def output_size(self) -> tuple[int, int]:
         """The conv's ``(H_out, W_out)``."""
-        (h, w), (kh, kw) = self.input_size, self.kernel_size
-        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return conv_out_hw(*self.input_size, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
+def conv_out_hw(h, w, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a conv of an ``h x w`` input (PyTorch's formula)."""
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
 
 
 def cudnn_conv_tf32() -> bool:
@@ -266,7 +272,9 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
         if reason is None:
             if cand != order[0] and cand == "torch":
                 _warn_once(
-                    (spec.device_type, tuple(reasons)),
+                    # Sizes and counts left out of the key: one warning per kind of reason,
+                    # not one per input size (variable-resolution serving).
+                    (spec.device_type, tuple(re.sub(r"\d+", "#", r) for r in reasons)),
                     "fusedres: backend 'auto' falls back to the 'torch' reference for a "
                     f"{spec.device_type} call ({'; '.join(reasons)})",
                 )

@@ -87,7 +87,7 @@ def conv_stats(a, weight, geom, in_scale=None, in_shift=None):
     if use_triton(a):
         if in_scale is not None:
             in_scale, in_shift = in_scale.float(), in_shift.float()
-        return _conv_ops.conv_train_fwd_impl(
+        return _conv_ops.conv_train_fwd_unchecked(
             a, weight, in_scale, in_shift, list(stride), list(padding), list(dilation), groups
         )
     if in_scale is not None:

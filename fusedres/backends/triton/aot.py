@@ -50,8 +50,8 @@ _ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 _UNIT_STRIDES = ("sxc", "swk", "src", "soc", "sdc", "swdk")
 # NCHW activations: the width strides are 1 instead; the weight is re-laid out either way.
 _NCHW_UNIT_STRIDES = ("sxw", "swk", "srw", "sow", "sdw", "swdk")
-# ... and their channel strides are H * W, which need not be 16-divisible (7 x 7).
-_NCHW_CHANNEL_STRIDES = ("sxc", "src", "soc", "sdc")
+# ... and their channel strides (H * W) and row strides (W) need not be 16-divisible (7 x 7).
+_NCHW_UNALIGNED = ("sxc", "src", "soc", "sdc", "sxh", "srh", "soh", "sdh")
 # Scalar float arguments (the BN epsilons).
 _FLOAT_ARGS = ("eps", "ds_eps")
 # Geometry arguments that vary per layer: left as plain i32 (no divisibility assumption).
@@ -141,7 +141,7 @@ def _signature_and_constants(kernel, v: Variant, cfg):
             sig[name] = "constexpr"
         else:
             sig[name] = "i32"
-            if name not in _PLAIN_INTS and not (v.layout == "nchw" and name in _NCHW_CHANNEL_STRIDES):
+            if name not in _PLAIN_INTS and not (v.layout == "nchw" and name in _NCHW_UNALIGNED):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constants.update(
         KH=v.kh, KW=v.kh, PADDED=v.is_padded,

@@ -142,6 +142,11 @@ M_CONTIG_ACC_REGS = 32
 M_CONTIG_BLOCK_M = 64
 
 
+def _rows_contiguous(out_channel_stride: int, residual_channel_stride: int | None) -> bool:
+    """Whether the output (or the residual) is NCHW-like: see :data:`M_CONTIG_ACC_REGS`."""
+    return out_channel_stride != 1 or (residual_channel_stride is not None and residual_channel_stride != 1)
+
+
 def prune_configs(configs, *, M: int, CG: int, KG: int, CD: int, elem_size: int, smem_limit: int,
                   has_downsample: bool = False, fma: bool = False, prologue_bn: bool = False,
                   m_contiguous_out: bool = False):
@@ -204,7 +209,7 @@ def _early_prune(configs, named_args, **kwargs):
         elem_size=x.element_size(), smem_limit=_max_shared_mem(x.device),
         has_downsample=bool(all_args["HAS_DOWNSAMPLE"]), fma=all_args["DOT_PRECISION"] == "ieee",
         prologue_bn=bool(all_args["PROLOGUE_BN"]),
-        m_contiguous_out=all_args["soc"] != 1 or (bool(all_args["HAS_RESIDUAL"]) and all_args["src"] != 1),
+        m_contiguous_out=_rows_contiguous(all_args["soc"], all_args["src"] if all_args["HAS_RESIDUAL"] else None),
     )
     return [by_cfg[t] for t in kept]
 
@@ -496,7 +501,7 @@ def _launch(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
             fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
-            m_contiguous_out=out.stride(1) != 1 or (residual is not None and residual.stride(1) != 1),
+            m_contiguous_out=_rows_contiguous(out.stride(1), residual.stride(1) if residual is not None else None),
         )[0]
         _tile_cache[key] = config
     # Triton launches on the current device; switch only when x lives elsewhere (the

@@ -86,7 +86,7 @@ def _check_conv(check, x_name, x, w_name, weight, stride, padding, dilation, gro
 
 def _check_vectors(check, x, n, named, dtypes=None) -> None:
     """Each non-None ``(name, v)`` in ``named`` is ``(n,)`` on ``x``'s device, in ``dtypes`` (default fp32 or ``x``'s)."""
-    dtypes = dtypes or (torch.float32, x.dtype)
+    dtypes = tuple(dict.fromkeys(dtypes or (torch.float32, x.dtype)))
     device = x.device
     for name, v in named:
         if v is not None:
@@ -254,6 +254,12 @@ def conv_train_fwd_impl(
     backward, see ``fusedres/training/chain.py``).
     """
     _check_conv(_require, "x", x, "weight", weight, stride, padding, dilation, groups)
+    return conv_train_fwd_unchecked(x, weight, in_scale, in_shift, stride, padding, dilation, groups)
+
+
+def conv_train_fwd_unchecked(x, weight, in_scale, in_shift, stride, padding, dilation, groups):
+    """:func:`conv_train_fwd_impl` without its argument checks, for the training chain, whose
+    convs and BN vectors are its own modules' (the eval path skips them the same way)."""
     out = _new_out(x, weight, stride, padding, dilation)
     return _launch.conv_train_fwd(
         x, _launch.kernel_weight(weight), out, tuple(stride), tuple(padding), tuple(dilation), groups,
