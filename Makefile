@@ -18,6 +18,7 @@ venv: $(VENV)/.installed
 
 check: venv
 	$(PY) -m fusedres check
+	$(PY) -m fusedres check --mode train --repeats 5
 
 test: venv
 	$(PY) -m pytest tests -q
