@@ -56,26 +56,23 @@ def _assert_close(out, ref):
     assert err <= 1e-2 * ref.abs().max().item(), f"max abs err {err:.3e}"
 
 
-def test_conv_residual_and_output_beyond_int32_offsets():
+@pytest.mark.parametrize("branch", ["residual", "downsample"])
+def test_int32_overflowing_offsets(branch):
+    """x, out and the residual (or the downsample input) with images 2**31 - 4096 elements apart."""
     torch.manual_seed(0)
     x = _far_apart(C, torch.randn(N, C, H, W))
-    res = _far_apart(K, torch.randn(N, K, H, W))
     out = _far_apart(K, None)
     w = (torch.randn(K, C, 3, 3) / 8).half()
     s, b = torch.rand(K) + 0.5, torch.randn(K) / 4
-    tl_launch.launch(x, tl_launch.kernel_weight(w), s, b, res, out, (1, 1), (1, 1), (1, 1), 1, True)
-    _assert_close(out, _ref(x, w, s, b, residual=res))
-
-
-def test_block_tail_downsample_input_beyond_int32_offsets():
-    torch.manual_seed(1)
-    y = _far_apart(C, torch.randn(N, C, H, W))
-    xd = _far_apart(C, torch.randn(N, C, H, W))
-    out = _far_apart(K, None)
-    w = (torch.randn(K, C, 3, 3) / 8).half()
-    wd = (torch.randn(K, C, 1, 1) / 4).half()
-    s, b = torch.rand(K) + 0.5, torch.randn(K) / 4
-    sd, bd = torch.rand(K) + 0.5, torch.randn(K) / 4
-    ds = (xd, tl_launch.kernel_weight(wd), sd, bd, (1, 1))
-    tl_launch.launch(y, tl_launch.kernel_weight(w), s, b, None, out, (1, 1), (1, 1), (1, 1), 1, True, ds=ds)
-    _assert_close(out, _ref(y, w, s, b, xd=xd, wd=wd, sd=sd, bd=bd))
+    res = ds = None
+    extra = {}
+    if branch == "residual":
+        res = extra["residual"] = _far_apart(K, torch.randn(N, K, H, W))
+    else:
+        xd = _far_apart(C, torch.randn(N, C, H, W))
+        wd = (torch.randn(K, C, 1, 1) / 4).half()
+        sd, bd = torch.rand(K) + 0.5, torch.randn(K) / 4
+        ds = (xd, tl_launch.kernel_weight(wd), sd, bd, (1, 1))
+        extra = dict(xd=xd, wd=wd, sd=sd, bd=bd)
+    tl_launch.launch(x, tl_launch.kernel_weight(w), s, b, res, out, (1, 1), (1, 1), (1, 1), 1, True, ds=ds)
+    _assert_close(out, _ref(x, w, s, b, **extra))
