@@ -130,6 +130,21 @@ class _FusedBlockMixin:
             and _fusable_downsample(self.downsample)
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval BN: each ``(conv, bn)`` of :meth:`_pairs` one fused op, the last one with the
+        residual (and the downsample) fused in; batch-statistics BN: one train chain; anything
+        else: torchvision's forward."""
+        pairs = self._pairs()
+        if not self._fused_eval_ready(pairs):
+            if chain_ready(x, pairs, self.relu, self.downsample, self):
+                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
+                                     identity=self.downsample is None)
+            return super().forward(x)
+        x = y = _channels_last(x)
+        for conv, bn in pairs[:-1]:
+            y = _conv_bn(conv, bn, y, relu=True, backend=self.backend)
+        return _tail(*pairs[-1], y, x, self.downsample, self.backend)
+
 
 class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     """torchvision ``BasicBlock`` (same constructor, attributes and ``state_dict``), fused.
@@ -139,16 +154,8 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     Input ``(N, inplanes, H, W)``, output ``(N, planes, H/stride, W/stride)``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2))
-        if not self._fused_eval_ready(pairs):
-            if chain_ready(x, pairs, self.relu, self.downsample, self):
-                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
-                                     identity=self.downsample is None)
-            return super().forward(x)
-        x = _channels_last(x)
-        y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        return _tail(self.conv2, self.bn2, y, x, self.downsample, self.backend)
+    def _pairs(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2)
 
 
 class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
@@ -159,17 +166,8 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     Input ``(N, inplanes, H, W)``, output ``(N, planes * 4, H/stride, W/stride)``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3))
-        if not self._fused_eval_ready(pairs):
-            if chain_ready(x, pairs, self.relu, self.downsample, self):
-                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
-                                     identity=self.downsample is None)
-            return super().forward(x)
-        x = _channels_last(x)
-        y = _conv_bn(self.conv1, self.bn1, x, relu=True, backend=self.backend)
-        y = _conv_bn(self.conv2, self.bn2, y, relu=True, backend=self.backend)
-        return _tail(self.conv3, self.bn3, y, x, self.downsample, self.backend)
+    def _pairs(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
 
 
 class FusedResNet(tv_resnet.ResNet):
