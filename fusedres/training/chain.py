@@ -164,8 +164,6 @@ class ChainTrain(torch.autograd.Function):
             for i in range(nconv):
                 src, src_bn = (x, (None, None)) if i == k else (a, a_bn)
                 z, mean, var = ops.conv_stats(src, ws[i], geoms[i], *src_bn)
-                if z.numel() == 0:  # an empty share of a synchronised batch: count 0, zero moments
-                    mean, var = torch.zeros_like(mean), torch.zeros_like(var)
                 mean, var, count = _group_stats(mean, var, z.numel() // z.shape[1], group)
                 if isinstance(count, int) and count == 1:  # nn.BatchNorm2d's own check
                     raise ValueError(

@@ -87,9 +87,12 @@ def conv_stats(a, weight, geom, in_scale=None, in_shift=None):
     if use_triton(a):
         if in_scale is not None:
             in_scale, in_shift = in_scale.float(), in_shift.float()
-        return _conv_ops.conv_train_fwd_unchecked(
+        z, mean, var = _conv_ops.conv_train_fwd_unchecked(
             a, weight, in_scale, in_shift, list(stride), list(padding), list(dilation), groups
         )
+        if z.numel() == 0:  # an empty share of a synchronised batch: no moments to merge
+            return (z, *batch_stats(z))
+        return z, mean, var
     if in_scale is not None:
         a = bn_act(a, in_scale, in_shift, relu=True)
     z = F.conv2d(a, weight, None, stride, padding, dilation, groups)
