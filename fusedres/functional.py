@@ -43,12 +43,29 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups):
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a convolution of ``x`` in, or None when autocast does not apply.
+
+    As ``torch.nn.functional.conv2d`` under ``torch.autocast``: every fp16/bf16/fp32 operand
+    is cast to the region's dtype (fp64 never is).
+    """
+    dev = x.device.type
+    if x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups, autocast=False):
+    """Shapes, dtypes and devices of a conv's operands; ``autocast``: ``x`` has just been cast to
+    the autocast dtype, and ``w`` may still be in any autocast-eligible dtype (the backend casts it)."""
     _check_tensor(x_name, x, 4)
     _check_tensor(w_name, w, 4)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{x_name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
-    if w.dtype != x.dtype:
+    if w.dtype != x.dtype and not (autocast and w.dtype in _AUTOCAST_DTYPES):
         raise TypeError(f"{w_name} dtype {w.dtype} does not match {x_name} dtype {x.dtype}")
     if w.device != x.device:
         raise ValueError(f"{w_name} is on {w.device} but {x_name} is on {x.device}")
@@ -184,7 +201,7 @@ def conv_bn_act(
         weight: ``(C_out, C_in // groups, kH, kW)``, same dtype and device as ``x``.
         scale, shift: ``(C_out,)`` per-output-channel affine (a folded BatchNorm), fp32 or ``x.dtype``.
         residual: optional ``(N, C_out, H_out, W_out)`` tensor added before the activation.
-        relu: apply ReLU (else identity).
+        relu: apply ReLU (else identity); NaN stays NaN, as with ``torch.relu``.
         backend: ``"auto" | "torch" | "cpu" | "triton" | "cuda"``; ``auto`` honours ``$FUSEDRES_BACKEND``.
         running_mean, running_var, eps: an eval BatchNorm's statistics (both tensors ``(C_out,)``
             or neither); ``scale``/``shift`` are then its weight/bias and the affine is
@@ -192,9 +209,19 @@ def conv_bn_act(
 
     Returns:
         ``(N, C_out, H_out, W_out)`` tensor in ``x.dtype``.
+
+    Under ``torch.autocast`` the op follows ``F.conv2d``: ``x``, ``weight`` and ``residual``
+    are cast to the autocast dtype (the weight's cast is cached by the ``cpu`` and ``triton``
+    backends), ``scale``/``shift`` stay as given, and the output is in the autocast dtype.
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
-    _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups)
+    _check_tensor("x", x, 4)
+    amp = autocast_dtype(x)
+    if amp is not None:  # as F.conv2d under autocast; the backend casts the weight (cached)
+        x = x.to(amp)
+        if isinstance(residual, torch.Tensor) and residual.dtype in _AUTOCAST_DTYPES:
+            residual = residual.to(amp)
+    _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups, autocast=amp is not None)
     oh, ow = _checked_out_hw("x", x, weight.shape[2:], stride, padding, dilation)
     cout = weight.shape[0]
     if residual is not None:
@@ -259,8 +286,16 @@ def block_tail(
     """
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     ds_stride = _pair("ds_stride", ds_stride)
-    _check_conv_args("y", y, "weight", weight, "scale", scale, "shift", shift, groups)
-    _check_conv_args("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale, "ds_shift", ds_shift, 1)
+    _check_tensor("y", y, 4)
+    _check_tensor("x", x, 4)
+    amp = autocast_dtype(y)
+    if amp is not None:  # as F.conv2d under autocast, for both branches
+        y = y.to(amp)
+        if x.dtype in _AUTOCAST_DTYPES:
+            x = x.to(amp)
+    _check_conv_args("y", y, "weight", weight, "scale", scale, "shift", shift, groups, autocast=amp is not None)
+    _check_conv_args("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale, "ds_shift", ds_shift, 1,
+                     autocast=amp is not None)
     if x.dtype != y.dtype:
         raise TypeError(f"x dtype {x.dtype} does not match y dtype {y.dtype}")
     if x.device != y.device:

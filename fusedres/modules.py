@@ -3,47 +3,41 @@
 The fused classes subclass torchvision's, add no parameters and no buffers, and keep every
 attribute name, so ``isinstance`` checks, ``state_dict`` keys and checkpoints are unchanged.
 :func:`convert` swaps the class of each block *in place* (the same module objects, so the
-same parameters and buffers); :func:`revert` swaps it back.
+same parameters, buffers and hooks); :func:`revert` swaps it back.
 
-Forward, per BatchNorm state:
+Forward, decided per call (:mod:`fusedres.patterns`):
 
 * eval BN with running stats (``nn.BatchNorm2d`` or torchvision's ``FrozenBatchNorm2d``):
   each conv+BN(+ReLU)(+residual) runs as one :func:`fusedres.conv_bn_act`, the last conv of
-  a block with a 1x1-conv+BN downsample as one :func:`fusedres.block_tail`.  ``scale``/``shift``
-  are recomputed from the live BN parameters and buffers on every call, so they never go stale.
+  a block with a 1x1-conv+BN downsample as one :func:`fusedres.block_tail`.  The BN is read
+  live on every call, so results never go stale.
 * BN with batch statistics (train mode, or ``track_running_stats=False``; ``nn.BatchNorm2d``
   or ``nn.SyncBatchNorm``): the block (or the stem with its max-pool) runs as one train-mode
   chain of :mod:`fusedres.training`, which keeps only pre-BN conv outputs for backward and
   updates the running stats like ``nn.BatchNorm2d``.
-* anything else (a custom norm layer or downsample, ``SyncBatchNorm`` beside plain BN in one
-  block, BNs of one block in different modes): torchvision's own forward, i.e. exactly the
-  reference semantics.
-"""
+* anything else: torchvision's own forward, exactly the reference semantics, announced once
+  per reason with a ``RuntimeWarning``.  That covers other layers (a custom norm layer or
+  downsample, a parametrized conv, SyncBatchNorm beside plain BN in one block, BNs of one
+  block in different modes) and calls the fused kernels must not take: hooks on a submodule
+  (which is also how ``spectral_norm``, the legacy ``weight_norm`` and ``prune`` make their
+  weights), ``torch.jit.trace`` / ONNX export, ``torch.fx`` tracing, ``torch.func``
+  transforms, forward-mode AD, and an input whose dtype or device does not match the weights
+  (the reference then raises its own error, before any running statistic moves).
+  ``torch.jit.script`` compiles the reference computation.
 
-from __future__ import annotations
+Under ``torch.autocast`` the fused ops cast as ``F.conv2d`` does, so a converted model's
+activations have the dtype torchvision's would.
+"""
 
 import torch
 import torch.nn as nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import patterns as P
 from .functional import block_tail, bn_scale_shift, conv_bn_act
-from .training import chain_forward, chain_ready
+from .training import chain_forward, chain_reason
 
 __all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "revert"]
-
-
-def _foldable_bn(bn: nn.Module) -> bool:
-    """An eval-mode BN whose output is a fixed per-channel affine of its input."""
-    if isinstance(bn, FrozenBatchNorm2d):
-        return True
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
-        return False
-    return (not bn.training) and bn.running_mean is not None and bn.running_var is not None
-
-
-def _fusable_conv(conv: nn.Module) -> bool:
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
 
 
 def _affine_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,26 +73,11 @@ def _conv_bn(conv, bn, x, *, relu, residual=None, backend="auto"):
     )
 
 
-def _fusable_downsample(ds) -> bool:
-    if ds is None:
-        return True
-    return (
-        type(ds) is nn.Sequential
-        and len(ds) == 2
-        and _fusable_conv(ds[0])
-        and ds[0].kernel_size == (1, 1)
-        and ds[0].padding == (0, 0)
-        and ds[0].dilation == (1, 1)
-        and ds[0].groups == 1
-        and _foldable_bn(ds[1])
-    )
-
-
-def _tail(conv, bn, y, x, downsample, backend):
-    """Last conv + BN + residual (+ fused downsample) + ReLU of a block, as one op."""
-    if downsample is None:
+def _tail(conv, bn, y, x, projection, backend):
+    """Last conv + BN + residual (+ fused 1x1 conv + BN projection) + ReLU of a block, as one op."""
+    if projection is None:
         return _conv_bn(conv, bn, y, relu=True, residual=x, backend=backend)
-    ds_conv, ds_bn = downsample[0], downsample[1]
+    ds_conv, ds_bn = projection
     dt = _affine_dtype(y)
     main = _bn_args(conv, bn, dt)
     skip = {f"ds_{k}": v for k, v in _bn_args(ds_conv, ds_bn, dt).items()}
@@ -116,34 +95,65 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     Blocks convert their input once, so a model fed NCHW pays one copy at its first fused
     block instead of one per fused op, and hands channels_last on (the same values).
     """
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _eval_reason(pairs, relu, downsample, projection) -> str | None:
+    """Why the eval forward cannot take these layers, or None."""
+    if not P.is_relu(relu):
+        return f"its activation is {type(relu).__name__}, not nn.ReLU"
+    if downsample is not None and projection is None:
+        return f"its downsample ({type(downsample).__name__}) is not a 1x1 nn.Conv2d + BatchNorm nn.Sequential"
+    layers = list(pairs) + ([projection] if projection is not None else [])
+    for conv, bn in layers:
+        if not P.fusable_conv(conv):
+            return f"a conv is {type(conv).__name__}, not a plain nn.Conv2d with zero padding"
+        if not P.foldable_bn(bn):
+            return f"a norm layer is {type(bn).__name__}, not an eval-mode BatchNorm with running statistics"
+    return None
 
 
 class _FusedBlockMixin:
-    #: Backend for this block's fused ops; :func:`convert` sets it per instance.
-    backend: str = "auto"
+    """The forward shared by the fused blocks; each class names its ``(conv, bn)`` pairs."""
 
-    def _fused_eval_ready(self, pairs) -> bool:
-        return (
-            all(_fusable_conv(c) and _foldable_bn(b) for c, b in pairs)
-            and type(self.relu) is nn.ReLU
-            and _fusable_downsample(self.downsample)
-        )
+    #: Backend for this block's fused ops; :func:`convert` sets it per instance.
+    backend = "auto"
+    #: Marks the fused classes (for :func:`fusedres.convert_sync_batchnorm`, without an import).
+    _fusedres_fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval BN: each ``(conv, bn)`` of :meth:`_pairs` one fused op, the last one with the
-        residual (and the downsample) fused in; batch-statistics BN: one train chain; anything
-        else: torchvision's forward."""
+        if torch.jit.is_scripting():
+            return self._reference_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval BN: each ``(conv, bn)`` one fused op, the last one with the residual (and the
+        downsample) fused in; batch-statistics BN: one train chain; else torchvision's forward."""
         pairs = self._pairs()
-        if not self._fused_eval_ready(pairs):
-            if chain_ready(x, pairs, self.relu, self.downsample, self):
-                return chain_forward(self, _channels_last(x), pairs, downsample=self.downsample,
-                                     identity=self.downsample is None)
-            return super().forward(x)
-        x = y = _channels_last(x)
-        for conv, bn in pairs[:-1]:
-            y = _conv_bn(conv, bn, y, relu=True, backend=self.backend)
-        return _tail(*pairs[-1], y, x, self.downsample, self.backend)
+        ds = self.downsample
+        proj = P.projection(ds) if ds is not None else None
+        convs = [c for c, _ in pairs] + ([proj[0]] if proj is not None else [])
+        why = P.reference_reason(self._modules.items(), x, convs)
+        if why is None:
+            why = _eval_reason(pairs, self.relu, ds, proj)
+            if why is None:
+                x = y = _channels_last(x)
+                for conv, bn in pairs[:-1]:
+                    y = _conv_bn(conv, bn, y, relu=True, backend=self.backend)
+                return _tail(*pairs[-1], y, x, proj, self.backend)
+            if ds is None or proj is not None:
+                train_why = chain_reason(x, pairs, self.relu, proj, self)
+                if train_why is None:
+                    return chain_forward(self, _channels_last(x), pairs, downsample=proj, identity=ds is None)
+                if any(P.batch_stat_bn(b) for _, b in pairs):
+                    why = train_why
+        P.announce(self, why)
+        return super().forward(x)
+
+    def __prepare_scriptable__(self):
+        P.announce(self, "torch.jit.script compiles the reference computation")
+        return self
 
 
 class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
@@ -157,6 +167,16 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     def _pairs(self):
         return (self.conv1, self.bn1), (self.conv2, self.bn2)
 
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's ``BasicBlock.forward``, written out for TorchScript (which has no ``super()``)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
 
 class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     """torchvision ``Bottleneck`` (same constructor, attributes and ``state_dict``), fused.
@@ -169,6 +189,17 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     def _pairs(self):
         return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
 
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's ``Bottleneck.forward``, written out for TorchScript (which has no ``super()``)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
 
 class FusedResNet(tv_resnet.ResNet):
     """torchvision ``ResNet`` whose stem ``relu(bn1(conv1(x)))`` runs as one fused op.
@@ -179,24 +210,14 @@ class FusedResNet(tv_resnet.ResNet):
     backend's fast layout.
     """
 
-    backend: str = "auto"
+    backend = "auto"
+    _fusedres_fused = True
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusable_conv(self.conv1) and _foldable_bn(self.bn1) and type(self.relu) is nn.ReLU:
-            x = _conv_bn(self.conv1, self.bn1, _channels_last(x), relu=True, backend=self.backend)
-            x = self.maxpool(x)
-        elif chain_ready(x, ((self.conv1, self.bn1),), self.relu, None, self):
-            # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
-            # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
-            x = _channels_last(x)
-            # The max-pool joins the chain when it is a plain MaxPool2d: its input and
-            # indices are then recomputed in backward instead of stored.
-            plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices
-            x = chain_forward(self, x, ((self.conv1, self.bn1),), pool=self.maxpool if plain_pool else None)
-            if not plain_pool:
-                x = self.maxpool(x)
-        else:
+        if torch.jit.is_scripting():
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        else:
+            x = self._stem(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
@@ -204,6 +225,37 @@ class FusedResNet(tv_resnet.ResNet):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    @torch.jit.unused
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """``maxpool(relu(bn1(conv1(x))))``: one fused op and the pool in eval, one train chain
+        (with the pool) with batch statistics, else torchvision's layers."""
+        stem = (("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool))
+        why = P.reference_reason(stem, x, (self.conv1,))
+        if why is None:
+            pair = ((self.conv1, self.bn1),)
+            why = _eval_reason(pair, self.relu, None, None)
+            if why is None:
+                x = _conv_bn(self.conv1, self.bn1, _channels_last(x), relu=True, backend=self.backend)
+                return self.maxpool(x)
+            train_why = chain_reason(x, pair, self.relu, None, self)
+            if train_why is None:
+                # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
+                # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
+                x = _channels_last(x)
+                # The max-pool joins the chain when it is a plain MaxPool2d: its input and
+                # indices are then recomputed in backward instead of stored.
+                plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices
+                x = chain_forward(self, x, pair, pool=self.maxpool if plain_pool else None)
+                return x if plain_pool else self.maxpool(x)
+            if P.batch_stat_bn(self.bn1):
+                why = train_why
+        P.announce(self, why)
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def __prepare_scriptable__(self):
+        P.announce(self, "torch.jit.script compiles the reference computation")
+        return self
 
 
 _FUSED = {
@@ -228,7 +280,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     Works on any module tree: resnet18-152, resnext*, wide_resnet*, dilated variants, or a
     model that merely contains such blocks.  Only exact torchvision classes are converted
     (a user subclass may override ``forward``).  Parameters, buffers, hooks and
-    ``state_dict`` keys are untouched.  Returns ``model``.
+    ``state_dict`` keys are untouched; a block whose submodules carry hooks runs
+    torchvision's forward, so the hooks fire.  Returns ``model``.
 
     Args:
         backend: ``"auto" | "torch" | "cpu" | "triton" | "cuda"``, stored on each fused module;

@@ -166,11 +166,28 @@ def test_pad_channels_keeps_the_convolution(cin, channels_last):
     x = torch.randn(2, cin, 9, 11, dtype=torch.bfloat16)
     x = _cl(x) if channels_last else x
     w = torch.randn(16, cin, 7, 7, dtype=torch.bfloat16)
-    xp, wp = cuda_backend._pad_channels(x, w)
+    xp, wp = cuda_backend._pad_channels(x), cuda_backend._kernel_weight(w, torch.bfloat16)
     assert xp.shape[1] % cuda_backend.ALIGNMENT == 0 and xp.shape[1] == wp.shape[1] < cin + 8
     assert xp.is_contiguous(memory_format=torch.channels_last)
     ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=3)
     torch.testing.assert_close(torch.nn.functional.conv2d(xp.double(), wp.double(), padding=3), ref)
+
+
+def test_kernel_weight_cache_follows_the_data():
+    """The padded/cast filter is cached per weight and rebuilt when its data changes,
+    in place (version counter) or by Module._apply (.half()/.float(): a new storage)."""
+    conv = torch.nn.Conv2d(3, 16, 7, bias=False)
+    first = cuda_backend._kernel_weight(conv.weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and first.shape[1] == cuda_backend.ALIGNMENT
+    assert cuda_backend._kernel_weight(conv.weight, torch.bfloat16) is first
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    doubled = cuda_backend._kernel_weight(conv.weight, torch.bfloat16)
+    torch.testing.assert_close(doubled[:, :3].float(), (conv.weight * 1).bfloat16().float())
+    conv.half().float()  # same parameter object and version, new storage with rounded values
+    rounded = cuda_backend._kernel_weight(conv.weight, torch.bfloat16)
+    assert rounded is not doubled
+    assert torch.equal(rounded[:, :3], conv.weight.detach().bfloat16())
 
 
 @pytest.mark.parametrize("cin", [3, 64])

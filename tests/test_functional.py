@@ -240,9 +240,12 @@ def test_env_var_selects_backend(monkeypatch):
     with backends.record() as used:
         fusedres.conv_bn_act(x, wt, scale, shift, **kw)
     assert used == {"torch"}
-    monkeypatch.setenv("FUSEDRES_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    monkeypatch.setenv("FUSEDRES_BACKEND", "gpu")
+    # The caller passed no backend: the message names the variable that did.
+    with pytest.raises(ValueError, match=r"\$FUSEDRES_BACKEND must be one of .*got 'gpu'"):
         fusedres.conv_bn_act(x, wt, scale, shift, **kw)
+    with pytest.raises(ValueError, match=r"^backend must be one of .*got 'bogus'"):
+        fusedres.conv_bn_act(x, wt, scale, shift, backend="bogus", **kw)
 
 
 def test_cpu_fold_cache_tracks_weight_changes():

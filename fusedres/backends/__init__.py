@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: Every backend name a user may ask for, in ``auto`` preference order per device.
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -120,6 +122,55 @@ def cudnn_conv_tf32() -> bool:
         return False
 
 
+def data_key(t: torch.Tensor) -> tuple:
+    """What identifies the data a tensor holds now: storage, offset, dtype, device, shape, strides, version.
+
+    The version counter alone is not enough: ``Module._apply`` (``.half()``, ``.float()``,
+    ``.to()``) swaps a parameter's data for a new tensor without bumping it, so the same
+    parameter object with the same version can hold other values, even another dtype.
+    """
+    return (t.untyped_storage()._cdata, t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t._version)
+
+
+class WeightCache:
+    """Per-weight derived tensors (folded, re-laid-out, reordered), valid while the weight's data is.
+
+    Entries are held weakly by the weight tensor object and stamped with :func:`data_key`; a
+    lookup whose stamp differs (an in-place update bumped the version, ``Module._apply``
+    swapped the data, the dtype changed) misses.  Each entry also holds a weak reference to
+    the weight's storage, which pins the storage object's address (its ``_cdata``) while the
+    entry lives, so a new storage can never be mistaken for the cached one, not even one
+    that the allocator placed at the same data pointer.  Inference tensors have no version
+    counter, so an in-place update of one cannot be seen: they are never cached.
+    """
+
+    def __init__(self) -> None:
+        self._entries = WeakIdKeyDictionary()
+
+    def get(self, w: torch.Tensor, tag=None):
+        """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``."""
+        if w.is_inference():
+            return None
+        entry = self._entries.get(w)
+        if entry is None or entry[0] != data_key(w):
+            return None
+        return entry[2].get(tag)
+
+    def put(self, w: torch.Tensor, value, tag=None):
+        """Store ``value`` for ``w``'s current data under ``tag`` (values for older data are dropped); returns it."""
+        if w.is_inference():
+            return value
+        key = data_key(w)
+        entry = self._entries.get(w)
+        if entry is None or entry[0] != key:
+            entry = self._entries[w] = (key, StorageWeakRef(w.untyped_storage()), {})
+        entry[2][tag] = value
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 _loaded: dict[str, ModuleType | None] = {}
 _available: dict[str, bool] = {}
 _load_errors: dict[str, str] = {}
@@ -184,9 +235,11 @@ def load_all() -> None:
 def clear_caches() -> None:
     """Drop every backend's cached weight transforms (folded, re-laid-out or reordered weights).
 
-    Caches are keyed on the weight tensor and its version counter, which every in-place op on
-    the tensor bumps (optimizer steps, ``load_state_dict``, ``with torch.no_grad(): w.mul_(2)``).
-    Writes through ``w.data`` bypass the version counter: call this after such edits.
+    Caches are keyed on the weight tensor and what identifies its data (storage, dtype, shape
+    and version counter, see :func:`data_key`): every in-place op bumps the version (optimizer
+    steps, ``load_state_dict``, ``with torch.no_grad(): w.mul_(2)``) and ``.half()`` /
+    ``.to()`` swap the storage.  In-place writes through ``w.data`` bypass the version
+    counter: call this after such edits.
     """
     for mod in _loaded.values():
         if mod is not None and hasattr(mod, "clear_cache"):
@@ -225,6 +278,11 @@ def requested(backend: str | None) -> str:
     name = backend or "auto"
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
+        if name != "auto" and name not in _MODULES:
+            raise ValueError(
+                f"${ENV_VAR} must be one of {('auto',) + BACKENDS} (or unset), got {name!r}; it picks the "
+                "backend of every call made with backend='auto'"
+            )
     if name != "auto" and name not in _MODULES:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     return name

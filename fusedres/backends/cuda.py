@@ -23,7 +23,8 @@ it).  The output is always channels_last (same values and shape).
 Channel counts: the kernels need every channel count to be a multiple of 8 (128-bit
 accesses).  ``conv_bn_act`` with other input channel counts (the ResNet stem, ``C_in = 3``)
 pads the input and the filter with zero channels up to the next multiple of 8: a visible
-copy of the input.  It is correct but not fast: the kernel's K tile covers 32 channels of
+copy of the input (the padded filter is cached per weight, as is the filter's cast to the
+activation dtype under autocast).  It is correct but not fast: the kernel's K tile covers 32 channels of
 one filter tap, so with 8 channels three quarters of each tile are masked off (the stem
 runs at a fraction of the tensor cores' rate; CUTLASS's few-channels iterator would fix
 that and is not built here).
@@ -37,6 +38,8 @@ one sample and each filter under 2 GiB.
 from __future__ import annotations
 
 import torch
+
+from . import WeightCache
 
 NAME = "cuda"
 
@@ -162,22 +165,43 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _pad_channels(x: torch.Tensor, weight: torch.Tensor):
-    """``x`` (channels_last) and ``weight`` with zero input channels appended up to a multiple
-    of :data:`ALIGNMENT`; the convolution is unchanged.  Copies only when padding is needed."""
+_weights = WeightCache()
+
+
+def _kernel_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype`` with zero input channels appended up to a multiple of
+    :data:`ALIGNMENT`, cached per weight (:class:`fusedres.backends.WeightCache`).
+
+    A no-op (the weight itself) when neither is needed; the cast happens under autocast (an
+    fp32 model run in fp16/bf16), the padding for the ResNet stem (3 channels).
+    """
+    pad = -weight.shape[1] % ALIGNMENT
+    if pad == 0 and weight.dtype == dtype:
+        return weight
+    if torch.compiler.is_compiling():
+        # Under torch.compile this is traced into the graph (no cache: no data to key on).
+        return torch.nn.functional.pad(weight.to(dtype), (0, 0, 0, 0, 0, pad))
+    wk = _weights.get(weight, dtype)
+    if wk is None:
+        wk = _weights.put(weight, torch.nn.functional.pad(weight.detach().to(dtype), (0, 0, 0, 0, 0, pad)), dtype)
+    return wk
+
+
+def _pad_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (channels_last) with zero input channels appended up to a multiple of
+    :data:`ALIGNMENT` (the convolution is unchanged with :func:`_kernel_weight`'s filter).
+    Copies only when padding is needed."""
     c = x.shape[1]
     pad = -c % ALIGNMENT
     if pad == 0:
-        return _nhwc(x), weight
+        return _nhwc(x)
     xp = torch.empty(
         (x.shape[0], c + pad, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
         memory_format=torch.channels_last,
     )
     xp[:, :c].copy_(x)
     xp[:, c:].zero_()
-    wp = weight.new_zeros((weight.shape[0], c + pad, weight.shape[2], weight.shape[3]))
-    wp[:, :c].copy_(weight)
-    return xp, wp
+    return xp
 
 
 #: Takes an eval BatchNorm's running statistics: the filter-fold kernel computes the
@@ -187,16 +211,17 @@ _NO_STATS = (None, None, 0.0)
 
 
 def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
-    x, weight = _pad_channels(x, weight)
     return torch.ops.fusedres.conv_bn_act_cuda(
-        x, weight, scale, shift, None if residual is None else _nhwc(residual), *(stats or _NO_STATS),
+        _pad_channels(x), _kernel_weight(weight, x.dtype), scale, shift,
+        None if residual is None else _nhwc(residual), *(stats or _NO_STATS),
         list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu,
     )
 
 
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
     return torch.ops.fusedres.block_tail_cuda(
-        _nhwc(y), weight, scale, shift, _nhwc(x), ds_weight, ds_scale, ds_shift,
+        _nhwc(y), _kernel_weight(weight, y.dtype), scale, shift, _nhwc(x), _kernel_weight(ds_weight, y.dtype),
+        ds_scale, ds_shift,
         *(stats or _NO_STATS), *(ds_stats or _NO_STATS),
         list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
         list(spec.ds_stride), spec.relu,

@@ -31,11 +31,15 @@ def _affine(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
     return t * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
+def _conv(x, weight, stride, padding=(0, 0), dilation=(1, 1), groups=1):
+    # The weight is in x's dtype except under autocast (see fusedres.functional), where
+    # F.conv2d would cast it the same way.
+    return F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
+
+
 def conv_bn_act(x, weight, scale, shift, residual, spec):
     """``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))``."""
-    out = _affine(
-        F.conv2d(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift
-    )
+    out = _affine(_conv(x, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift)
     if residual is not None:
         out = out + residual
     if spec.relu:
@@ -45,10 +49,8 @@ def conv_bn_act(x, weight, scale, shift, residual, spec):
 
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
     """``act(conv2d(y, weight)*scale + shift + conv2d(x, ds_weight, stride=ds_stride)*ds_scale + ds_shift)``."""
-    main = _affine(
-        F.conv2d(y, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift
-    )
-    skip = _affine(F.conv2d(x, ds_weight, None, spec.ds_stride), ds_scale, ds_shift)
+    main = _affine(_conv(y, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift)
+    skip = _affine(_conv(x, ds_weight, spec.ds_stride), ds_scale, ds_shift)
     out = main + skip
     if spec.relu:
         out = torch.relu(out)

@@ -16,10 +16,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..backends import note_used
+from ..patterns import batch_stat_bn, chain_conv, is_relu
 from .chain import ChainTrain
 from .ops import use_triton
 
-__all__ = ["ChainTrain", "batch_stat_bn", "chain_ready", "chain_forward", "convert_sync_batchnorm"]
+__all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm"]
 
 _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 1-tuple (group,)
 
@@ -31,58 +32,43 @@ _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 
 RECOMPUTE_MAX_REDUCTION = 512
 
 
-def batch_stat_bn(bn: nn.Module) -> bool:
-    """An ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) that normalises with the batch's own
-    statistics in this call."""
-    return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and (
-        bn.training or (bn.running_mean is None and bn.running_var is None)
-    )
-
-
-def _plain_conv(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d
-        and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple)
-        # A bias before a batch-statistics BN cancels in the output but not in autograd's
-        # bookkeeping; torchvision never has one, so such layers keep the reference path.
-        and conv.bias is None
-    )
-
-
-def chain_ready(x, pairs, relu, downsample, owner=None) -> bool:
-    """Whether ``(conv, bn)`` pairs (+ ReLU module, + downsample) can run through :class:`ChainTrain`
-    (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
-        return False
-    if type(relu) is not nn.ReLU or not all(_plain_conv(c) and batch_stat_bn(b) for c, b in pairs):
-        return False
-    bns = [b for _, b in pairs] + ([downsample[1]] if isinstance(downsample, nn.Sequential) and len(downsample) == 2
-                                   else [])
+def chain_reason(x, pairs, relu, downsample, owner=None) -> str | None:
+    """Why ``(conv, bn)`` pairs (+ ReLU module, + downsample) cannot run as one :class:`ChainTrain`,
+    or None when they can (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
+    if not x.is_floating_point():
+        return f"the input is {x.dtype}, not floating point"
+    if not is_relu(relu):
+        return f"its activation is {type(relu).__name__}, not nn.ReLU"
+    for name, layer, ok, what in _layers(pairs, downsample):
+        if not ok(layer):
+            return f"{name} is {type(layer).__name__}{what}"
+    bns = [b for _, b in pairs] + ([downsample[1]] if downsample is not None else [])
     syncs = [b for b in bns if type(b) is nn.SyncBatchNorm]
     # One chain synchronises all of its BNs over one group, or none: nn.SyncBatchNorm layers
     # mixed with plain ones, with different groups or in different modes (torch would sync
     # only the training ones) keep torchvision's forward.
     if syncs and (len(syncs) != len(bns) or any(b.process_group is not syncs[0].process_group for b in syncs)
                   or len({b.training for b in syncs}) > 1):
-        return False
+        return "its SyncBatchNorm layers are mixed with other BatchNorms, groups or modes"
     # An empty local batch keeps torchvision's forward (BatchNorm's own empty-input semantics),
     # unless the statistics are synchronised: the other ranks' chains then wait for this
     # rank's (empty) share, which the chain contributes with count 0.
     if x.numel() == 0 and _sync_group(owner, bns) is None:
-        return False
-    if downsample is None:
-        return True
-    return (
-        type(downsample) is nn.Sequential
-        and len(downsample) == 2
-        and _plain_conv(downsample[0])
-        and downsample[0].kernel_size == (1, 1)
-        and downsample[0].padding == (0, 0)
-        and downsample[0].dilation == (1, 1)
-        and downsample[0].groups == 1
-        and batch_stat_bn(downsample[1])
-    )
+        return "the batch is empty (BatchNorm's own empty-input semantics)"
+    return None
+
+
+def _layers(pairs, downsample):
+    """``(name, layer, predicate, what-else-it-should-be)`` for each layer a chain needs."""
+    conv_what = ", not a bias-free nn.Conv2d with zero padding"
+    bn_what = ", not a BatchNorm2d using batch statistics (BatchNorms of one block in different modes?)"
+    for i, (conv, bn) in enumerate(pairs, 1):
+        yield f"conv{i}", conv, chain_conv, conv_what
+        yield f"bn{i}", bn, batch_stat_bn, bn_what
+    if downsample is not None:
+        conv, bn = downsample
+        yield "downsample[0]", conv, chain_conv, conv_what
+        yield "downsample[1]", bn, batch_stat_bn, bn_what
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -144,15 +130,16 @@ def _geom(conv: nn.Conv2d):
 def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None):
     """Run ``pairs = ((conv, bn), ...)`` as one fused train-mode chain and update running stats.
 
-    ``y = relu(bn_K(conv_K(... relu(bn_1(conv_1(x))) ...)) [+ x | + downsample(x)])``, then
-    ``pool(y)`` when ``pool`` (an ``nn.MaxPool2d``) is given.  ``owner`` is the module that
-    :func:`convert_sync_batchnorm` may have marked.  Input ``(N, C_in, H, W)``.
+    ``y = relu(bn_K(conv_K(... relu(bn_1(conv_1(x))) ...)) [+ x | + bn_d(conv_d(x))])``, then
+    ``pool(y)`` when ``pool`` (an ``nn.MaxPool2d``) is given; ``downsample`` is ``(conv_d, bn_d)``.
+    ``owner`` is the module that :func:`convert_sync_batchnorm` may have marked.  Input
+    ``(N, C_in, H, W)``.
     """
     dtype = _compute_dtype(x)
     pairs = list(pairs)
     residual = "identity" if identity else "none"
     if downsample is not None:
-        pairs.append((downsample[0], downsample[1]))
+        pairs.append(tuple(downsample))
         residual = "downsample"
     params = []
     for conv, bn in pairs:
@@ -191,8 +178,6 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     BatchNorm layers in ``model`` are left alone.  Without an initialised process group, or
     with one rank, the blocks behave as unsynchronised.  Returns ``model``.
     """
-    from ..modules import FusedResNet, _FusedBlockMixin
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
@@ -201,7 +186,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
         )
     marked = 0
     for mod in model.modules():
-        if isinstance(mod, (_FusedBlockMixin, FusedResNet)):
+        if getattr(type(mod), "_fusedres_fused", False):
             setattr(mod, _ATTR, (process_group,))
             marked += 1
     if not marked:

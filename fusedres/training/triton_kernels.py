@@ -111,8 +111,8 @@ def _bn_act_kernel(
         dshift = tl.load(dshift_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
         zd = tl.load(zd_ptr + doff, mask=mask, other=0.0).to(tl.float32)
         acc += zd * dscale[None, :] + dshift[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+    if RELU:  # NaN stays NaN, as in torch.relu (a plain max would return 0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     ooff, _ = _tile_offsets(m0, pid_c, M, C, HW, os_n, os_c, os_hw, BLOCK_M, BLOCK_C)
     tl.store(out_ptr + ooff, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

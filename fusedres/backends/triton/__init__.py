@@ -91,21 +91,24 @@ SUPPORTS_BN_STATS = True
 
 def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
-    args = (x, weight, scale, shift, residual, mean, var, eps,
-            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu)
+    args = [x, weight, scale, shift, residual, mean, var, eps,
+            list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu]
     if _direct(spec, x, weight, scale, shift, residual, mean, var):
+        # A weight in another dtype (autocast) is cast by kernel_weight's cache.
         return _ops.conv_bn_act_unchecked(*args)
+    args[1] = weight.to(x.dtype)  # the op takes one dtype (a no-op outside autocast)
     return torch.ops.fusedres.conv_bn_act_triton(*args)
 
 
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
     ds_mean, ds_var, ds_eps = ds_stats if ds_stats is not None else (None, None, 0.0)
-    args = (y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
+    args = [y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
             list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
-            list(spec.ds_stride), spec.relu)
+            list(spec.ds_stride), spec.relu]
     if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var):
         return _ops.block_tail_unchecked(*args)
+    args[1], args[5] = weight.to(y.dtype), ds_weight.to(y.dtype)  # no-ops outside autocast
     return torch.ops.fusedres.block_tail_triton(*args)
 
 

@@ -11,7 +11,7 @@ The math, for one output element ``out[n, k, oh, ow]`` of a conv with ``G`` grou
     z   += (sum_{c < C_d} xd[n, c, oh*dsh, ow*dsw] * wd[k, c]) * ds_scale[k] + ds_shift[k]
                                                                     (HAS_DOWNSAMPLE; with
            BN_STATS its own ds_mean/ds_var/ds_eps normalise it the same way)
-    out  = max(z, 0) if RELU else z
+    out  = relu(z) if RELU else z          (NaN-propagating, as torch.relu)
 
 (taps that fall into the zero padding contribute nothing).  Two train-mode flags change this:
 
@@ -188,7 +188,8 @@ def _conv_bn_act_fwd_kernel(
             # are forced to 0 after the affine, since relu(shift) need not be 0.
             in_scale = tl.load(in_scale_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
             in_shift = tl.load(in_shift_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
-            a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
+            a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0,
+                              propagate_nan=tl.PropagateNan.ALL)
             a_bn = tl.where(a_mask, a_bn, 0.0)
             if DOT_UPCAST:
                 # Interpreter only: its fp32 -> bf16 cast truncates.  Round to nearest even
@@ -255,7 +256,7 @@ def _conv_bn_act_fwd_kernel(
         r_row = nb64 * srn + oh64 * srh + ow64 * srw
         res = tl.load(res_ptr + r_row[:, None] + (k_out64 * src)[None, :], mask=mask, other=0.0)
         z += res.to(tl.float32)
-    if RELU:
-        z = tl.maximum(z, 0.0)
+    if RELU:  # NaN stays NaN, as in torch.relu (a plain max, PTX max.f32, returns 0 for it)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     o_row = nb64 * son + oh64 * soh + ow64 * sow
     tl.store(out_ptr + o_row[:, None] + (k_out64 * soc)[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)

@@ -37,9 +37,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import cudnn_conv_tf32
+from .. import WeightCache, cudnn_conv_tf32
 from .kernels import _conv_bn_act_fwd_kernel
 
 
@@ -230,29 +229,28 @@ def _autotune_enabled() -> bool:
 
 # --------------------------------------------------------------------------- weights
 
-_weight_cache = WeakIdKeyDictionary()
+_weight_cache = WeightCache()
 
 
-def _relayout(w: torch.Tensor) -> torch.Tensor:
+def _relayout(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # (C_out, Cg, KH, KW) -> (KH, KW, Cg, C_out): output channel fastest, so a B tile row
     # (one input channel, BLOCK_N output channels) is one contiguous run.
-    return w.detach().permute(2, 3, 1, 0).contiguous()
+    return w.detach().to(dtype).permute(2, 3, 1, 0).contiguous()
 
 
-def kernel_weight(w: torch.Tensor) -> torch.Tensor:
-    """``w`` as ``(KH, KW, Cg, C_out)`` contiguous, cached per weight tensor.
+def kernel_weight(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w`` as ``(KH, KW, Cg, C_out)`` contiguous in ``dtype`` (default ``w``'s), cached per weight tensor.
 
-    The cache holds the weight weakly (keyed by identity) and is valid while the weight's
-    version counter is unchanged, so in-place updates (optimizer steps, ``load_state_dict``)
-    invalidate it.  Inference tensors have no version counter and are re-laid-out per call.
+    ``dtype`` differs from ``w``'s under autocast only (an fp32 model run in bf16/fp16).
+    The cache holds the weight weakly and is valid while the weight's data is unchanged
+    (:class:`fusedres.backends.WeightCache`: version counter, storage and dtype), so
+    in-place updates (optimizer steps, ``load_state_dict``) and ``.half()`` / ``.to()``
+    invalidate it.  Inference tensors are re-laid-out per call.
     """
-    if w.is_inference():
-        return _relayout(w)
-    entry = _weight_cache.get(w)
-    if entry is not None and entry[0] == w._version and entry[1].dtype == w.dtype:
-        return entry[1]
-    wt = _relayout(w)
-    _weight_cache[w] = (w._version, wt)
+    dtype = dtype or w.dtype
+    wt = _weight_cache.get(w, dtype)
+    if wt is None:
+        wt = _weight_cache.put(w, _relayout(w, dtype), dtype)
     return wt
 
 

@@ -152,10 +152,14 @@ def conv_bn_act_impl(
 
 
 def conv_bn_act_unchecked(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
-    """:func:`conv_bn_act_impl` without the argument checks, for callers that have made them."""
+    """:func:`conv_bn_act_impl` without the argument checks, for callers that have made them.
+
+    The one difference: ``weight`` may be in another dtype than ``x`` (autocast, see
+    ``fusedres.functional``); :func:`launch.kernel_weight` casts it once and caches the copy.
+    """
     out = _new_out(x, weight, stride, padding, dilation)
     return _launch.launch(
-        x, _launch.kernel_weight(weight), scale, shift, residual, out,
+        x, _launch.kernel_weight(weight, x.dtype), scale, shift, residual, out,
         tuple(stride), tuple(padding), tuple(dilation), groups, relu,
         bn_stats=_bn_stats(mean, var, eps),
     )
@@ -213,11 +217,11 @@ def block_tail_unchecked(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shi
                          ds_eps, stride, padding, dilation, groups, ds_stride, relu):
     """:func:`block_tail_impl` without the argument checks, for callers that have made them."""
     out = _new_out(y, weight, stride, padding, dilation)
-    ds = (x, _launch.kernel_weight(ds_weight), ds_scale, ds_shift, tuple(ds_stride))
+    ds = (x, _launch.kernel_weight(ds_weight, y.dtype), ds_scale, ds_shift, tuple(ds_stride))
     bn = _bn_stats(mean, var, eps)
     ds_bn = _bn_stats(ds_mean, ds_var, ds_eps)
     return _launch.launch(
-        y, _launch.kernel_weight(weight), scale, shift, None, out,
+        y, _launch.kernel_weight(weight, y.dtype), scale, shift, None, out,
         tuple(stride), tuple(padding), tuple(dilation), groups, relu, ds=ds,
         bn_stats=bn + ds_bn if bn is not None else None,
     )

@@ -1,0 +1,176 @@
+"""What a fused module may compute, decided per call: the one home of the block patterns.
+
+A fused block (:mod:`fusedres.modules`) runs one of three forwards:
+
+* ``"eval"``: each conv + eval BatchNorm (+ ReLU) (+ residual / downsample) as one fused op of
+  :mod:`fusedres.functional`;
+* ``"train"``: batch-statistics BatchNorm, the block as one chain of :mod:`fusedres.training`;
+* ``"reference"``: the original module's own forward (torchvision's or timm's), exactly the
+  reference semantics.
+
+:func:`reference_reason` says why a call must take the reference forward whatever the
+layers are: the call is being traced or transformed (``torch.jit.trace`` and ONNX export,
+``torch.fx``, ``torch.func`` transforms, forward-mode AD), a submodule carries hooks
+(forward/backward hooks and pre-hooks, which is also how ``spectral_norm``, the legacy
+``weight_norm`` and ``torch.nn.utils.prune`` produce their weights), or the input's dtype or
+device does not match the weights (so the error is the reference's own, raised before any
+state changes).  The layer predicates (:func:`fusable_conv`, :func:`foldable_bn`,
+:func:`batch_stat_bn`, ...) say which layers each fused forward takes; :func:`layer_reason`
+names the first layer that keeps a block on the reference forward.
+
+Each reason for a fallback is announced once per process with a ``RuntimeWarning``
+(:func:`announce`) and recorded for :class:`fusedres.backends.record` as ``"reference"``, so
+``fusedres check`` and the benchmarks show it.
+"""
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.modules.module as _module_globals
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .backends import note_used
+from .functional import autocast_dtype
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def fusable_conv(conv) -> bool:
+    """A plain ``nn.Conv2d`` with zero padding (a parametrized or subclassed conv is not)."""
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+def foldable_bn(bn) -> bool:
+    """An eval-mode BN whose output is a fixed per-channel affine of its input."""
+    if type(bn) is FrozenBatchNorm2d:
+        return True
+    if type(bn) not in _BN_TYPES:
+        return False
+    return (not bn.training) and bn.running_mean is not None and bn.running_var is not None
+
+
+def batch_stat_bn(bn) -> bool:
+    """An ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) that normalises with the batch's own
+    statistics in this call."""
+    return type(bn) in _BN_TYPES and (bn.training or (bn.running_mean is None and bn.running_var is None))
+
+
+def chain_conv(conv) -> bool:
+    """A conv the training chain takes: :func:`fusable_conv` without a bias.
+
+    A bias before a batch-statistics BN cancels in the output but not in autograd's
+    bookkeeping; torchvision never has one, so such layers keep the reference path.
+    """
+    return fusable_conv(conv) and conv.bias is None
+
+
+def is_relu(act) -> bool:
+    return type(act) is nn.ReLU
+
+
+def projection(ds):
+    """``(conv, bn)`` of a 1x1 conv + BN shortcut (``nn.Sequential(conv, bn)``, as torchvision
+    builds it), or ``None`` for any other module."""
+    if type(ds) is not nn.Sequential or len(ds) != 2:
+        return None
+    conv, bn = ds[0], ds[1]
+    if not (
+        fusable_conv(conv) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+        and conv.dilation == (1, 1) and conv.groups == 1
+    ):
+        return None
+    return conv, bn
+
+
+# --------------------------------------------------------------------------- per call
+
+
+def _hooked(named) -> str | None:
+    """The name of the first of the ``(name, module)`` pairs, or of their submodules, carrying a hook."""
+    for name, sub in named:
+        if sub is None:
+            continue
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return name
+        inner = _hooked(sub._modules.items()) if sub._modules else None
+        if inner is not None:
+            return f"{name}.{inner}"
+    return None
+
+
+def _global_hooks() -> bool:
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def _transformed(x: torch.Tensor) -> str | None:
+    """Why ``x`` is seen through a ``torch.func`` transform or forward-mode AD, or None."""
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(x) or functorch.peek_interpreter_stack() is not None:
+        return "it runs inside a torch.func transform (vmap, grad, jvp, ...)"
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD is active (torch.autograd.forward_ad)"
+    return None
+
+
+def _fx_tracing() -> bool:
+    # torch.fx's flag is also set under torch.export (hence only read when not compiling);
+    # the public is_fx_tracing() logs a warning on every call.  Thread-local in newer PyTorch.
+    fx = torch.fx._symbolic_trace
+    getter = getattr(fx, "_get_is_fx_tracing", None)
+    return bool(getter()) if getter is not None else bool(getattr(fx, "_is_fx_tracing_flag", False))
+
+
+def reference_reason(named, x, convs=()) -> str | None:
+    """Why a fused forward over the ``(name, module)`` pairs ``named`` (a block's submodules,
+    or the stem's layers) must run the reference forward for input ``x``, or None.
+
+    ``convs``: the convs whose weights the fused forward would read, for the dtype/device
+    check.  Costs a few microseconds of host time (attribute and dict checks, no tensor op).
+    """
+    if torch.jit.is_tracing():
+        return "torch.jit.trace (or torch.onnx.export with dynamo=False) records the reference computation"
+    if not isinstance(x, torch.Tensor):
+        return "torch.fx symbolic tracing records the reference computation"
+    if not torch.compiler.is_compiling():
+        if _fx_tracing():
+            return "torch.fx symbolic tracing records the reference computation"
+        why = _transformed(x)
+        if why is not None:
+            return why
+    if _global_hooks():
+        return "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook, ...)"
+    name = _hooked(named)
+    if name is not None:
+        return f"its submodule {name!r} has hooks (forward/backward hooks or pre-hooks, spectral_norm, prune, ...)"
+    if x.dim() != 4:
+        return f"the input is {x.dim()}-D, not an (N, C, H, W) batch"
+    amp = autocast_dtype(x) is not None
+    for conv in convs:
+        w = conv.weight
+        if not isinstance(w, torch.Tensor):
+            return "a conv weight is not a tensor"
+        if w.device != x.device or (w.dtype != x.dtype and not (amp and w.dtype in _AUTOCAST_DTYPES)):
+            return (f"the input ({x.dtype} on {x.device}) does not match the weights ({w.dtype} on {w.device}): "
+                    "the reference raises its own error")
+    return None
+
+
+_announced: set = set()
+
+
+def announce(mod: nn.Module, reason: str) -> None:
+    """Record a reference-forward call, and warn once per module class and reason."""
+    note_used("reference")
+    key = (type(mod).__name__, reason)
+    if key in _announced or torch.compiler.is_compiling():
+        return
+    _announced.add(key)
+    warnings.warn(f"fusedres: {type(mod).__name__} runs its unfused reference forward because {reason}",
+                  RuntimeWarning, stacklevel=4)
