@@ -81,3 +81,33 @@ def test_cuda_graph_capture_converted_resnet18():
         g.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, fused(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend"))])
+def test_nan_pixel_gives_nan_logits(backend):
+    """A NaN input pixel reaches the logits, as in torchvision (the CUTLASS epilogue's ReLU is
+    max.NaN; the Triton epilogue propagates NaN explicitly)."""
+    ref = _model("resnet18").to(torch.bfloat16)
+    fused = fusedres.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    x[0, 1, 20, 20] = float("nan")
+    with torch.inference_mode():
+        want, got = ref(x), fused(x.contiguous(memory_format=torch.channels_last))
+    assert want[0].isnan().all() and not want[1].isnan().any()
+    assert got[0].isnan().all() and not got[1].isnan().any()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend"))])
+def test_autocast_fp32_model(backend):
+    """An fp32 model under bf16 autocast runs the bf16 kernels of the named backend, as
+    torchvision's convs run bf16 under autocast, and the cast weights are cached."""
+    ref = _model("resnet18")
+    fused = fusedres.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        truth = copy.deepcopy(ref).double()(x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16), fusedres.backends.record() as used:
+            eager, out = ref(x), fused(x)
+            out = fused(x)
+    assert used == {backend} and out.dtype == eager.dtype == torch.bfloat16
+    assert_within_budget(out, eager, truth, torch.bfloat16)

@@ -1,0 +1,462 @@
+"""Drop-in fidelity: a converted model computes what torchvision computes, in every way a user runs it.
+
+NaN/Inf propagation, hooks and weight transforms, caches across dtype and storage changes,
+forward-mode AD, tracing / scripting / export / vmap, state left alone by a failing call,
+autocast.  Each case runs on the backends whose code path it reaches: ``cpu`` (oneDNN),
+``triton`` through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a
+GPU), and ``torch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models import resnet as tv
+
+import fusedres
+from fusedres import backends
+from helpers import assert_within_budget, randomize
+
+HAS_TRITON = backends.is_available("triton")
+BACKENDS = ["cpu", "torch"] + (["triton"] if HAS_TRITON else [])
+
+
+def _resnet18(num_classes=10):
+    torch.manual_seed(0)
+    return randomize(torchvision.models.resnet18(num_classes=num_classes)).eval()
+
+
+def _block(kind="basic-down", seed=0):
+    torch.manual_seed(seed)
+    if kind == "basic-down":
+        ds = nn.Sequential(tv.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+        block = tv.BasicBlock(8, 16, 2, ds)
+    elif kind == "basic":
+        block = tv.BasicBlock(16, 16)
+    else:  # bottleneck with a projection shortcut
+        ds = nn.Sequential(tv.conv1x1(16, 32, 1), nn.BatchNorm2d(32))
+        block = tv.Bottleneck(16, 8, 1, ds)
+    return randomize(block, seed).eval()
+
+
+@pytest.fixture(autouse=True)
+def _announce_again():
+    """Each test sees the once-per-process fallback warnings afresh."""
+    from fusedres import patterns
+
+    patterns._announced.clear()
+    yield
+    patterns._announced.clear()
+
+
+def _x(c=8, n=2, hw=(9, 10), seed=1):
+    return torch.randn(n, c, *hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _fused(ref, backend="auto"):
+    return fusedres.convert(copy.deepcopy(ref), backend=backend)
+
+
+def _same_nan_pattern(out, ref, superset=False):
+    """NaN exactly where the reference has NaN (``superset``: at least there), the rest close."""
+    want, got = ref.isnan(), out.isnan()
+    ok = bool((got | ~want).all()) if superset else torch.equal(got, want)
+    assert ok, f"NaN pattern differs: fused {int(got.sum())} NaN, reference {int(want.sum())}"
+    fin = ~got
+    torch.testing.assert_close(out[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 1. NaN and Inf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["input", "weight", "running_var", "residual"])
+def test_nan_propagates_through_fused_ops(backend, where):
+    """A NaN anywhere reaches the output exactly where torch's relu(conv(...)) has one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 7, 6, generator=g)
+    w = torch.randn(12, 8, 3, 3, generator=g) * 0.2
+    bn_w, bn_b = torch.rand(12, generator=g) + 0.5, torch.randn(12, generator=g) * 0.1
+    mean, var = torch.randn(12, generator=g) * 0.1, torch.rand(12, generator=g) + 0.5
+    res = torch.randn(2, 12, 7, 6, generator=g)
+    {"input": x, "weight": w, "running_var": var, "residual": res}[where].view(-1)[5] = float("nan")
+    out = fusedres.conv_bn_act(x, w, bn_w, bn_b, padding=1, residual=res, running_mean=mean, running_var=var,
+                               backend=backend)
+    ref = torch.relu(
+        (torch.nn.functional.conv2d(x, w, padding=1) - mean.view(-1, 1, 1)) / (var.view(-1, 1, 1) + 1e-5).sqrt()
+        * bn_w.view(-1, 1, 1) + bn_b.view(-1, 1, 1) + res
+    )
+    assert ref.isnan().any()
+    # An implicit GEMM multiplies the zero padding by the weights too, so a NaN weight also
+    # reaches the border outputs whose window overlaps the padding (torch's CPU conv skips the
+    # padding).  Those outputs are NaN, never a finite value torch would not give.
+    _same_nan_pattern(out, ref, superset=backend == "triton" and where == "weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_through_block_tail(backend):
+    block = _block("basic-down")
+    x = _x()
+    x[0, 3, 4, 4] = float("nan")
+    x[1, 0, 2, 2] = float("inf")
+    with torch.no_grad():
+        ref = block(x)
+        out = _fused(block, backend)(x)
+    assert ref.isnan().any()
+    _same_nan_pattern(out, ref)
+
+
+def test_nan_pixel_gives_nan_logits():
+    """A converted ResNet-18 with one NaN input pixel returns NaN logits, as torchvision does
+    (oneDNN's ReLU post-op used to turn the NaN into 0 and give finite logits)."""
+    ref = _resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    x[0, 1, 20, 20] = float("nan")
+    with torch.no_grad():
+        want = ref(x)
+        got = _fused(ref)(x)
+    assert want[0].isnan().all() and not want[1].isnan().any()
+    _same_nan_pattern(got, want)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable")
+def test_triton_train_kernels_keep_nan():
+    """The train-mode BN-apply kernel and the conv's BN prologue keep NaN (as torch.relu)."""
+    from fusedres.backends.triton import launch as L
+    from fusedres.training import triton_kernels as tk
+
+    z = torch.randn(2, 4, 5, 5)
+    z[0, 1, 2, 2] = float("nan")
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    out = tk.bn_act(z, scale, shift, relu=True)
+    assert out[0, 1, 2, 2].isnan() and int(out.isnan().sum()) == 1
+    w = torch.randn(6, 4, 1, 1)
+    conv = torch.full((2, 6, 5, 5), 0.0)
+    L.conv_train_fwd(z, L.kernel_weight(w), conv, (1, 1), (0, 0), (1, 1), 1, scale, shift)
+    assert conv[0, :, 2, 2].isnan().all() and int(conv.isnan().sum()) == 6
+
+
+# --------------------------------------------------------------------------- 2. hooks
+
+
+def test_submodule_hooks_fire_and_are_honoured():
+    ref = _resnet18()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 48, 48)
+    calls = {}
+
+    def rescale(mod, args):  # a pre-hook that changes the conv's input
+        calls["pre"] = calls.get("pre", 0) + 1
+        return (args[0] * 0.5,)
+
+    def record(mod, args, out):
+        calls["fwd"] = calls.get("fwd", 0) + 1
+
+    for m in (ref, fused):
+        m.layer2[0].conv1.register_forward_pre_hook(rescale)
+        m.layer3[1].bn2.register_forward_hook(record)
+        m.bn1.register_forward_hook(record)  # the stem
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="has hooks"):
+        got = fused(x)
+    with torch.no_grad():
+        want = ref(x)
+    assert calls == {"pre": 2, "fwd": 4}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_global_hooks_take_the_reference_forward():
+    ref = _resnet18()
+    fused = _fused(ref)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m)))
+    try:
+        with torch.no_grad():
+            fused(torch.randn(1, 3, 32, 32))
+    finally:
+        handle.remove()
+    assert nn.Conv2d in seen and nn.BatchNorm2d in seen
+
+
+def _transformed(transform):
+    model = _resnet18()
+    if transform == "spectral_norm":
+        model.layer1[0].conv1 = nn.utils.spectral_norm(model.layer1[0].conv1)
+        with torch.no_grad():  # power iterations in train mode; eval then uses u, v as they are
+            model.train()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+        model.eval()
+    elif transform == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.layer1[0].conv2 = nn.utils.weight_norm(model.layer1[0].conv2)
+        with torch.no_grad():
+            model.layer1[0].conv2.weight_g.mul_(1.7)  # the weight is remade from g and v by a pre-hook
+    elif transform == "parametrize":
+        nn.utils.parametrize.register_parametrization(model.layer1[1].conv1, "weight", _Double())
+    else:
+        import torch.nn.utils.prune as prune
+
+        prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.3)
+    return model
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("transform", ["spectral_norm", "weight_norm", "parametrize"])
+def test_weight_transforms_are_honoured(transform):
+    ref, fused = _transformed(transform), fusedres.convert(_transformed(transform))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="reference forward"):
+        got = fused(x)
+    with torch.no_grad():
+        want = ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_conv_trains_for_two_steps():
+    """``prune`` makes the weight in a pre-hook; training through it twice must work and match."""
+    # float64: a training step's gradients are too ill-conditioned to compare in fp32 (see check.py)
+    ref, fused = _transformed("prune").train().double(), fusedres.convert(_transformed("prune")).train().double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for model in (ref, fused):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12, msg=name)
+
+
+# --------------------------------------------------------------------------- 3. caches
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if HAS_TRITON else []))
+def test_cache_follows_dtype_round_trip(backend):
+    """``.bfloat16().float()`` swaps each weight's data (same parameter, same version counter):
+    the next forward uses the rounded weights, not a cached copy of the old ones."""
+    ref = _block("bottleneck")
+    fused = _fused(ref, backend)
+    x = _x(16)
+    with torch.no_grad():
+        fused(x)  # fills the caches
+        for model in (ref, fused):  # the convs only: the BN values (compared by value) stay
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.bfloat16().float()
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_backend_follows_dtype_change():
+    """An fp32 forward, then ``.bfloat16()``: the bf16 forward uses bf16 folds (it crashed)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 on this CPU")
+    ref = _block("basic-down")
+    for m in ref.modules():  # a fresh BN (exact in bf16): only the weight cache can tell the dtypes apart
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+            m.reset_running_stats()
+    fused = _fused(ref, "cpu")
+    x = _x()
+    with torch.no_grad():
+        fused(x)
+        fused.bfloat16()
+        out = fused(x.bfloat16())
+        truth = ref.double()(x.double())
+        assert_within_budget(out, ref.bfloat16()(x.bfloat16()), truth, torch.bfloat16)
+
+
+def test_weight_cache_pins_the_storage():
+    """A new storage at the old data pointer still misses: the entry pins the old storage object."""
+    cache = backends.WeightCache()
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    cache.put(w, "old")
+    assert cache.get(w) == "old"
+    w.data = torch.randn(4, 4)  # what Module._apply does; the version counter stays
+    assert cache.get(w) is None
+    with torch.no_grad():
+        w.mul_(2)
+    assert cache.get(w) is None
+    cache.put(w, "new")
+    assert cache.get(w) == "new" and cache.get(w, "other-tag") is None
+
+
+# --------------------------------------------------------------------------- 4. forward AD
+
+
+def test_jvp_matches_torchvision():
+    ref = _resnet18().requires_grad_(False)
+    fused = _fused(ref)
+    x, t = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    _, want = torch.func.jvp(ref, (x,), (t,))
+    with pytest.warns(RuntimeWarning, match="torch.func"):
+        _, got = torch.func.jvp(fused, (x,), (t,))
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_ad_matches_torchvision():
+    import torch.autograd.forward_ad as fwad
+
+    ref = _block("basic-down").requires_grad_(False)
+    fused = _fused(ref)
+    x, t = _x(), _x(seed=2)
+    tangents = []
+    for model in (ref, fused):
+        with fwad.dual_level():
+            tangents.append(fwad.unpack_dual(model(fwad.make_dual(x, t))).tangent)
+    torch.testing.assert_close(tangents[1], tangents[0], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 5. tracing
+
+
+def test_fx_trace_and_feature_extraction():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref = _resnet18()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.fx.symbolic_trace(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), ref(x), rtol=1e-4, atol=1e-4)
+    ref_ops = [n.target for n in torch.fx.symbolic_trace(ref).graph.nodes]
+    assert [n.target for n in traced.graph.nodes] == ref_ops  # torchvision's graph
+    extractor = create_feature_extractor(fused, ["layer2", "layer4"])
+    assert not fused.training  # restored after tracing in both modes
+    with torch.no_grad():
+        feats = extractor(x)
+        want = create_feature_extractor(ref, ["layer2", "layer4"])(x)
+    for k in want:
+        torch.testing.assert_close(feats[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+def test_jit_trace_gives_the_reference_graph():
+    ref = _resnet18()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, x)
+        torch.testing.assert_close(traced(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert "mkldnn" not in str(traced.inlined_graph)
+
+
+def test_onnx_export_torchscript_exporter(tmp_path):
+    """``torch.onnx.export(dynamo=False)`` (a jit trace) gives the unconverted model's ONNX graph."""
+    onnx = pytest.importorskip("onnx")
+    ref = _resnet18()
+    graphs = []
+    for name, model in (("ref", ref), ("fused", _fused(ref))):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(tmp_path / f"{name}.onnx"), dynamo=False)
+        graphs.append([n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node])
+    assert graphs[1] == graphs[0] and "Conv" in graphs[0]
+
+
+def test_jit_script():
+    ref = _resnet18()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(fused)
+    assert type(fused) is fusedres.FusedResNet and type(fused.layer1[0]) is fusedres.BasicBlock  # untouched
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["basic", "basic-down", "bottleneck"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_written_out_reference_forward_is_torchvisions(kind, mode):
+    """The TorchScript copy of torchvision's block forward computes exactly what it does."""
+    block = _block(kind)
+    fused = _fused(block).train(mode == "train")
+    block.train(mode == "train")
+    x = _x(16 if kind != "basic-down" else 8)
+    with torch.no_grad():
+        assert torch.equal(fused._reference_forward(x), block(x))
+
+
+def test_vmap_ensemble():
+    models = [_fused(_block("basic-down", seed=s)) for s in range(3)]
+    refs = [_block("basic-down", seed=s) for s in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = _x()
+
+    def call(p, b, x):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    with torch.no_grad():
+        out = torch.vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+        for i, r in enumerate(refs):
+            torch.testing.assert_close(out[i], r(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_still_works():
+    ref = _block("basic-down")
+    fused = _fused(ref)
+    x = _x()
+    ep = torch.export.export(fused, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 6. failing calls
+
+
+def test_dtype_mismatch_fails_before_any_state_changes():
+    ref = _resnet18().train()
+    fused = _fused(ref)
+    before = copy.deepcopy(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as got:
+        fused(x)
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    assert str(got.value) == str(want.value)  # torchvision's own error, at conv1
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --------------------------------------------------------------------------- 7. autocast
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_autocast_eval_follows_torchvision(backend):
+    """Under CPU bf16 autocast the fused blocks run bf16, as torchvision's do."""
+    ref = _resnet18()
+    fused = _fused(ref, backend)
+    x = torch.randn(2, 3, 48, 48)
+    outs = {}
+    for name, m in (("ref", ref), ("fused", fused)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            stem = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            outs[name] = (m.layer1(stem), m(x))
+    assert outs["fused"][0].dtype == outs["ref"][0].dtype == torch.bfloat16
+    with torch.no_grad():
+        truth = copy.deepcopy(ref).double()(x.double())
+    assert outs["fused"][1].dtype == torch.bfloat16
+    assert_within_budget(outs["fused"][1].float(), outs["ref"][1].float(), truth, torch.bfloat16)
+
+
+def test_autocast_weight_cast_is_cached():
+    """The bf16 copy of an fp32 weight under autocast is made once (cpu backend fold cache)."""
+    from fusedres.backends import cpu
+
+    ref = _block("basic")
+    fused = _fused(ref, "cpu")
+    x = _x(16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x)
+        first = cpu._cache.get(fused.conv1.weight, torch.bfloat16)
+        fused(x)
+        assert first is not None and cpu._cache.get(fused.conv1.weight, torch.bfloat16) is first
+    assert first.weight.dtype == torch.bfloat16
