@@ -29,9 +29,12 @@ Under ``torch.autocast`` the fused ops cast as ``F.conv2d`` does, so a converted
 activations have the dtype torchvision's would.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 from torchvision.models import resnet as tv_resnet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import patterns as P
 from .functional import block_tail, bn_scale_shift, conv_bn_act
@@ -98,23 +101,118 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _eval_reason(pairs, relu, downsample, projection) -> str | None:
-    """Why the eval forward cannot take these layers, or None."""
-    if not P.is_relu(relu):
-        return f"its activation is {type(relu).__name__}, not nn.ReLU"
-    if downsample is not None and projection is None:
-        return f"its downsample ({type(downsample).__name__}) is not a 1x1 nn.Conv2d + BatchNorm nn.Sequential"
-    layers = list(pairs) + ([projection] if projection is not None else [])
-    for conv, bn in layers:
-        if not P.fusable_conv(conv):
-            return f"a conv is {type(conv).__name__}, not a plain nn.Conv2d with zero padding"
-        if not P.foldable_bn(bn):
-            return f"a norm layer is {type(bn).__name__}, not an eval-mode BatchNorm with running statistics"
+class Anatomy(NamedTuple):
+    """A residual block's layers, in the order its reference forward applies them::
+
+        y   = x;  for (conv, bn, act, after) in stages:  y = after(act(bn(conv(y))))
+        z   = bn_t(conv_t(y));  z = attn(z) when attn is not None
+        out = act_out(z + shortcut(x))
+
+    ``stages``: ``(conv, bn, act, after)`` for every conv but the last, ``after`` a tuple of
+    modules applied after the activation (anti-aliasing), usually empty.  ``tail``: the last
+    ``(conv, bn)``.  ``attn``: a module between the last BN and the add (SE, ECA) or None.
+    ``downsample``: the shortcut module as it is (None: identity); ``shortcut``: ``(pool,
+    conv, bn)`` when it is a 1x1 conv + BN projection, optionally after a pooling module
+    (ResNet-D), else None.  ``act``: the activation after the add.  ``inert``: ``(name,
+    module)`` pairs that the fused forwards skip, so they must be identities in the call
+    (drop-block and drop-path outside training).
+    """
+
+    stages: tuple
+    tail: tuple
+    attn: object
+    downsample: object
+    shortcut: object
+    act: object
+    inert: tuple = ()
+
+    def convs(self) -> list:
+        out = [s[0] for s in self.stages] + [self.tail[0]]
+        return out + ([self.shortcut[1]] if self.shortcut is not None else [])
+
+    def pairs(self) -> list:
+        return [(s[0], s[1]) for s in self.stages] + [tuple(self.tail)]
+
+
+def shortcut_of(ds):
+    """``(pool, conv, bn)`` of a projection shortcut: ``Sequential(conv1x1, bn)`` (torchvision, timm)
+    or ``Sequential(pool, conv1x1, bn)`` (timm's ResNet-D average-pool downsample); else None."""
+    if type(ds) is not nn.Sequential or len(ds) not in (2, 3):
+        return None
+    proj = P.projection(nn.Sequential(ds[-2], ds[-1])) if len(ds) == 3 else P.projection(ds)
+    if proj is None:
+        return None
+    return (ds[0] if len(ds) == 3 else None, *proj)
+
+
+def _inert_reason(inert) -> str | None:
+    for name, m in inert:
+        if m is None or type(m) is nn.Identity:
+            continue
+        # timm's DropPath / DropBlock2d are identities outside training or at probability 0.
+        if type(m).__name__ in ("DropPath", "DropBlock2d") and (not m.training or not m.drop_prob):
+            continue
+        return f"its {name} ({type(m).__name__}) is active in this call"
     return None
 
 
+def _layer_reason(a: Anatomy, bn_ok, what: str) -> str | None:
+    """The first layer of ``a`` that the fused forwards cannot take, ``bn_ok`` judging the norms."""
+    for act in [s[2] for s in a.stages] + [a.act]:
+        if not P.is_relu(act):
+            return f"an activation is {type(act).__name__}, not nn.ReLU"
+    if a.downsample is not None and a.shortcut is None:
+        return f"its downsample ({type(a.downsample).__name__}) is not a 1x1 nn.Conv2d + BatchNorm (after a pool)"
+    layers = a.pairs() + ([a.shortcut[1:]] if a.shortcut is not None else [])
+    for conv, bn in layers:
+        if not P.fusable_conv(conv):
+            return f"a conv is {type(conv).__name__}, not a plain nn.Conv2d with zero padding"
+        if not bn_ok(bn):
+            return f"a norm layer is {type(bn).__name__}, not {what}"
+    return None
+
+
+def _eval_reason(a: Anatomy) -> str | None:
+    """Why the eval forward cannot take ``a`` in this call, or None."""
+    return _layer_reason(a, P.foldable_bn, "an eval-mode BatchNorm with running statistics") or _inert_reason(a.inert)
+
+
+def _run_eval(a: Anatomy, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The eval forward: one fused op per conv, the shortcut and the add fused into the last
+    one (or, after an attention module, into the shortcut conv)."""
+    x = y = _channels_last(x)
+    for conv, bn, _, after in a.stages:
+        y = _conv_bn(conv, bn, y, relu=True, backend=backend)
+        for m in after:
+            y = m(y)
+    conv, bn = a.tail
+    sc = a.shortcut
+    xs = x if sc is None or sc[0] is None else sc[0](x)
+    if a.attn is None:
+        return _tail(conv, bn, y, xs, None if sc is None else sc[1:], backend)
+    z = a.attn(_conv_bn(conv, bn, y, relu=False, backend=backend))
+    if sc is None:
+        return torch.relu_(z.add_(x))
+    return _conv_bn(sc[1], sc[2], xs, relu=True, residual=z, backend=backend)
+
+
+def _train_reason(a: Anatomy, x, owner) -> str | None:
+    """Why the training chain cannot take ``a`` in this call, or None."""
+    if any(s[3] for s in a.stages):
+        return "it has modules between its convs (anti-aliasing), which the training chain does not take"
+    if a.attn is not None:
+        return f"its attention module ({type(a.attn).__name__}) is not part of the training chain"
+    if a.shortcut is not None and a.shortcut[0] is not None:
+        return "its shortcut pools before the projection, which the training chain does not take"
+    why = _layer_reason(a, P.batch_stat_bn, "a BatchNorm2d using batch statistics") or _inert_reason(a.inert)
+    if why is not None:
+        return why
+    return chain_reason(x, a.pairs(), [s[2] for s in a.stages] + [a.act],
+                        None if a.shortcut is None else a.shortcut[1:], owner)
+
+
 class _FusedBlockMixin:
-    """The forward shared by the fused blocks; each class names its ``(conv, bn)`` pairs."""
+    """The forward shared by the fused blocks; each class describes its layers in :meth:`_anatomy`."""
 
     #: Backend for this block's fused ops; :func:`convert` sets it per instance.
     backend = "auto"
@@ -128,28 +226,38 @@ class _FusedBlockMixin:
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval BN: each ``(conv, bn)`` one fused op, the last one with the residual (and the
-        downsample) fused in; batch-statistics BN: one train chain; else torchvision's forward."""
-        pairs = self._pairs()
-        ds = self.downsample
-        proj = P.projection(ds) if ds is not None else None
-        convs = [c for c, _ in pairs] + ([proj[0]] if proj is not None else [])
-        why = P.reference_reason(self._modules.items(), x, convs)
+        """Eval BN: each conv one fused op, the last one with the shortcut fused in;
+        batch-statistics BN: one train chain; anything else: the reference forward."""
+        a = self._anatomy()
+        why = P.reference_reason(self._modules.items(), x, a.convs())
         if why is None:
-            why = _eval_reason(pairs, self.relu, ds, proj)
+            why = _eval_reason(a)
             if why is None:
-                x = y = _channels_last(x)
-                for conv, bn in pairs[:-1]:
-                    y = _conv_bn(conv, bn, y, relu=True, backend=self.backend)
-                return _tail(*pairs[-1], y, x, proj, self.backend)
-            if ds is None or proj is not None:
-                train_why = chain_reason(x, pairs, self.relu, proj, self)
-                if train_why is None:
-                    return chain_forward(self, _channels_last(x), pairs, downsample=proj, identity=ds is None)
-                if any(P.batch_stat_bn(b) for _, b in pairs):
-                    why = train_why
+                return _run_eval(a, x, self.backend)
+            train_why = _train_reason(a, x, self)
+            if train_why is None:
+                proj = None if a.shortcut is None else a.shortcut[1:]
+                return chain_forward(self, _channels_last(x), a.pairs(), downsample=proj, identity=proj is None)
+            if any(P.batch_stat_bn(b) for _, b in a.pairs()):
+                why = train_why
         P.announce(self, why)
         return super().forward(x)
+
+    def fusion_report(self) -> str | None:
+        """Why this block runs (partly) unfused whatever the call, or None: its layer types."""
+        a = self._anatomy()
+        why = _layer_reason(a, lambda bn: type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d),
+                            "a BatchNorm")
+        if why is not None:
+            return "reference forward: " + why
+        parts = [f"{type(m).__name__} after a conv" for s in a.stages for m in s[3]]
+        if a.attn is not None:
+            parts.append(f"attention {type(a.attn).__name__}")
+        if a.shortcut is not None and a.shortcut[0] is not None:
+            parts.append(f"shortcut pool {type(a.shortcut[0]).__name__}")
+        if parts:
+            return "fused in eval, with " + ", ".join(parts) + " as their own modules; training uses the reference"
+        return None
 
     def __prepare_scriptable__(self):
         P.announce(self, "torch.jit.script compiles the reference computation")
@@ -164,8 +272,10 @@ class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
     Input ``(N, inplanes, H, W)``, output ``(N, planes, H/stride, W/stride)``.
     """
 
-    def _pairs(self):
-        return (self.conv1, self.bn1), (self.conv2, self.bn2)
+    def _anatomy(self) -> Anatomy:
+        ds = self.downsample
+        return Anatomy(((self.conv1, self.bn1, self.relu, ()),), (self.conv2, self.bn2), None, ds,
+                       shortcut_of(ds), self.relu)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's ``BasicBlock.forward``, written out for TorchScript (which has no ``super()``)."""
@@ -186,8 +296,11 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
     Input ``(N, inplanes, H, W)``, output ``(N, planes * 4, H/stride, W/stride)``.
     """
 
-    def _pairs(self):
-        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
+    def _anatomy(self) -> Anatomy:
+        ds = self.downsample
+        stages = ((self.conv1, self.bn1, self.relu, ()), (self.conv2, self.bn2, self.relu, ()))
+        return Anatomy(stages, (self.conv3, self.bn3), None, ds,
+                       shortcut_of(ds), self.relu)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's ``Bottleneck.forward``, written out for TorchScript (which has no ``super()``)."""
@@ -199,6 +312,41 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
             identity = self.downsample(x)
         out += identity
         return self.relu(out)
+
+
+def fused_stem(owner, named, stages, pool, x: torch.Tensor) -> torch.Tensor:
+    """``pool(act(bn(conv(...))))`` over the stem ``stages`` ``((conv, bn, act), ...)``: one fused op
+    per conv and the pool in eval, one train chain (with a plain max-pool) with batch
+    statistics, else the layers themselves.  ``named``: the ``(name, module)`` pairs to check
+    for hooks; ``owner``: the model (its ``backend``, its sync-BN mark)."""
+    convs = [s[0] for s in stages]
+    why = P.reference_reason(named, x, convs)
+    if why is None:
+        a = Anatomy(tuple((c, b, act, ()) for c, b, act in stages[:-1]), stages[-1][:2], None, None, None,
+                    stages[-1][2])
+        why = _layer_reason(a, P.foldable_bn, "an eval-mode BatchNorm with running statistics")
+        if why is None:
+            x = _channels_last(x)
+            for conv, bn, _ in stages:
+                x = _conv_bn(conv, bn, x, relu=True, backend=owner.backend)
+            return pool(x)
+        pairs = a.pairs()
+        train_why = chain_reason(x, pairs, [s[2] for s in stages], None, owner)
+        if train_why is None:
+            # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
+            # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
+            x = _channels_last(x)
+            # The max-pool joins the chain when it is a plain MaxPool2d: its input and
+            # indices are then recomputed in backward instead of stored.
+            plain_pool = type(pool) is nn.MaxPool2d and not pool.return_indices
+            x = chain_forward(owner, x, pairs, pool=pool if plain_pool else None)
+            return x if plain_pool else pool(x)
+        if any(P.batch_stat_bn(b) for _, b in pairs):
+            why = train_why
+    P.announce(owner, why)
+    for conv, bn, act in stages:
+        x = act(bn(conv(x)))
+    return pool(x)
 
 
 class FusedResNet(tv_resnet.ResNet):
@@ -228,30 +376,8 @@ class FusedResNet(tv_resnet.ResNet):
 
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """``maxpool(relu(bn1(conv1(x))))``: one fused op and the pool in eval, one train chain
-        (with the pool) with batch statistics, else torchvision's layers."""
-        stem = (("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool))
-        why = P.reference_reason(stem, x, (self.conv1,))
-        if why is None:
-            pair = ((self.conv1, self.bn1),)
-            why = _eval_reason(pair, self.relu, None, None)
-            if why is None:
-                x = _conv_bn(self.conv1, self.bn1, _channels_last(x), relu=True, backend=self.backend)
-                return self.maxpool(x)
-            train_why = chain_reason(x, pair, self.relu, None, self)
-            if train_why is None:
-                # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
-                # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
-                x = _channels_last(x)
-                # The max-pool joins the chain when it is a plain MaxPool2d: its input and
-                # indices are then recomputed in backward instead of stored.
-                plain_pool = type(self.maxpool) is nn.MaxPool2d and not self.maxpool.return_indices
-                x = chain_forward(self, x, pair, pool=self.maxpool if plain_pool else None)
-                return x if plain_pool else self.maxpool(x)
-            if P.batch_stat_bn(self.bn1):
-                why = train_why
-        P.announce(self, why)
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        named = (("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool))
+        return fused_stem(self, named, ((self.conv1, self.bn1, self.relu),), self.maxpool, x)
 
     def __prepare_scriptable__(self):
         P.announce(self, "torch.jit.script compiles the reference computation")
@@ -264,6 +390,12 @@ _FUSED = {
     tv_resnet.ResNet: FusedResNet,
 }
 _REFERENCE = {v: k for k, v in _FUSED.items()}
+
+
+def register(reference: type, fused: type) -> None:
+    """Let :func:`convert` swap ``reference`` modules for ``fused`` (a subclass adding no state)."""
+    _FUSED[reference] = fused
+    _REFERENCE[fused] = reference
 
 
 def _validate(backend: str) -> str:

@@ -32,13 +32,15 @@ _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 
 RECOMPUTE_MAX_REDUCTION = 512
 
 
-def chain_reason(x, pairs, relu, downsample, owner=None) -> str | None:
-    """Why ``(conv, bn)`` pairs (+ ReLU module, + downsample) cannot run as one :class:`ChainTrain`,
-    or None when they can (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
+def chain_reason(x, pairs, acts, downsample, owner=None) -> str | None:
+    """Why ``(conv, bn)`` pairs, their activation modules ``acts`` and a ``(conv, bn)`` projection
+    ``downsample`` (or None) cannot run as one :class:`ChainTrain`, or None when they can
+    (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
     if not x.is_floating_point():
         return f"the input is {x.dtype}, not floating point"
-    if not is_relu(relu):
-        return f"its activation is {type(relu).__name__}, not nn.ReLU"
+    for act in acts:
+        if not is_relu(act):
+            return f"an activation is {type(act).__name__}, not nn.ReLU"
     for name, layer, ok, what in _layers(pairs, downsample):
         if not ok(layer):
             return f"{name} is {type(layer).__name__}{what}"
