@@ -2,7 +2,8 @@
 
 Public API::
 
-    fusedres.convert(model, backend="auto")   # fuse torchvision blocks in place
+    fusedres.convert(model, backend="auto")   # fuse torchvision (and timm) blocks in place
+    fusedres.explain(model)                   # what was fused, and what runs unfused and why
     fusedres.revert(model)
     fusedres.BasicBlock, fusedres.Bottleneck  # drop-in torchvision block classes
     fusedres.conv_bn_act(...), fusedres.block_tail(...)  # the fused functional ops
@@ -11,7 +12,7 @@ Public API::
 
 from .backends import BACKENDS, BackendUnavailableError, available as available_backends, clear_caches
 from .functional import block_tail, bn_scale_shift, conv_bn_act
-from .modules import BasicBlock, Bottleneck, FusedResNet, convert, revert
+from .modules import BasicBlock, Bottleneck, FusedResNet, convert, explain, revert
 from .training import convert_sync_batchnorm
 
 __version__ = "0.1.0"
@@ -33,5 +34,6 @@ __all__ = [
     "conv_bn_act",
     "convert",
     "convert_sync_batchnorm",
+    "explain",
     "revert",
 ]

@@ -29,6 +29,10 @@ Under ``torch.autocast`` the fused ops cast as ``F.conv2d`` does, so a converted
 activations have the dtype torchvision's would.
 """
 
+import importlib
+import logging
+import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -40,7 +44,9 @@ from . import patterns as P
 from .functional import block_tail, bn_scale_shift, conv_bn_act
 from .training import chain_forward, chain_reason
 
-__all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "revert"]
+__all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "explain", "revert"]
+
+_log = logging.getLogger("fusedres")
 
 
 def _affine_dtype(x: torch.Tensor) -> torch.dtype:
@@ -252,11 +258,12 @@ class _FusedBlockMixin:
             return "reference forward: " + why
         parts = [f"{type(m).__name__} after a conv" for s in a.stages for m in s[3]]
         if a.attn is not None:
-            parts.append(f"attention {type(a.attn).__name__}")
+            parts.append(f"the attention {type(a.attn).__name__}")
         if a.shortcut is not None and a.shortcut[0] is not None:
-            parts.append(f"shortcut pool {type(a.shortcut[0]).__name__}")
+            parts.append(f"the shortcut's {type(a.shortcut[0]).__name__}")
         if parts:
-            return "fused in eval, with " + ", ".join(parts) + " as their own modules; training uses the reference"
+            return ("convs fused in eval, " + " and ".join(parts) + " run as modules in between; "
+                    "training runs the reference forward")
         return None
 
     def __prepare_scriptable__(self):
@@ -374,6 +381,12 @@ class FusedResNet(tv_resnet.ResNet):
         x = torch.flatten(x, 1)
         return self.fc(x)
 
+    def fusion_report(self) -> str | None:
+        if not (P.fusable_conv(self.conv1) and P.is_relu(self.relu)
+                and type(self.bn1) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
+            return "reference stem: its layers are not a plain conv + BatchNorm + ReLU"
+        return None
+
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         named = (("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool))
@@ -406,14 +419,27 @@ def _validate(backend: str) -> str:
     return backend
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Fuse every torchvision ``BasicBlock``/``Bottleneck`` (and a ``ResNet``'s stem) in place.
+def _load_optional_families() -> None:
+    """Register the fused classes of the model libraries the process has loaded (timm)."""
+    if "timm" in sys.modules and "fusedres.timm_models" not in sys.modules:
+        try:
+            importlib.import_module("fusedres.timm_models")
+        except Exception as exc:  # a timm without the classes we subclass: convert what we can
+            warnings.warn(f"fusedres: timm's ResNet blocks are not converted ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
 
-    Works on any module tree: resnet18-152, resnext*, wide_resnet*, dilated variants, or a
-    model that merely contains such blocks.  Only exact torchvision classes are converted
-    (a user subclass may override ``forward``).  Parameters, buffers, hooks and
-    ``state_dict`` keys are untouched; a block whose submodules carry hooks runs
-    torchvision's forward, so the hooks fire.  Returns ``model``.
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Fuse every torchvision (and timm) ``BasicBlock``/``Bottleneck`` and ``ResNet`` stem in place.
+
+    Works on any module tree: resnet18-152, resnext*, wide_resnet*, dilated variants, a
+    detection or segmentation backbone, timm's ResNet family (ResNet-D, SE/ECA, anti-aliased,
+    drop-path), or a model that merely contains such blocks.  Only exact library classes are
+    converted (a user subclass may override ``forward``).  Parameters, buffers, hooks and
+    ``state_dict`` keys are untouched; a block whose submodules carry hooks runs the
+    reference forward, so the hooks fire.  What was converted, and which blocks run (partly)
+    unfused and why, is logged at INFO level on the ``fusedres`` logger (:func:`explain`
+    returns the same text); a model with nothing to convert gets a warning.  Returns ``model``.
 
     Args:
         backend: ``"auto" | "torch" | "cpu" | "triton" | "cuda"``, stored on each fused module;
@@ -423,13 +449,44 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if backend != "auto":
         _validate(backend)
+    _load_optional_families()
     for mod in model.modules():
         fused = _FUSED.get(type(mod))
         if fused is not None:
             mod.__class__ = fused
         if type(mod) in _REFERENCE:  # converting again only changes the backend
             mod.backend = backend
+    if not any(type(m) in _REFERENCE for m in model.modules()):
+        warnings.warn(
+            f"fusedres.convert: {type(model).__name__} contains no torchvision or timm ResNet block or stem; "
+            "nothing was converted", UserWarning, stacklevel=2,
+        )
+    elif _log.isEnabledFor(logging.INFO):
+        _log.info("%s", explain(model))
     return model
+
+
+def explain(model: nn.Module) -> str:
+    """What :func:`convert` made of ``model``: fused modules per class, and each one that runs
+    (partly) unfused whatever the input, with the reason.  Per-call fallbacks (hooks, tracing,
+    ``torch.func``...) are announced when they happen instead."""
+    counts: dict = {}
+    notes: dict = {}  # note -> names of the modules it applies to
+    for name, mod in model.named_modules():
+        if type(mod) not in _REFERENCE:
+            continue
+        counts[type(mod).__name__] = counts.get(type(mod).__name__, 0) + 1
+        note = mod.fusion_report() if hasattr(mod, "fusion_report") else None
+        if note is not None:
+            notes.setdefault(note, []).append(name or type(mod).__name__)
+    if not counts:
+        return f"fusedres: nothing converted in {type(model).__name__}"
+    head = ", ".join(f"{n} {cls}" for cls, n in counts.items())
+    lines = [f"fusedres: {type(model).__name__}: fused {head}"]
+    for note, names in notes.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"  {len(names)} {'module' if len(names) == 1 else 'modules'} ({shown}): {note}")
+    return "\n".join(lines)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -1,0 +1,155 @@
+"""Fused versions of timm's ResNet family: ``BasicBlock``, ``Bottleneck`` and the ``ResNet`` stem.
+
+Imported by :func:`fusedres.convert` when timm is loaded, which registers these classes the way
+torchvision's are: same constructor, attributes and ``state_dict`` keys, class swapped in place.
+Covers what timm builds from ``timm.models.resnet``: resnet*, resnext*, wide_resnet*, the
+ResNet-D variants (deep stem, average-pool downsample), SE/ECA attention (seresnet*,
+ecaresnet*), anti-aliased (resnetblur*) and drop-path / drop-block models.
+
+What fuses (eval, BN with running statistics; :class:`fusedres.modules.Anatomy`):
+
+* every conv + BN + ReLU as one fused op; anti-aliasing layers run as their own modules between
+  the convs; drop-block and drop-path are identities outside training and are skipped;
+* the last conv + BN with the residual add and ReLU, and the projection shortcut's conv + BN
+  fused in (one op); a ResNet-D shortcut pools first (timm's ``AvgPool2d``), then the same;
+* with an attention module: the last conv + BN as one op, the attention module, then the
+  shortcut conv + BN + add + ReLU as one op (the attention output is its residual);
+* the stem, plain (7x7 conv) or deep (three 3x3 convs), each conv + BN + ReLU one op, then the
+  stem pool as its own module.
+
+Training (batch-statistics BN) runs one chain per block (:mod:`fusedres.training`) when the block
+has nothing but convs, BNs, ReLUs and a plain projection; blocks with attention, anti-aliasing, a
+pooled shortcut or active drop-path/drop-block keep timm's forward.  Anything else also keeps
+timm's forward, announced once per reason (:mod:`fusedres.patterns`).
+"""
+
+import torch
+import torch.nn as nn
+from timm.models import resnet as timm_resnet
+
+from .modules import Anatomy, _FusedBlockMixin, fused_stem, register, shortcut_of
+
+__all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
+
+
+def _after(aa) -> tuple:
+    return () if aa is None or type(aa) is nn.Identity else (aa,)
+
+
+def _shortcut(ds):
+    sc = shortcut_of(ds) if ds is not None else None
+    if sc is not None and type(sc[0]) is nn.Identity:  # ResNet-D at stride 1: no pooling
+        sc = (None, sc[1], sc[2])
+    return sc
+
+
+class TimmBasicBlock(_FusedBlockMixin, timm_resnet.BasicBlock):
+    """timm ``BasicBlock``, fused: ``act1(bn1(conv1(x)))`` (then ``aa``) and
+    ``act2(se(bn2(conv2(.))) + shortcut(x))``."""
+
+    def _anatomy(self) -> Anatomy:
+        return Anatomy(
+            ((self.conv1, self.bn1, self.act1, _after(self.aa)),), (self.conv2, self.bn2), self.se,
+            self.downsample, _shortcut(self.downsample), self.act2,
+            (("drop_block", self.drop_block), ("drop_path", self.drop_path)),
+        )
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``BasicBlock.forward``, written out for TorchScript (which has no ``super()``)."""
+        shortcut = x
+        x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
+        if self.aa is not None:
+            x = self.aa(x)
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class TimmBottleneck(_FusedBlockMixin, timm_resnet.Bottleneck):
+    """timm ``Bottleneck``, fused: conv1x1+BN+ReLU, conv3x3+BN+ReLU (then ``aa``), and
+    ``act3(se(bn3(conv3(.))) + shortcut(x))``."""
+
+    def _anatomy(self) -> Anatomy:
+        stages = ((self.conv1, self.bn1, self.act1, ()), (self.conv2, self.bn2, self.act2, _after(self.aa)))
+        return Anatomy(
+            stages, (self.conv3, self.bn3), self.se, self.downsample, _shortcut(self.downsample), self.act3,
+            (("drop_block", self.drop_block), ("drop_path", self.drop_path)),
+        )
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``Bottleneck.forward``, written out for TorchScript (which has no ``super()``)."""
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
+        if self.aa is not None:
+            x = self.aa(x)
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+class TimmResNet(timm_resnet.ResNet):
+    """timm ``ResNet`` whose stem (plain or deep) runs as fused conv + BN + ReLU ops."""
+
+    backend = "auto"
+    _fusedres_fused = True
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            return self.layer4(x)
+        return self._fused_features(x)
+
+    @torch.jit.unused
+    def _fused_features(self, x: torch.Tensor) -> torch.Tensor:
+        stages = self._stem_stages()
+        if stages is None:
+            return super().forward_features(x)
+        named = (("conv1", self.conv1), ("bn1", self.bn1), ("act1", self.act1), ("maxpool", self.maxpool))
+        x = fused_stem(self, named, stages, self.maxpool, x)
+        layers = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if self.grad_checkpointing:
+            return timm_resnet.checkpoint_seq(layers, x, flatten=True)
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    def _stem_stages(self):
+        """``((conv, bn, act), ...)`` of the stem: ``conv1`` alone, or a deep stem's
+        ``Sequential(conv, bn, act, conv, bn, act, conv)``, then ``bn1``, ``act1``; None for any other."""
+        layers = list(self.conv1) if type(self.conv1) is nn.Sequential else [self.conv1]
+        layers += [self.bn1, self.act1]
+        if len(layers) % 3:
+            return None
+        return tuple(tuple(layers[i:i + 3]) for i in range(0, len(layers), 3))
+
+    def fusion_report(self) -> str | None:
+        if self._stem_stages() is None:
+            return "reference stem: conv1 is neither one conv nor a deep stem of conv-norm-act triples"
+        return None
+
+    def __prepare_scriptable__(self):
+        from . import patterns
+
+        patterns.announce(self, "torch.jit.script compiles the reference computation")
+        return self
+
+
+register(timm_resnet.BasicBlock, TimmBasicBlock)
+register(timm_resnet.Bottleneck, TimmBottleneck)
+register(timm_resnet.ResNet, TimmResNet)

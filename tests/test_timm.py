@@ -1,0 +1,126 @@
+"""timm's ResNet family after ``fusedres.convert``: same state_dict, same outputs, same training step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends
+from helpers import assert_within_budget, randomize, rel_err
+
+timm = pytest.importorskip("timm")
+from timm.models import resnet as timm_resnet  # noqa: E402
+
+# plain, ResNet-D (deep stem, average-pool shortcut), deep-tiered stem, grouped, wide, SE, ECA, anti-aliased
+MODELS = ["resnet18", "resnet50", "resnet50d", "resnet26t", "resnext50_32x4d", "wide_resnet50_2", "seresnet50",
+          "ecaresnet50d", "resnetblur50"]
+HAS_TRITON = backends.is_available("triton")
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    return randomize(timm.create_model(name, pretrained=False, **kw)).eval()
+
+
+def _blocks(model, classes):
+    return sum(type(m) in classes for m in model.modules())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_matches_timm(name):
+    ref = build(name)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    ref_classes = (timm_resnet.BasicBlock, timm_resnet.Bottleneck)
+    n = _blocks(ref, ref_classes)
+    assert n > 0 and _blocks(fused, (fusedres.timm_models.TimmBasicBlock, fusedres.timm_models.TimmBottleneck)) == n
+    assert type(fused) is fusedres.timm_models.TimmResNet and isinstance(fused, timm_resnet.ResNet)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), backends.record() as used:
+        out = fused(x)
+    with torch.no_grad():
+        truth = copy.deepcopy(ref).double()(x.double())
+        assert_within_budget(out, ref(x), truth, torch.float32, what=name)
+    assert used == {"cpu"}  # every conv fused: no block fell back to the reference
+    fusedres.revert(fused)
+    assert type(fused) is timm_resnet.ResNet and _blocks(fused, ref_classes) == n
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet26d", "seresnet18"])
+def test_train_step_matches_timm_in_float64(name):
+    """One training step in float64: output, every gradient and every running statistic agree
+    to 1e-9 (the fused chains where the block allows, timm's forward elsewhere)."""
+    ref = build(name).train().double()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    cot = torch.randn(4, 1000, dtype=torch.float64)
+    outs = []
+    for model in (ref, fused):
+        out = model(x)
+        (out * cot).sum().backward()
+        outs.append(out)
+    assert rel_err(outs[1], outs[0]) < 1e-9
+    for (name_, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert rel_err(b.grad, a.grad) < 1e-9, name_
+    for (name_, a), b in zip(ref.named_buffers(), fused.buffers()):
+        assert rel_err(b.double(), a.double()) < 1e-9, name_
+
+
+def test_train_step_uses_the_chains():
+    from helpers import chain_nodes
+
+    fused = fusedres.convert(build("resnet18")).train()
+    out = fused(torch.randn(4, 3, 32, 32))
+    assert chain_nodes(out) == 9  # the stem and 8 blocks
+
+
+def test_active_drop_path_keeps_timms_forward():
+    ref = build("resnet18", drop_path_rate=0.2).train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    want = ref(x)
+    torch.manual_seed(5)
+    with pytest.warns(RuntimeWarning, match="drop_path"):
+        got = fused(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # In eval drop-path is an identity: the block fuses again.
+    with torch.no_grad(), backends.record() as used:
+        fused.eval()(x)
+    assert used == {"cpu"}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable")
+def test_se_block_on_triton():
+    """SE, the stem and the fused shortcut through the Triton kernels (the interpreter on CPU)."""
+    block_model = build("seresnet18")
+    block = block_model.layer2[0]  # stride 2, projection shortcut, SE
+    fused = fusedres.convert(copy.deepcopy(block), backend="triton")
+    x = torch.randn(2, 64, 12, 12)
+    with torch.no_grad(), backends.record() as used:
+        out = fused(x)
+        truth = copy.deepcopy(block).double()(x.double())
+        assert_within_budget(out, block(x), truth, torch.float32)
+    assert used == {"triton"}
+
+
+def test_convert_reports_what_it_did(caplog):
+    with caplog.at_level(logging.INFO, logger="fusedres"):
+        model = fusedres.convert(build("seresnet50"))
+    assert "fused 1 TimmResNet, 16 TimmBottleneck" in caplog.text
+    assert "the attention SEModule" in fusedres.explain(model)
+    with pytest.warns(UserWarning, match="nothing was converted"):
+        fusedres.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
+
+
+def test_jit_script_timm():
+    ref = build("resnet26d")
+    fused = fusedres.convert(copy.deepcopy(ref))
+    scripted = torch.jit.script(fused)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-4, atol=1e-4)
