@@ -50,7 +50,8 @@ TRAIN_FLOOR = {torch.float32: 2e-2, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="resnet50", help="torchvision model name (default: resnet50)")
+    p.add_argument("--model", default="resnet50",
+                   help="torchvision model name, or timm/<name> for a timm model (default: resnet50)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224, help="input height and width")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -82,9 +83,15 @@ def randomize_bn(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build_reference(name: str, seed: int = 0) -> torch.nn.Module:
-    """A torchvision model with random weights and randomized BN statistics (nothing downloaded)."""
+    """A torchvision model (or ``timm/<name>``, a timm model) with random weights and randomized
+    BN statistics (nothing downloaded)."""
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    if name.startswith("timm/"):
+        import timm
+
+        model = timm.create_model(name[len("timm/"):], pretrained=False)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
     randomize_bn(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
