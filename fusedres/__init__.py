@@ -10,7 +10,7 @@ Public API::
     fusedres.convert_sync_batchnorm(model, process_group=None)  # sync train-mode BN stats
 """
 
-from .backends import BACKENDS, BackendUnavailableError, available as available_backends, clear_caches
+from .backends import BACKENDS, BackendUnavailableError, available as available_backends
 from .functional import block_tail, bn_scale_shift, conv_bn_act
 from .modules import BasicBlock, Bottleneck, FusedResNet, convert, explain, revert
 from .training import convert_sync_batchnorm
@@ -18,8 +18,17 @@ from .training import convert_sync_batchnorm
 __version__ = "0.1.0"
 
 from . import backends as _backends  # noqa: E402
+from . import plan as _plan  # noqa: E402
 
 _backends.load_all()
+
+
+def clear_caches() -> None:
+    """Drop every cached weight transform (folded, re-laid-out or reordered weights) and every
+    per-layer plan.  Caches follow in-place updates and ``.to()`` / ``.half()`` by themselves;
+    call this after in-place writes through ``w.data``, which no version counter sees."""
+    _backends.clear_caches()
+    _plan.clear()
 
 __all__ = [
     "BACKENDS",

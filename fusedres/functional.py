@@ -154,6 +154,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra) -> ConvSpec:
+    requires_grad = _wants_grad(*operands)
     return ConvSpec(
         device_type=x.device.type,
         dtype=x.dtype,
@@ -166,15 +167,125 @@ def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra)
         groups=groups,
         relu=bool(relu),
         channels_last=_is_channels_last(x),
-        requires_grad=_wants_grad(*operands),
+        requires_grad=requires_grad,
         batch=x.shape[0],
         input_size=(x.shape[2], x.shape[3]),
+        dispatch=backends.needs_dispatch(requires_grad, operands),
         **extra,
     )
 
 
-def _empty_like_out(x, cout, oh, ow):
-    return x.new_empty((0, cout, oh, ow))
+class PreparedConv:
+    """A :func:`conv_bn_act` call with every decision made: checked, backend picked, spec built.
+
+    :func:`prepare_conv_bn_act` makes one from a call's arguments; calling it with tensors
+    of the same shapes, dtypes, devices and layouts (in the same grad, autocast and dispatch
+    state) computes that call without checking or deciding anything again.  The fused
+    modules keep one per conv and input signature.
+    """
+
+    __slots__ = ("mod", "spec", "amp", "kernel_stats", "empty")
+
+    def __init__(self, mod, spec, amp, kernel_stats, empty):
+        self.mod, self.spec, self.amp, self.kernel_stats, self.empty = mod, spec, amp, kernel_stats, empty
+
+    def __call__(self, x, weight, scale, shift, residual=None, stats=None):
+        """``stats``: ``(running_mean, running_var, eps)`` of an eval BN whose weight/bias are
+        ``scale``/``shift``, or None."""
+        if backends._recorders:
+            backends.note_used(self.mod.NAME)
+        amp = self.amp
+        if amp is not None:
+            x = x.to(amp)
+            if residual is not None and residual.dtype in _AUTOCAST_DTYPES:
+                residual = residual.to(amp)
+        if self.empty is not None:
+            return x.new_empty(self.empty)
+        if stats is None:
+            return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec)
+        if self.kernel_stats:
+            return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec, stats)
+        scale, shift = fold_stats(scale, shift, stats)
+        return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec)
+
+
+class PreparedTail:
+    """A :func:`block_tail` call with every decision made (see :class:`PreparedConv`)."""
+
+    __slots__ = ("mod", "spec", "amp", "kernel_stats", "empty")
+
+    def __init__(self, mod, spec, amp, kernel_stats, empty):
+        self.mod, self.spec, self.amp, self.kernel_stats, self.empty = mod, spec, amp, kernel_stats, empty
+
+    def __call__(self, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stats=None, ds_stats=None):
+        if backends._recorders:
+            backends.note_used(self.mod.NAME)
+        amp = self.amp
+        if amp is not None:
+            y = y.to(amp)
+            if x.dtype in _AUTOCAST_DTYPES:
+                x = x.to(amp)
+        if self.empty is not None:
+            return y.new_empty(self.empty)
+        if stats is None and ds_stats is None:
+            return self.mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, self.spec)
+        if self.kernel_stats:
+            return self.mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, self.spec, stats,
+                                       ds_stats)
+        if stats is not None:
+            scale, shift = fold_stats(scale, shift, stats)
+        if ds_stats is not None:
+            ds_scale, ds_shift = fold_stats(ds_scale, ds_shift, ds_stats)
+        return self.mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, self.spec)
+
+
+def prepare_conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str = "auto",
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> PreparedConv:
+    """Check a :func:`conv_bn_act` call and decide how it runs; returns the :class:`PreparedConv`."""
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    _check_tensor("x", x, 4)
+    amp = autocast_dtype(x)
+    if amp is not None:  # as F.conv2d under autocast; the backend casts the weight (cached)
+        x = x.to(amp)
+        if isinstance(residual, torch.Tensor) and residual.dtype in _AUTOCAST_DTYPES:
+            residual = residual.to(amp)
+    _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups, autocast=amp is not None)
+    oh, ow = _checked_out_hw("x", x, weight.shape[2:], stride, padding, dilation)
+    cout = weight.shape[0]
+    if residual is not None:
+        _check_tensor("residual", residual, 4)
+        if tuple(residual.shape) != (x.shape[0], cout, oh, ow):
+            raise ValueError(
+                f"residual must have the output's shape {(x.shape[0], cout, oh, ow)}, got {tuple(residual.shape)}"
+            )
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
+    stats = _check_stats("", running_mean, running_var, eps, "x", x, cout)
+    # The statistics count for autograd too: a running_mean/var that requires grad (torch.func,
+    # meta-learning) must take the host-side differentiable fold, never the in-kernel one.
+    spec = _spec(x, weight, stride, padding, dilation, groups, relu,
+                 (x, weight, scale, shift, residual, running_mean, running_var),
+                 has_residual=residual is not None)
+    mod = backends.select(backend, spec)
+    empty = (0, cout, oh, ow) if x.shape[0] == 0 else None
+    return PreparedConv(mod, spec, amp, _resolve_stats(mod, spec, [stats]), empty)
 
 
 def conv_bn_act(
@@ -213,44 +324,18 @@ def conv_bn_act(
     Under ``torch.autocast`` the op follows ``F.conv2d``: ``x``, ``weight`` and ``residual``
     are cast to the autocast dtype (the weight's cast is cached by the ``cpu`` and ``triton``
     backends), ``scale``/``shift`` stay as given, and the output is in the autocast dtype.
+    Each call checks its arguments and picks a backend; :func:`prepare_conv_bn_act` does that
+    once for calls that repeat.
     """
-    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
-    _check_tensor("x", x, 4)
-    amp = autocast_dtype(x)
-    if amp is not None:  # as F.conv2d under autocast; the backend casts the weight (cached)
-        x = x.to(amp)
-        if isinstance(residual, torch.Tensor) and residual.dtype in _AUTOCAST_DTYPES:
-            residual = residual.to(amp)
-    _check_conv_args("x", x, "weight", weight, "scale", scale, "shift", shift, groups, autocast=amp is not None)
-    oh, ow = _checked_out_hw("x", x, weight.shape[2:], stride, padding, dilation)
-    cout = weight.shape[0]
-    if residual is not None:
-        _check_tensor("residual", residual, 4)
-        if tuple(residual.shape) != (x.shape[0], cout, oh, ow):
-            raise ValueError(
-                f"residual must have the output's shape {(x.shape[0], cout, oh, ow)}, got {tuple(residual.shape)}"
-            )
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
-    stats = _check_stats("", running_mean, running_var, eps, "x", x, cout)
-    # The statistics count for autograd too: a running_mean/var that requires grad (torch.func,
-    # meta-learning) must take the host-side differentiable fold, never the in-kernel one.
-    spec = _spec(x, weight, stride, padding, dilation, groups, relu,
-                 (x, weight, scale, shift, residual, running_mean, running_var),
-                 has_residual=residual is not None)
-    mod = backends.select(backend, spec)
-    if x.shape[0] == 0:
-        return _empty_like_out(x, cout, oh, ow)
-    if stats is not None:
-        if _resolve_stats(mod, spec, [stats]):
-            return mod.conv_bn_act(x, weight, scale, shift, residual, spec, stats)
-        scale, shift = fold_stats(scale, shift, stats)
-    return mod.conv_bn_act(x, weight, scale, shift, residual, spec)
+    prepared = prepare_conv_bn_act(
+        x, weight, scale, shift, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        residual=residual, relu=relu, backend=backend, running_mean=running_mean, running_var=running_var, eps=eps,
+    )
+    stats = None if running_mean is None else (running_mean, running_var, float(eps))
+    return prepared(x, weight, scale, shift, residual, stats)
 
 
-def block_tail(
+def prepare_block_tail(
     y: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -273,17 +358,8 @@ def block_tail(
     ds_running_mean: torch.Tensor | None = None,
     ds_running_var: torch.Tensor | None = None,
     ds_eps: float = 1e-5,
-) -> torch.Tensor:
-    """The residual block's last conv with the downsample branch fused in, as one op::
-
-        act(conv2d(y, weight) * scale + shift + conv2d(x, ds_weight, stride=ds_stride) * ds_scale + ds_shift)
-
-    ``y`` is the main branch's input ``(N, C_mid, H', W')``, ``x`` the block input
-    ``(N, C_in, H, W)``; ``ds_weight`` is a 1x1 kernel ``(C_out, C_in, 1, 1)``.  Both convs
-    must produce the same ``(N, C_out, H_out, W_out)``.  ``running_mean``/``running_var``/``eps``
-    (and the ``ds_`` ones for the downsample branch) take an eval BatchNorm's statistics as in
-    :func:`conv_bn_act`.
-    """
+) -> PreparedTail:
+    """Check a :func:`block_tail` call and decide how it runs; returns the :class:`PreparedTail`."""
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     ds_stride = _pair("ds_stride", ds_stride)
     _check_tensor("y", y, 4)
@@ -323,16 +399,54 @@ def block_tail(
                  has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride,
                  ds_input_size=(x.shape[2], x.shape[3]))
     mod = backends.select(backend, spec)
-    if y.shape[0] == 0:
-        return _empty_like_out(y, cout, oh, ow)
-    if stats is not None or ds_stats is not None:
-        if _resolve_stats(mod, spec, [stats, ds_stats]):
-            return mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats, ds_stats)
-        if stats is not None:
-            scale, shift = fold_stats(scale, shift, stats)
-        if ds_stats is not None:
-            ds_scale, ds_shift = fold_stats(ds_scale, ds_shift, ds_stats)
-    return mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec)
+    empty = (0, cout, oh, ow) if y.shape[0] == 0 else None
+    return PreparedTail(mod, spec, amp, _resolve_stats(mod, spec, [stats, ds_stats]), empty)
+
+
+def block_tail(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    x: torch.Tensor,
+    ds_weight: torch.Tensor,
+    ds_scale: torch.Tensor,
+    ds_shift: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    ds_stride=1,
+    relu: bool = True,
+    backend: str = "auto",
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    ds_running_mean: torch.Tensor | None = None,
+    ds_running_var: torch.Tensor | None = None,
+    ds_eps: float = 1e-5,
+) -> torch.Tensor:
+    """The residual block's last conv with the downsample branch fused in, as one op::
+
+        act(conv2d(y, weight) * scale + shift + conv2d(x, ds_weight, stride=ds_stride) * ds_scale + ds_shift)
+
+    ``y`` is the main branch's input ``(N, C_mid, H', W')``, ``x`` the block input
+    ``(N, C_in, H, W)``; ``ds_weight`` is a 1x1 kernel ``(C_out, C_in, 1, 1)``.  Both convs
+    must produce the same ``(N, C_out, H_out, W_out)``.  ``running_mean``/``running_var``/``eps``
+    (and the ``ds_`` ones for the downsample branch) take an eval BatchNorm's statistics as in
+    :func:`conv_bn_act`; so does autocast.  :func:`prepare_block_tail` checks and decides once
+    for calls that repeat.
+    """
+    prepared = prepare_block_tail(
+        y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stride=stride, padding=padding,
+        dilation=dilation, groups=groups, ds_stride=ds_stride, relu=relu, backend=backend,
+        running_mean=running_mean, running_var=running_var, eps=eps, ds_running_mean=ds_running_mean,
+        ds_running_var=ds_running_var, ds_eps=ds_eps,
+    )
+    stats = None if running_mean is None else (running_mean, running_var, float(eps))
+    ds_stats = None if ds_running_mean is None else (ds_running_mean, ds_running_var, float(ds_eps))
+    return prepared(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, stats, ds_stats)
 
 
 def bn_scale_shift(bn, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

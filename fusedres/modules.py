@@ -41,7 +41,9 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import patterns as P
-from .functional import block_tail, bn_scale_shift, conv_bn_act
+from . import plan
+from .functional import bn_scale_shift, prepare_block_tail, prepare_conv_bn_act
+from .plan import Plan, Stale
 from .training import chain_forward, chain_reason
 
 __all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "explain", "revert"]
@@ -60,42 +62,43 @@ def _scale_shift(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype):
     return scale, shift
 
 
-def _bn_args(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> dict:
-    """The affine arguments of the fused ops for ``bn(conv(x))``.
+class _Step:
+    """One conv + BN of a plan: reads the layers' tensors live on every call, and checks that
+    they (and the conv's geometry) are the ones the plan was made for (else :class:`Stale`).
 
-    An affine BN after a bias-free conv (every torchvision ResNet) is passed as it is -
-    weight, bias and running statistics - so a backend that folds them in its kernel
-    launches nothing else; otherwise the fold happens here.
+    An affine BN after a bias-free conv (every torchvision and timm ResNet) is passed as it is
+    - weight, bias and running statistics - so a backend that folds them itself (all but the
+    ``torch`` reference) runs nothing else; otherwise the fold happens here, per call.
     """
-    if conv.bias is None and bn.weight is not None and bn.bias is not None:
-        return dict(scale=bn.weight, shift=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
-                    eps=bn.eps)
-    scale, shift = _scale_shift(conv, bn, dtype)
-    return dict(scale=scale, shift=shift)
 
+    __slots__ = ("conv", "bn", "tensors", "geom", "as_stats")
 
-def _conv_bn(conv, bn, x, *, relu, residual=None, backend="auto"):
-    return conv_bn_act(
-        x, conv.weight, **_bn_args(conv, bn, _affine_dtype(x)),
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        residual=residual, relu=relu, backend=backend,
-    )
+    def __init__(self, conv, bn):
+        self.conv, self.bn = conv, bn
+        self.tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        self.geom = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.as_stats = conv.bias is None and bn.weight is not None and bn.bias is not None
 
+    def args(self, dtype):
+        """``(weight, scale, shift, stats)`` for the fused call (``dtype``: of a host-side fold)."""
+        conv, bn = self.conv, self.bn
+        t, g = self.tensors, self.geom
+        w, bw, bb, rm, rv = conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        if (w is not t[0] or conv.bias is not t[1] or bw is not t[2] or bb is not t[3] or rm is not t[4]
+                or rv is not t[5] or conv.stride is not g[0] or conv.padding is not g[1]
+                or conv.dilation is not g[2] or conv.groups != g[3]):
+            raise Stale
+        if self.as_stats:
+            return w, bw, bb, (rm, rv, bn.eps)
+        scale, shift = _scale_shift(conv, bn, dtype)
+        return w, scale, shift, None
 
-def _tail(conv, bn, y, x, projection, backend):
-    """Last conv + BN + residual (+ fused 1x1 conv + BN projection) + ReLU of a block, as one op."""
-    if projection is None:
-        return _conv_bn(conv, bn, y, relu=True, residual=x, backend=backend)
-    ds_conv, ds_bn = projection
-    dt = _affine_dtype(y)
-    main = _bn_args(conv, bn, dt)
-    skip = {f"ds_{k}": v for k, v in _bn_args(ds_conv, ds_bn, dt).items()}
-    return block_tail(
-        y, conv.weight, main.pop("scale"), main.pop("shift"), x, ds_conv.weight,
-        skip.pop("ds_scale"), skip.pop("ds_shift"), **main, **skip,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        ds_stride=ds_conv.stride, relu=True, backend=backend,
-    )
+    def prepare(self, x, weight, scale, shift, stats, relu, backend, residual=None):
+        conv = self.conv
+        mean, var, eps = stats if stats is not None else (None, None, 1e-5)
+        return prepare_conv_bn_act(x, weight, scale, shift, stride=conv.stride, padding=conv.padding,
+                                   dilation=conv.dilation, groups=conv.groups, residual=residual, relu=relu,
+                                   backend=backend, running_mean=mean, running_var=var, eps=eps)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -183,23 +186,70 @@ def _eval_reason(a: Anatomy) -> str | None:
     return _layer_reason(a, P.foldable_bn, "an eval-mode BatchNorm with running statistics") or _inert_reason(a.inert)
 
 
-def _run_eval(a: Anatomy, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """The eval forward: one fused op per conv, the shortcut and the add fused into the last
-    one (or, after an attention module, into the shortcut conv)."""
-    x = y = _channels_last(x)
-    for conv, bn, _, after in a.stages:
-        y = _conv_bn(conv, bn, y, relu=True, backend=backend)
-        for m in after:
-            y = m(y)
-    conv, bn = a.tail
-    sc = a.shortcut
-    xs = x if sc is None or sc[0] is None else sc[0](x)
-    if a.attn is None:
-        return _tail(conv, bn, y, xs, None if sc is None else sc[1:], backend)
-    z = a.attn(_conv_bn(conv, bn, y, relu=False, backend=backend))
-    if sc is None:
-        return torch.relu_(z.add_(x))
-    return _conv_bn(sc[1], sc[2], xs, relu=True, residual=z, backend=backend)
+class _EvalRun:
+    """The eval forward of one block for one input signature: one fused op per conv, the
+    shortcut and the add fused into the last one (or, after an attention module, into the
+    shortcut conv).  The fused calls are prepared (checked, backend picked) on the first run
+    and reused after."""
+
+    __slots__ = ("stages", "tail", "short", "pool", "attn", "backend", "calls")
+
+    def __init__(self, a: Anatomy, backend: str):
+        self.stages = [(_Step(conv, bn), after) for conv, bn, _, after in a.stages]
+        self.tail = _Step(*a.tail)
+        self.short = _Step(a.shortcut[1], a.shortcut[2]) if a.shortcut is not None else None
+        self.pool = a.shortcut[0] if a.shortcut is not None else None
+        self.attn = a.attn
+        self.backend = backend
+        self.calls = None
+
+    def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
+        x = y = x.contiguous(memory_format=torch.channels_last)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        first = self.calls is None
+        calls = [] if first else self.calls
+        i = 0
+        for step, after in self.stages:
+            w, s, t, st = step.args(dt)
+            if first:
+                calls.append(step.prepare(y, w, s, t, st, True, self.backend))
+            y = calls[i](y, w, s, t, None, st)
+            i += 1
+            for m in after:
+                y = m(y)
+        w, s, t, st = self.tail.args(dt)
+        short, pool = self.short, self.pool
+        xs = x if pool is None else pool(x)
+        if self.attn is None and short is None:  # conv + BN + identity + ReLU
+            if first:
+                calls.append(self.tail.prepare(y, w, s, t, st, True, self.backend, residual=x))
+            out = calls[i](y, w, s, t, x, st)
+        elif self.attn is None:  # the block tail: both convs, one op
+            wd, sd, td, std = short.args(dt)
+            if first:
+                conv = self.tail.conv
+                mean, var, eps = st if st is not None else (None, None, 1e-5)
+                ds_mean, ds_var, ds_eps = std if std is not None else (None, None, 1e-5)
+                calls.append(prepare_block_tail(
+                    y, w, s, t, xs, wd, sd, td, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                    groups=conv.groups, ds_stride=short.conv.stride, relu=True, backend=self.backend,
+                    running_mean=mean, running_var=var, eps=eps, ds_running_mean=ds_mean, ds_running_var=ds_var,
+                    ds_eps=ds_eps))
+            out = calls[i](y, w, s, t, xs, wd, sd, td, st, std)
+        else:  # conv + BN, the attention module, then the shortcut conv + BN + add + ReLU
+            if first:
+                calls.append(self.tail.prepare(y, w, s, t, st, False, self.backend))
+            z = self.attn(calls[i](y, w, s, t, None, st))
+            if short is None:
+                out = torch.relu_(z.add_(x))
+            else:
+                wd, sd, td, std = short.args(dt)
+                if first:
+                    calls.append(short.prepare(xs, wd, sd, td, std, True, self.backend, residual=z))
+                out = calls[i + 1](xs, wd, sd, td, z, std)
+        if first:
+            self.calls = calls
+        return out
 
 
 def _train_reason(a: Anatomy, x, owner) -> str | None:
@@ -217,6 +267,33 @@ def _train_reason(a: Anatomy, x, owner) -> str | None:
                         None if a.shortcut is None else a.shortcut[1:], owner)
 
 
+class _TrainRun:
+    """The training forward of one block: one chain (:mod:`fusedres.training`)."""
+
+    __slots__ = ("pairs", "proj")
+
+    def __init__(self, a: Anatomy):
+        self.pairs = a.pairs()
+        self.proj = None if a.shortcut is None else a.shortcut[1:]
+
+    def __call__(self, module, x):
+        return chain_forward(module, _channels_last(x), self.pairs, downsample=self.proj,
+                             identity=self.proj is None)
+
+
+class _ReferenceRun:
+    """The library class's own forward (the next class after the fused mixin), announced."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __call__(self, module, x):
+        P.announce(module, self.why)
+        return super(_FusedBlockMixin, module).forward(x)
+
+
 class _FusedBlockMixin:
     """The forward shared by the fused blocks; each class describes its layers in :meth:`_anatomy`."""
 
@@ -232,22 +309,46 @@ class _FusedBlockMixin:
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval BN: each conv one fused op, the last one with the shortcut fused in;
+        """The plan for this call's input signature (:mod:`fusedres.plan`), made on first use:
+        eval BN: each conv one fused op, the last one with the shortcut fused in;
         batch-statistics BN: one train chain; anything else: the reference forward."""
+        why = P.call_reason(x)
+        if why is not None:
+            P.announce(self, why)
+            return super().forward(x)
+        key = plan.signature(self, x)
+        p = plan.lookup(self, key, self._modules.values())
+        if p is not None:
+            try:
+                return p.run(self, x)
+            except Stale:
+                pass
+        p = self._make_plan(x)
+        plan.store(self, key, p)
+        return p.run(self, x)
+
+    def _make_plan(self, x: torch.Tensor) -> Plan:
+        seen = plan.watch(self._modules.values())
         a = self._anatomy()
-        why = P.reference_reason(self._modules.items(), x, a.convs())
+        why = P.input_reason(self._modules.items(), x, a.convs())
         if why is None:
             why = _eval_reason(a)
             if why is None:
-                return _run_eval(a, x, self.backend)
+                return Plan("eval", _EvalRun(a, self.backend), seen)
             train_why = _train_reason(a, x, self)
             if train_why is None:
-                proj = None if a.shortcut is None else a.shortcut[1:]
-                return chain_forward(self, _channels_last(x), a.pairs(), downsample=proj, identity=proj is None)
+                return Plan("train", _TrainRun(a), seen)
             if any(P.batch_stat_bn(b) for _, b in a.pairs()):
                 why = train_why
-        P.announce(self, why)
-        return super().forward(x)
+        return Plan("reference", _ReferenceRun(why), seen, why)
+
+    def train(self, mode: bool = True):
+        plan.drop(self)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        plan.drop(self)
+        return super()._apply(fn, recurse)
 
     def fusion_report(self) -> str | None:
         """Why this block runs (partly) unfused whatever the call, or None: its layer types."""
@@ -321,39 +422,98 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
         return self.relu(out)
 
 
+class _StemEvalRun:
+    """The eval stem: one fused op per conv + BN + ReLU, then the pool module."""
+
+    __slots__ = ("steps", "pool", "backend", "calls")
+
+    def __init__(self, stages, pool, backend):
+        self.steps = [_Step(conv, bn) for conv, bn, _ in stages]
+        self.pool, self.backend, self.calls = pool, backend, None
+
+    def __call__(self, owner, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        first = self.calls is None
+        calls = [] if first else self.calls
+        for i, step in enumerate(self.steps):
+            w, s, t, st = step.args(dt)
+            if first:
+                calls.append(step.prepare(x, w, s, t, st, True, self.backend))
+            x = calls[i](x, w, s, t, None, st)
+        self.calls = calls
+        return self.pool(x)
+
+
+class _StemTrainRun:
+    """The training stem: one chain, with the pool when it is a plain ``nn.MaxPool2d`` (its input
+    and indices are then recomputed in backward instead of stored)."""
+
+    __slots__ = ("pairs", "pool", "plain_pool")
+
+    def __init__(self, stages, pool):
+        self.pairs = [(conv, bn) for conv, bn, _ in stages]
+        self.pool = pool
+        self.plain_pool = type(pool) is nn.MaxPool2d and not pool.return_indices
+
+    def __call__(self, owner, x):
+        # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
+        # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
+        x = chain_forward(owner, _channels_last(x), self.pairs, pool=self.pool if self.plain_pool else None)
+        return x if self.plain_pool else self.pool(x)
+
+
+class _StemReferenceRun:
+    __slots__ = ("stages", "pool", "why")
+
+    def __init__(self, stages, pool, why):
+        self.stages, self.pool, self.why = stages, pool, why
+
+    def __call__(self, owner, x):
+        P.announce(owner, self.why)
+        for conv, bn, act in self.stages:
+            x = act(bn(conv(x)))
+        return self.pool(x)
+
+
 def fused_stem(owner, named, stages, pool, x: torch.Tensor) -> torch.Tensor:
     """``pool(act(bn(conv(...))))`` over the stem ``stages`` ``((conv, bn, act), ...)``: one fused op
-    per conv and the pool in eval, one train chain (with a plain max-pool) with batch
-    statistics, else the layers themselves.  ``named``: the ``(name, module)`` pairs to check
-    for hooks; ``owner``: the model (its ``backend``, its sync-BN mark)."""
-    convs = [s[0] for s in stages]
-    why = P.reference_reason(named, x, convs)
+    per conv and the pool in eval, one train chain with batch statistics, else the layers
+    themselves; planned per input signature like a block (:mod:`fusedres.plan`).  ``named``:
+    the stem's ``(name, module)`` pairs; ``owner``: the model (its ``backend``, its sync-BN
+    mark, and the key of the stem's plans)."""
+    why = P.call_reason(x)
+    if why is not None:
+        return _StemReferenceRun(stages, pool, why)(owner, x)
+    roots = [m for _, m in named]
+    key = plan.signature(owner, x)
+    p = plan.lookup(owner, key, roots)
+    if p is not None:
+        try:
+            return p.run(owner, x)
+        except Stale:
+            pass
+    p = _stem_plan(owner, named, roots, stages, pool, x)
+    plan.store(owner, key, p)
+    return p.run(owner, x)
+
+
+def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
+    seen = plan.watch(roots)
+    why = P.input_reason(named, x, [s[0] for s in stages])
     if why is None:
         a = Anatomy(tuple((c, b, act, ()) for c, b, act in stages[:-1]), stages[-1][:2], None, None, None,
                     stages[-1][2])
         why = _layer_reason(a, P.foldable_bn, "an eval-mode BatchNorm with running statistics")
         if why is None:
-            x = _channels_last(x)
-            for conv, bn, _ in stages:
-                x = _conv_bn(conv, bn, x, relu=True, backend=owner.backend)
-            return pool(x)
+            return Plan("eval", _StemEvalRun(stages, pool, owner.backend), seen)
         pairs = a.pairs()
         train_why = chain_reason(x, pairs, [s[2] for s in stages], None, owner)
         if train_why is None:
-            # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
-            # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
-            x = _channels_last(x)
-            # The max-pool joins the chain when it is a plain MaxPool2d: its input and
-            # indices are then recomputed in backward instead of stored.
-            plain_pool = type(pool) is nn.MaxPool2d and not pool.return_indices
-            x = chain_forward(owner, x, pairs, pool=pool if plain_pool else None)
-            return x if plain_pool else pool(x)
+            return Plan("train", _StemTrainRun(stages, pool), seen)
         if any(P.batch_stat_bn(b) for _, b in pairs):
             why = train_why
-    P.announce(owner, why)
-    for conv, bn, act in stages:
-        x = act(bn(conv(x)))
-    return pool(x)
+    return Plan("reference", _StemReferenceRun(stages, pool, why), seen, why)
 
 
 class FusedResNet(tv_resnet.ResNet):
@@ -386,6 +546,14 @@ class FusedResNet(tv_resnet.ResNet):
                 and type(self.bn1) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
             return "reference stem: its layers are not a plain conv + BatchNorm + ReLU"
         return None
+
+    def train(self, mode: bool = True):
+        plan.drop(self)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        plan.drop(self)
+        return super()._apply(fn, recurse)
 
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -456,6 +624,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             mod.__class__ = fused
         if type(mod) in _REFERENCE:  # converting again only changes the backend
             mod.backend = backend
+            plan.drop(mod)
     if not any(type(m) in _REFERENCE for m in model.modules()):
         warnings.warn(
             f"fusedres.convert: {type(model).__name__} contains no torchvision or timm ResNet block or stem; "
@@ -498,4 +667,5 @@ def revert(model: nn.Module) -> nn.Module:
         if ref is not None:
             mod.__class__ = ref
             mod.__dict__.pop("backend", None)
+            plan.drop(mod)
     return model

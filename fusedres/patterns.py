@@ -8,13 +8,14 @@ A fused block (:mod:`fusedres.modules`) runs one of three forwards:
 * ``"reference"``: the original module's own forward (torchvision's or timm's), exactly the
   reference semantics.
 
-:func:`reference_reason` says why a call must take the reference forward whatever the
-layers are: the call is being traced or transformed (``torch.jit.trace`` and ONNX export,
-``torch.fx``, ``torch.func`` transforms, forward-mode AD), a submodule carries hooks
-(forward/backward hooks and pre-hooks, which is also how ``spectral_norm``, the legacy
-``weight_norm`` and ``torch.nn.utils.prune`` produce their weights), or the input's dtype or
-device does not match the weights (so the error is the reference's own, raised before any
-state changes).  The layer predicates (:func:`fusable_conv`, :func:`foldable_bn`,
+:func:`call_reason` says why a call must take the reference forward whatever the layers
+are: the call is being traced or transformed (``torch.jit.trace`` and ONNX export,
+``torch.fx``, ``torch.func`` transforms, forward-mode AD) or global module hooks are
+registered.  :func:`input_reason` adds what a plan (:mod:`fusedres.plan`) decides once per
+input signature: a submodule carries hooks (forward/backward hooks and pre-hooks, which is
+also how ``spectral_norm``, the legacy ``weight_norm`` and ``torch.nn.utils.prune`` produce
+their weights), or the input's dtype or device does not match the weights (so the error is
+the reference's own, raised before any state changes).  The layer predicates (:func:`fusable_conv`, :func:`foldable_bn`,
 :func:`batch_stat_bn`, ...) say which layers each fused forward takes; :func:`layer_reason`
 names the first layer that keeps a block on the reference forward.
 
@@ -103,49 +104,39 @@ def _hooked(named) -> str | None:
     return None
 
 
-def _global_hooks() -> bool:
-    g = _module_globals
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
+_fx_flag = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", None)
 
 
-def _transformed(x: torch.Tensor) -> str | None:
-    """Why ``x`` is seen through a ``torch.func`` transform or forward-mode AD, or None."""
-    functorch = torch._C._functorch
-    if functorch.is_functorch_wrapped_tensor(x) or functorch.peek_interpreter_stack() is not None:
-        return "it runs inside a torch.func transform (vmap, grad, jvp, ...)"
-    if torch.autograd.forward_ad._current_level >= 0:
-        return "forward-mode AD is active (torch.autograd.forward_ad)"
-    return None
-
-
-def _fx_tracing() -> bool:
-    # torch.fx's flag is also set under torch.export (hence only read when not compiling);
-    # the public is_fx_tracing() logs a warning on every call.  Thread-local in newer PyTorch.
-    fx = torch.fx._symbolic_trace
-    getter = getattr(fx, "_get_is_fx_tracing", None)
-    return bool(getter()) if getter is not None else bool(getattr(fx, "_is_fx_tracing_flag", False))
-
-
-def reference_reason(named, x, convs=()) -> str | None:
-    """Why a fused forward over the ``(name, module)`` pairs ``named`` (a block's submodules,
-    or the stem's layers) must run the reference forward for input ``x``, or None.
-
-    ``convs``: the convs whose weights the fused forward would read, for the dtype/device
-    check.  Costs a few microseconds of host time (attribute and dict checks, no tensor op).
-    """
+def call_reason(x) -> str | None:
+    """Why this call must run the reference forward whatever the layers, or None: it is being
+    traced or transformed, or global module hooks are registered.  Asked on every call (a
+    plan cannot answer it); a handful of flag reads, no tensor op."""
     if torch.jit.is_tracing():
         return "torch.jit.trace (or torch.onnx.export with dynamo=False) records the reference computation"
     if not isinstance(x, torch.Tensor):
         return "torch.fx symbolic tracing records the reference computation"
     if not torch.compiler.is_compiling():
-        if _fx_tracing():
+        # torch.fx's flag is also set under torch.export (hence only read when not compiling);
+        # the public is_fx_tracing() logs a warning on every call.  Thread-local in newer PyTorch.
+        if _fx_flag() if _fx_flag is not None else torch.fx._symbolic_trace._is_fx_tracing_flag:
             return "torch.fx symbolic tracing records the reference computation"
-        why = _transformed(x)
-        if why is not None:
-            return why
-    if _global_hooks():
+        functorch = torch._C._functorch
+        if functorch.is_functorch_wrapped_tensor(x) or functorch.peek_interpreter_stack() is not None:
+            return "it runs inside a torch.func transform (vmap, grad, jvp, ...)"
+        if torch.autograd.forward_ad._current_level >= 0:
+            return "forward-mode AD is active (torch.autograd.forward_ad)"
+    g = _module_globals
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
+            or g._global_backward_pre_hooks:
         return "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook, ...)"
+    return None
+
+
+def input_reason(named, x, convs=()) -> str | None:
+    """Why a fused forward over the ``(name, module)`` pairs ``named`` (a block's submodules, or
+    the stem's layers) must run the reference forward for an input like ``x``, or None: a
+    submodule carries hooks, the input is not a batch, or its dtype or device does not match
+    the weights of ``convs``.  Asked when a plan is made."""
     name = _hooked(named)
     if name is not None:
         return f"its submodule {name!r} has hooks (forward/backward hooks or pre-hooks, spectral_norm, prune, ...)"

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from timm.models import resnet as timm_resnet
 
+from . import plan
 from .modules import Anatomy, _FusedBlockMixin, fused_stem, register, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
@@ -114,6 +115,14 @@ class TimmResNet(timm_resnet.ResNet):
             x = self.layer3(x)
             return self.layer4(x)
         return self._fused_features(x)
+
+    def train(self, mode: bool = True):
+        plan.drop(self)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        plan.drop(self)
+        return super()._apply(fn, recurse)
 
     @torch.jit.unused
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor:

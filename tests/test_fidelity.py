@@ -456,7 +456,8 @@ def test_autocast_weight_cast_is_cached():
     x = _x(16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused(x)
-        first = cpu._cache.get(fused.conv1.weight, torch.bfloat16)
+        tag = (torch.bfloat16, fused.bn1.eps)  # the fold of this weight for bf16 activations
+        first = cpu._cache.get(fused.conv1.weight, tag)
         fused(x)
-        assert first is not None and cpu._cache.get(fused.conv1.weight, torch.bfloat16) is first
+        assert first is not None and cpu._cache.get(fused.conv1.weight, tag) is first
     assert first.weight.dtype == torch.bfloat16

@@ -613,11 +613,11 @@ def test_direct_eager_path_equals_registered_op():
     spec = backends.ConvSpec(
         device_type=x.device.type, dtype=x.dtype, in_channels=8, out_channels=16, kernel_size=(3, 3),
         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True, has_residual=False, channels_last=True,
-        requires_grad=False, batch=2, input_size=(6, 5),
+        requires_grad=False, batch=2, input_size=(6, 5), dispatch=False,
     )
-    assert mod._direct(spec, x, w, s, b, None)
+    assert not backends.needs_dispatch(False, (x, w, s, b, None))
     with FakeTensorMode() as fake_mode:
-        assert not mod._direct(spec, fake_mode.from_tensor(x), w, s, b, None)
+        assert backends.needs_dispatch(False, (fake_mode.from_tensor(x), w, s, b, None))
     direct = mod.conv_bn_act(x, w, s, b, None, spec)
     via_op = torch.ops.fusedres.conv_bn_act_triton(x, w, s, b, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1,
                                                    True)

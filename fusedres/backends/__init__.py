@@ -28,6 +28,7 @@ from types import ModuleType
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import _len_torch_dispatch_stack
 from torch.utils.weak import WeakIdKeyDictionary
 
 #: Every backend name a user may ask for, in ``auto`` preference order per device.
@@ -78,6 +79,10 @@ class ConvSpec:
     batch: int = 0
     input_size: tuple[int, int] = (0, 0)
     ds_input_size: tuple[int, int] = (0, 0)
+    #: Go through the registered ``torch.ops`` op rather than calling the kernel directly: set
+    #: when autograd, ``torch.compile``, a dispatch or function mode, the profiler or a tensor
+    #: subclass must see the op (:func:`needs_dispatch`).
+    dispatch: bool = True
 
     @property
     def has_downsample(self) -> bool:
@@ -87,6 +92,47 @@ class ConvSpec:
     def output_size(self) -> tuple[int, int]:
         """The conv's ``(H_out, W_out)``."""
         return conv_out_hw(*self.input_size, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def modes_active() -> bool:
+    """Whether a dispatch mode (FlopCounterMode, FakeTensorMode, ...), a function mode or the
+    autograd profiler is active: then ops must go through the dispatcher to be seen."""
+    return bool(
+        _len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+        or torch._C._autograd._profiler_enabled()
+    )
+
+
+def needs_dispatch(requires_grad: bool, tensors) -> bool:
+    """Whether a fused call must go through its ``torch.ops`` op (see :attr:`ConvSpec.dispatch`):
+    autograd, ``torch.compile`` / export, an active mode or profiler, or a tensor subclass."""
+    if requires_grad or torch.compiler.is_compiling() or modes_active():
+        return True
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return True
+    return False
+
+
+def register_flops(conv_op: str, tail_op: str | None = None) -> None:
+    """Register FLOP formulas (``torch.utils.flop_counter``) for a backend's fused ops
+    (``torch.ops.fusedres.<conv_op>`` with ``conv_bn_act``'s schema, ``<tail_op>`` with
+    ``block_tail``'s), so
+    ``FlopCounterMode`` counts their convolutions as it counts ``aten.convolution``: the
+    conv (and, for a block tail, the 1x1 downsample conv); the BN, add and ReLU count nothing."""
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    @register_flop_formula(getattr(torch.ops.fusedres, conv_op))
+    def _conv(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape)
+
+    if tail_op is not None:
+        @register_flop_formula(getattr(torch.ops.fusedres, tail_op))
+        def _tail(y_shape, w_shape, _s, _b, x_shape, wd_shape, *args, out_shape=None, **kwargs) -> int:
+            return conv_flop_count(y_shape, w_shape, out_shape) + conv_flop_count(x_shape, wd_shape, out_shape)
 
 
 def conv_out_hw(h, w, kernel_size, stride, padding, dilation) -> tuple[int, int]:
@@ -216,17 +262,25 @@ def _load(name: str) -> ModuleType | None:
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
         else:
             _loaded[name] = mod
-            # Availability (library present, extension built, device present) does not change
-            # within a process; caching it keeps selection cheap and traceable by dynamo.
-            _available[name] = bool(mod.is_available())
     return _loaded[name]
+
+
+def _is_up(name: str) -> bool:
+    """Whether loaded backend ``name`` can run here: asked once, on its first use (not at import,
+    so ``import fusedres`` touches no device), then remembered for the process."""
+    up = _available.get(name)
+    if up is None:
+        up = _available[name] = bool(_loaded[name].is_available())
+    return up
 
 
 def load_all() -> None:
     """Import every backend now (each failure is remembered, not raised).
 
     Called once when ``fusedres`` is imported, so that backend selection inside
-    ``torch.compile`` only reads this registry and never has to import a module.
+    ``torch.compile`` only reads this registry and never has to import a module.  Whether a
+    backend can run (a GPU present, its capability) is asked on first use instead: importing
+    fusedres initialises no device, so a process may still fork DataLoader workers.
     """
     for name in BACKENDS:
         _load(name)
@@ -255,7 +309,7 @@ def get(name: str) -> ModuleType:
         raise BackendUnavailableError(
             f"backend {name!r} is not available: failed to import ({_load_errors[name]})"
         )
-    if not _available[name]:
+    if not _is_up(name):
         raise BackendUnavailableError(f"backend {name!r} is not available: {mod.why_unavailable()}")
     return mod
 
@@ -323,7 +377,7 @@ def select(backend: str | None, spec: ConvSpec) -> ModuleType:
         if mod is None:
             reasons.append(f"{cand}: import failed ({_load_errors[cand]})")
             continue
-        if not _available[cand]:
+        if not _is_up(cand):
             reasons.append(f"{cand}: {mod.why_unavailable()}")
             continue
         reason = mod.unsupported_reason(spec)

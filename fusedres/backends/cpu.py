@@ -3,7 +3,8 @@
 What runs, per call:
 
 * ``conv_bn_act``: one ``mkldnn::_convolution_pointwise`` call, weights pre-multiplied by
-  ``scale`` and ``shift`` passed as the bias; with a residual, the ``.binary`` overload adds
+  ``scale`` and ``shift`` passed as the bias (given an eval BN's running statistics, the fold
+  normalises them first, and is cached with the filter); with a residual, the ``.binary`` overload adds
   it (binary ``add`` post-op).  This is the same oneDNN path Inductor's CPU backend emits
   after freezing.  ReLU then runs in place on the output (oneDNN's ReLU post-op would turn
   NaN into 0).
@@ -17,9 +18,9 @@ shape.
 Folded weights (reordered into oneDNN's blocked layout per input shape) are cached per
 weight tensor (weakly, so nothing outlives the model) and reused only while the weight's
 data (storage, dtype and version counter: :class:`fusedres.backends.WeightCache`) and the
-exact ``scale``/``shift`` values are unchanged, so changing a parameter, loading a
-checkpoint, ``.half()`` / ``.to()`` or toggling train/eval can never leave a stale fold
-behind.  Under autocast (an fp32 model run in bf16) the fold is made in fp32 and stored in
+BN vectors' data (pointers and version counters, or else their values) are unchanged, so
+changing a parameter, loading a checkpoint, ``.half()`` / ``.to()`` or toggling train/eval
+can never leave a stale fold behind, and an unchanged eval block runs no fold at all.  Under autocast (an fp32 model run in bf16) the fold is made in fp32 and stored in
 the activation dtype.
 
 Inference only: calls that need autograd, or that run under ``torch.compile`` (Inductor
@@ -28,9 +29,12 @@ does this fusion itself there), are declined and ``auto`` takes the reference.
 
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from . import WeightCache
+import torch
+from torch import Tensor
+
+from . import WeightCache, conv_out_hw, register_flops
 
 NAME = "cpu"
 
@@ -66,7 +70,7 @@ def unsupported_reason(spec) -> str | None:
 
 
 class _Fold:
-    __slots__ = ("scale", "shift", "weight", "bias", "packed")
+    __slots__ = ("keys", "pins", "values", "weight", "bias", "packed")
 
 
 # oneDNN picks a blocked weight layout per problem; the reorder costs about as much as the
@@ -77,54 +81,76 @@ _MAX_PACKED_SHAPES = 8
 _cache = WeightCache()
 
 
-def _folded(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> _Fold:
-    """``weight * scale[:, None, None, None]`` and ``shift`` in ``dtype`` (the activations'), cached.
+def _same_values(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
-    ``dtype`` differs from the weight's only under autocast (an fp32 model run in bf16): the
-    fold is computed in fp32 and rounded once.  The entry is reused while the weight's data
-    (see :class:`fusedres.backends.WeightCache`) and the exact ``scale``/``shift`` values
-    are unchanged.
+
+def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _Fold:
+    """The folded filter and bias in ``dtype`` (the activations'), cached per weight.
+
+    ``scale``/``shift`` are a folded affine, or with ``stats = (mean, var, eps)`` an eval BN's
+    weight and bias (the fold is then ``scale / sqrt(var + eps)``, ``shift - mean * that``).
+    ``dtype`` differs from the weight's only under autocast: the fold is computed in fp32
+    and rounded once.  An entry is reused while the weight's data
+    (:class:`fusedres.backends.WeightCache`) and the vectors' data pointers and version
+    counters are unchanged (it keeps references to the vectors, so a freed vector's address
+    cannot come back as a "new" one), or, for vectors computed afresh per call, while their
+    values are equal.
     """
-    entry = _cache.get(weight, dtype)
-    if entry is not None and torch.equal(entry.scale, scale) and torch.equal(entry.shift, shift):
-        return entry
-    w = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(dtype)
+    vectors = (scale, shift) + ((stats[0], stats[1]) if stats is not None else (None, None))
+    eps = stats[2] if stats is not None else None
+    keys = []  # (data_ptr, version) of each vector; None when one has no version (an inference tensor)
+    for v in vectors:
+        if v is None:
+            keys.append(None)
+        elif v.is_inference():
+            keys = None
+            break
+        else:
+            keys.append((v.data_ptr(), v._version))
+    entry = _cache.get(weight, (dtype, eps))
+    if entry is not None:
+        if keys is not None and keys == entry.keys:
+            return entry
+        if all(_same_values(a, b) for a, b in zip(entry.values, vectors)):
+            entry.keys, entry.pins = keys, vectors
+            return entry
+    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    s, t = scale.to(wide), shift.to(wide)
+    if stats is not None:
+        s = s * torch.rsqrt(stats[1].to(wide) + eps)
+        t = t - stats[0].to(wide) * s
     entry = _Fold()
-    entry.scale = scale.detach().clone()
-    entry.shift = shift.detach().clone()
-    entry.weight = w.contiguous(memory_format=torch.channels_last)
-    entry.bias = shift.detach().to(dtype).contiguous()
+    entry.keys, entry.pins = keys, vectors
+    entry.values = tuple(None if v is None else v.detach().clone() for v in vectors)
+    entry.weight = (weight.detach().to(wide) * s.view(-1, 1, 1, 1)).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    entry.bias = t.to(dtype).contiguous()
     entry.packed = {}
-    return _cache.put(weight, entry, dtype)
+    return _cache.put(weight, entry, (dtype, eps))
 
 
-def _packed(entry: _Fold, x: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
-    """The folded weight reordered into oneDNN's preferred blocked layout for ``x``'s shape."""
-    key = tuple(x.shape)
-    w = entry.packed.get(key)
+def _conv(x, fold: _Fold, stride, padding, dilation, groups, residual, relu):
+    """One oneDNN convolution with the folded filter (reordered for ``x``'s shape, cached) and
+    bias, the residual added as a post-op, then the ReLU."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    shape = x.shape
+    w = fold.packed.get(shape)
     if w is None:
-        if len(entry.packed) >= _MAX_PACKED_SHAPES:
-            entry.packed.clear()
-        w = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            entry.weight.to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(key)
+        if len(fold.packed) >= _MAX_PACKED_SHAPES:
+            fold.packed.clear()
+        w = fold.packed[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            fold.weight.to_mkldnn(), padding, stride, dilation, groups, list(shape)
         )
-        entry.packed[key] = w
-    return w
-
-
-def _cl(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-def _conv(x, w, b, spec_stride, spec_padding, spec_dilation, groups, residual, relu):
     if residual is None:
-        out = torch.ops.mkldnn._convolution_pointwise(
-            x, w, b, list(spec_padding), list(spec_stride), list(spec_dilation), groups, "none", [], ""
-        )
+        out = torch.ops.mkldnn._convolution_pointwise(x, w, fold.bias, padding, stride, dilation, groups, "none",
+                                                      [], "")
     else:
         out = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, w, b, list(spec_padding), list(spec_stride), list(spec_dilation), groups,
-            "add", None, None, [], "",
+            x, residual.contiguous(memory_format=torch.channels_last), w, fold.bias, padding, stride, dilation,
+            groups, "add", None, None, [], "",
         )
     # ReLU in place on the fresh output, not as oneDNN's eltwise post-op: that one is max(x, 0),
     # which turns NaN into 0 where torch.relu keeps it (a diverged input or checkpoint would
@@ -133,21 +159,73 @@ def _conv(x, w, b, spec_stride, spec_padding, spec_dilation, groups, residual, r
     return out.relu_() if relu else out
 
 
-def _fused_conv(x, weight, scale, shift, stride, padding, dilation, groups, residual, relu):
-    fold = _folded(weight, scale, shift, x.dtype)
-    x = _cl(x)
-    w = _packed(fold, x, stride, padding, dilation, groups)
-    return _conv(x, w, fold.bias, stride, padding, dilation, groups, residual, relu)
+#: Takes an eval BatchNorm's running statistics and folds them into the cached filter itself.
+SUPPORTS_BN_STATS = True
 
 
-def conv_bn_act(x, weight, scale, shift, residual, spec):
-    res = _cl(residual) if residual is not None else None
-    return _fused_conv(x, weight, scale, shift, spec.stride, spec.padding, spec.dilation, spec.groups, res, spec.relu)
+def conv_bn_act_impl(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], mean: Optional[Tensor],
+    var: Optional[Tensor], eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    relu: bool,
+) -> Tensor:
+    """``act(conv2d(x, weight) * scale[k] + shift[k] (+ residual))`` (with ``mean``/``var``: an eval BN's
+    weight and bias normalised by them), one oneDNN call; output channels_last."""
+    stats = None if mean is None else (mean, var, eps)
+    return _conv(x, _folded(weight, scale, shift, stats, x.dtype), stride, padding, dilation, groups, residual,
+                 relu)
 
 
-def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
-    skip = _fused_conv(x, ds_weight, ds_scale, ds_shift, spec.ds_stride, (0, 0), (1, 1), 1, None, False)
-    return _fused_conv(y, weight, scale, shift, spec.stride, spec.padding, spec.dilation, spec.groups, skip, spec.relu)
+def block_tail_impl(
+    y: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, x: Tensor, ds_weight: Tensor, ds_scale: Tensor,
+    ds_shift: Tensor, mean: Optional[Tensor], var: Optional[Tensor], eps: float, ds_mean: Optional[Tensor],
+    ds_var: Optional[Tensor], ds_eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    ds_stride: list[int], relu: bool,
+) -> Tensor:
+    """The block tail: the 1x1 downsample conv, then the main conv with it as the residual (two oneDNN calls)."""
+    ds_stats = None if ds_mean is None else (ds_mean, ds_var, ds_eps)
+    skip = _conv(x, _folded(ds_weight, ds_scale, ds_shift, ds_stats, y.dtype), ds_stride, (0, 0), (1, 1), 1,
+                 None, False)
+    stats = None if mean is None else (mean, var, eps)
+    return _conv(y, _folded(weight, scale, shift, stats, y.dtype), stride, padding, dilation, groups, skip, relu)
+
+
+# The same two functions as torch.library ops, for calls that dispatch modes, profilers or
+# tracers must see (``spec.dispatch``); eager inference calls the functions directly.
+conv_bn_act_cpu = torch.library.custom_op("fusedres::conv_bn_act_cpu", mutates_args=())(conv_bn_act_impl)
+block_tail_cpu = torch.library.custom_op("fusedres::block_tail_cpu", mutates_args=())(block_tail_impl)
+
+
+@conv_bn_act_cpu.register_fake
+def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+@block_tail_cpu.register_fake
+def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
+      stride, padding, dilation, groups, ds_stride, relu):
+    oh, ow = conv_out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
+    return y.new_empty((y.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+
+
+register_flops("conv_bn_act_cpu", "block_tail_cpu")
+
+
+def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
+    if not spec.dispatch:  # the op's implementation, inlined: eager inference with nothing watching
+        return _conv(x, _folded(weight, scale, shift, stats, x.dtype), spec.stride, spec.padding, spec.dilation,
+                     spec.groups, residual, spec.relu)
+    mean, var, eps = stats if stats is not None else (None, None, 0.0)
+    return torch.ops.fusedres.conv_bn_act_cpu(x, weight, scale, shift, residual, mean, var, eps, spec.stride,
+                                              spec.padding, spec.dilation, spec.groups, spec.relu)
+
+
+def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
+    mean, var, eps = stats if stats is not None else (None, None, 0.0)
+    ds_mean, ds_var, ds_eps = ds_stats if ds_stats is not None else (None, None, 0.0)
+    op = torch.ops.fusedres.block_tail_cpu if spec.dispatch else block_tail_impl
+    return op(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
+              spec.stride, spec.padding, spec.dilation, spec.groups, spec.ds_stride, spec.relu)
 
 
 def clear_cache() -> None:

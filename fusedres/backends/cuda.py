@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from . import WeightCache
+from . import WeightCache, register_flops
 
 NAME = "cuda"
 
@@ -90,13 +90,20 @@ if _IMPORT_ERROR is None:
         oh, ow = _out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
         return _empty_out(y, weight.shape[0], oh, ow)
 
+    register_flops("conv_bn_act_cuda", "block_tail_cuda")
+
 
 def is_available() -> bool:
     return _IMPORT_ERROR is None and torch.cuda.is_available() and _capable()
 
 
+def _capability() -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.major, props.minor
+
+
 def _capable() -> bool:
-    return torch.cuda.get_device_capability() >= _MIN_CAPABILITY
+    return _capability() >= _MIN_CAPABILITY
 
 
 def why_unavailable() -> str:
@@ -108,7 +115,7 @@ def why_unavailable() -> str:
     if not torch.cuda.is_available():
         return "fusedres._C is built, but torch.cuda.is_available() is False (no usable GPU)"
     if not _capable():
-        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        cap = ".".join(map(str, _capability()))
         return f"the kernels need compute capability 8.0 or newer (tensor-core mma.sync), this GPU has {cap}"
     return ""
 

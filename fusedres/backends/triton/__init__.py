@@ -65,26 +65,6 @@ if _HAS_TRITON:
     from . import ops as _ops  # registers torch.ops.fusedres.*_triton
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _direct(spec, *tensors) -> bool:
-    """Call the op's implementation without the dispatcher: eager inference on plain tensors.
-
-    ``torch.ops`` dispatch of a Python custom op (autograd wrapper, dispatcher round trip)
-    costs tens of microseconds of host time per call, comparable to a whole small conv
-    on an H100.  When nothing needs it - no autograd, no tracing (``torch.compile``,
-    export), no tensor subclass such as a FakeTensor - the implementation is called
-    directly: the very function the op registers, less the argument checks that
-    ``fusedres.functional`` has just made, so results are identical.
-    """
-    return (
-        not spec.requires_grad
-        and not torch.compiler.is_compiling()
-        and all(t is None or type(t) in _PLAIN for t in tensors)
-    )
-
-
 #: Takes an eval BatchNorm's running statistics and folds them in the kernel epilogue.
 SUPPORTS_BN_STATS = True
 
@@ -93,8 +73,12 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
     args = [x, weight, scale, shift, residual, mean, var, eps,
             list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups, spec.relu]
-    if _direct(spec, x, weight, scale, shift, residual, mean, var):
-        # A weight in another dtype (autocast) is cast by kernel_weight's cache.
+    if not spec.dispatch:
+        # Eager inference on plain tensors with nothing watching (ConvSpec.dispatch): the op's
+        # implementation without the dispatcher's host cost (tens of microseconds per call,
+        # comparable to a small conv on an H100) and without re-checking what
+        # fusedres.functional has checked; a weight in another dtype (autocast) is cast by
+        # kernel_weight's cache.
         return _ops.conv_bn_act_unchecked(*args)
     args[1] = weight.to(x.dtype)  # the op takes one dtype (a no-op outside autocast)
     return torch.ops.fusedres.conv_bn_act_triton(*args)
@@ -106,7 +90,7 @@ def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, 
     args = [y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
             list(spec.stride), list(spec.padding), list(spec.dilation), spec.groups,
             list(spec.ds_stride), spec.relu]
-    if _direct(spec, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var):
+    if not spec.dispatch:
         return _ops.block_tail_unchecked(*args)
     args[1], args[5] = weight.to(y.dtype), ds_weight.to(y.dtype)  # no-ops outside autocast
     return torch.ops.fusedres.block_tail_triton(*args)

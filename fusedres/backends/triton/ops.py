@@ -26,7 +26,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
+from .. import register_flops
 from . import launch as _launch
 
 
@@ -348,6 +350,12 @@ def _conv_bn_act_backward(ctx, grad_out):
 
 
 conv_bn_act_triton.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+register_flops("conv_bn_act_triton", "block_tail_triton")
+
+
+@register_flop_formula(torch.ops.fusedres.conv_train_fwd_triton)
+def _train_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape[0])
 
 
 def _block_tail_setup(ctx, inputs, output):

@@ -1,0 +1,131 @@
+"""Per-layer plans: everything fixed for a fused module and an input signature, decided once.
+
+A fused module's forward (:mod:`fusedres.modules`) first asks the per-call questions that no
+cache may answer (is the call being traced or transformed, are global hooks registered:
+:func:`fusedres.patterns.call_reason`), then looks up the :class:`Plan` for the input's
+signature (:func:`signature`: shape, dtype, device, strides, grad and autograd need,
+autocast, dispatch modes, ``$FUSEDRES_BACKEND``).  A plan holds the route (fused eval ops,
+the training chain, or the reference forward with its reason) and, for the eval route, the
+prepared fused calls (:class:`fusedres.functional.PreparedConv`): the checks, the backend
+choice, the spec and the BN argument form are done once, so a call reads the layers'
+tensors live and launches.
+
+A plan stays valid while the module's submodules are the same objects, in the same
+train/eval modes, carrying the same hooks (checked on every call, :func:`watch`), and while each layer's tensors and geometry
+are the same objects (checked by each step as it reads them; a replaced one raises
+:class:`Stale` and the plan is rebuilt).  Plans are dropped on ``train()`` / ``eval()``, on
+``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``), on :func:`fusedres.convert` /
+:func:`fusedres.revert`, and by :func:`fusedres.clear_caches`.  They live outside the module
+(a weak-keyed table), so copying, pickling or ``state_dict`` never sees them.  Under
+``torch.compile`` nothing is cached: the plan is built inside the traced call.
+"""
+
+import os
+import weakref
+
+import torch
+
+from .backends import ENV_VAR, modes_active
+
+__all__ = ["Plan", "Stale", "drop", "lookup", "signature", "store", "watch"]
+
+#: Plans per module: ``{module: {signature: Plan}}``.
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: Signatures kept per module before the oldest are dropped (variable-size inputs).
+MAX_PLANS = 16
+
+
+class Stale(Exception):
+    """A layer's tensor or geometry was replaced since the plan was made: rebuild it."""
+
+
+class Plan:
+    """One module's forward for one input signature.
+
+    ``run(module, x)`` computes it; ``watched``, ``modes`` and ``hooked`` are what :func:`watch`
+    saw when the plan was made; ``route`` is ``"eval"``, ``"train"`` or ``"reference"``
+    (``reason`` says why).  A plan never holds its module (only the submodules), so the
+    weak-keyed table can let the module go.
+    """
+
+    __slots__ = ("route", "reason", "run", "watched", "modes", "hooked")
+
+    def __init__(self, route, run, seen, reason=None):
+        self.route, self.run, self.reason = route, run, reason
+        self.watched, self.modes, self.hooked = seen
+
+
+def _requires_grad(module) -> bool:
+    for p in module.parameters():
+        if p.requires_grad:
+            return True
+    for b in module.buffers():
+        if b.requires_grad:
+            return True
+    return False
+
+
+def signature(module, x: torch.Tensor) -> tuple | None:
+    """What a plan for ``module`` depends on in the call with input ``x``; None under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return None
+    dev = x.device
+    grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(module))
+    amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    return (x.shape, x.stride(), x.dtype, dev, grad, amp, modes_active(), os.environ.get(ENV_VAR), module.backend)
+
+
+def watch(roots) -> tuple[list, list, bool]:
+    """The modules ``roots`` and all their submodules, their ``training`` flags, and whether any
+    carries a hook.  A BN switched to eval on its own (freezing BN for fine-tuning) changes the
+    flags without going through the fused module's ``train()``, so they are part of what a
+    plan checks."""
+    found, modes, hooked = [], [], False
+    stack = [roots]
+    while stack:
+        for sub in stack.pop():
+            if sub is None:
+                continue
+            found.append(sub)
+            modes.append(sub.training)
+            if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+                hooked = True
+            if sub._modules:
+                stack.append(sub._modules.values())
+    return found, modes, hooked
+
+
+def lookup(module, key, roots) -> Plan | None:
+    """``module``'s plan for ``key`` if it is still valid for the modules it covers (``roots`` and
+    their submodules: :func:`watch`)."""
+    if key is None:
+        return None
+    plans = _PLANS.get(module)
+    plan = plans.get(key) if plans is not None else None
+    if plan is None:
+        return None
+    watched, modes, hooked = watch(roots)
+    if hooked != plan.hooked or modes != plan.modes or watched != plan.watched:
+        return None
+    return plan
+
+
+def store(module, key, plan: Plan) -> None:
+    if key is None:
+        return
+    plans = _PLANS.get(module)
+    if plans is None:
+        plans = _PLANS[module] = {}
+    elif len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+
+
+def drop(module) -> None:
+    """Forget ``module``'s plans (``train()``, ``_apply``, convert/revert call this)."""
+    _PLANS.pop(module, None)
+
+
+def clear() -> None:
+    """Forget every plan."""
+    _PLANS.clear()

@@ -1,0 +1,305 @@
+"""Per-layer plans (fusedres/plan.py): decided once per input signature, never stale.
+
+Every case makes a plan (a first call), changes something a plan depends on, and checks the
+next call against torchvision's block computing the same thing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models import resnet as tv
+
+import fusedres
+from fusedres import backends, plan
+from helpers import randomize
+
+
+def _pair(kind="down", seed=0):
+    """A torchvision block and its converted deep copy."""
+    torch.manual_seed(seed)
+    if kind == "down":
+        ref = tv.BasicBlock(8, 16, 2, nn.Sequential(tv.conv1x1(8, 16, 2), nn.BatchNorm2d(16)))
+    else:
+        ref = tv.Bottleneck(16, 4)
+    ref = randomize(ref, seed).eval()
+    return ref, fusedres.convert(copy.deepcopy(ref))
+
+
+def _x(c=8, seed=1):
+    return torch.randn(2, c, 9, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(fused, ref, x, **kw):
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4, **kw)
+
+
+def _plan_of(module):
+    plans = plan._PLANS.get(module)
+    return next(iter(plans.values())) if plans else None
+
+
+def test_plan_is_made_once_and_reused():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    first = _plan_of(fused)
+    assert first is not None and first.route == "eval"
+    _same(fused, ref, x)
+    assert _plan_of(fused) is first
+    _same(fused, ref, _x(seed=2))  # new values, same signature: same plan
+    assert _plan_of(fused) is first
+
+
+def test_new_shape_new_plan():
+    ref, fused = _pair()
+    _same(fused, ref, _x())
+    _same(fused, ref, torch.randn(3, 8, 12, 7))
+    assert len(plan._PLANS[fused]) == 2
+
+
+def test_replaced_parameter_rebuilds():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        torch.manual_seed(3)
+        m.conv2.weight = nn.Parameter(torch.randn_like(m.conv2.weight))
+        m.bn1.running_var = torch.rand_like(m.bn1.running_var) + 0.5
+    _same(fused, ref, x)
+
+
+def test_replaced_submodule_inside_the_downsample_rebuilds():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        torch.manual_seed(4)
+        m.downsample[1] = randomize(nn.BatchNorm2d(16), 4).eval()
+    _same(fused, ref, x)
+
+
+def test_changed_geometry_rebuilds():
+    ref, fused = _pair("bottleneck")
+    x = _x(16)
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        m.conv2.dilation, m.conv2.padding = (2, 2), (2, 2)
+    _same(fused, ref, x)
+
+
+def test_bn_frozen_on_its_own_switches_route():
+    """model.train(), then each BN put in eval by hand (freezing BN to fine-tune): the block must
+    normalise with the running statistics from then on, though its own train() never ran."""
+    ref, fused = _pair()
+    x = _x()
+    ref.train(), fused.train()
+    with torch.no_grad():
+        fused(x), ref(x)
+    assert _plan_of(fused).route == "train"
+    for m in (ref, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eval()
+    _same(fused, ref, x)
+    assert any(p.route == "eval" for p in plan._PLANS[fused].values())
+
+
+def test_hooks_added_then_removed():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    seen = []
+    handle = fused.conv1.register_forward_hook(lambda *a: seen.append(1))
+    with pytest.warns(RuntimeWarning, match="has hooks"):
+        _same(fused, ref, x)
+    assert seen == [1]
+    handle.remove()
+    with backends.record() as used:
+        _same(fused, ref, x)
+    assert used == {"cpu"} and seen == [1]
+
+
+def test_to_dtype_drops_plans():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    ref.double(), fused.double()
+    assert fused not in plan._PLANS
+    _same(fused, ref, x.double())
+
+
+def test_requires_grad_toggled_in_eval():
+    """A plan made without autograd must not serve a call that needs it (gradients would vanish)."""
+    ref, fused = _pair()
+    x = _x()
+    for m in (ref, fused):
+        m.requires_grad_(False)
+    with torch.enable_grad():
+        fused(x)
+        for m in (ref, fused):
+            m.requires_grad_(True)
+            m(x).square().sum().backward()
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_backend_and_environment_follow():
+    ref, fused = _pair()
+    x = _x()
+    with backends.record() as used:
+        _same(fused, ref, x)
+        fused.backend = "torch"
+        _same(fused, ref, x)
+    assert used == {"cpu", "torch"}
+    fused.backend = "auto"
+    os.environ["FUSEDRES_BACKEND"] = "torch"
+    try:
+        with backends.record() as used:
+            _same(fused, ref, x)
+    finally:
+        del os.environ["FUSEDRES_BACKEND"]
+    assert used == {"torch"}
+
+
+def test_copies_never_share_plans():
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        with torch.no_grad():
+            clone.conv1.weight.mul_(2)
+            ref2 = copy.deepcopy(ref)
+            ref2.conv1.weight.mul_(2)
+        _same(clone, ref2, x)
+        _same(fused, ref, x)
+
+
+def test_clear_caches_drops_plans():
+    ref, fused = _pair()
+    _same(fused, ref, _x())
+    fusedres.clear_caches()
+    assert fused not in plan._PLANS
+
+
+def test_stem_plan_follows_mode_and_weights():
+    import torchvision
+
+    torch.manual_seed(0)
+    ref = randomize(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 32, 32)
+    _same(fused, ref, x)
+    with torch.no_grad():
+        for m in (ref, fused):
+            m.bn1.running_mean.add_(0.5)  # in place: the plan stays, the values are read live
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        m.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        m.conv1.weight = nn.Parameter(torch.ones_like(m.conv1.weight) * 0.01)
+    _same(fused, ref, x)
+
+
+# --------------------------------------------------------------------------- dispatch modes
+
+
+class _Log(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_see_the_fused_ops():
+    ref, fused = _pair()
+    x = _x()
+    with torch.no_grad():
+        fused(x)  # a plan made without the mode
+        with _Log() as log:
+            out = fused(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
+    assert "fusedres.conv_bn_act_cpu.default" in log.ops
+    assert "fusedres.block_tail_cpu.default" in log.ops
+    assert not any("mkldnn" in op for op in log.ops)  # the op is opaque to the mode
+
+
+def test_flop_formulas_count_the_convs():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 9, 10, generator=g), torch.randn(16, 8, 3, 3, generator=g)
+    xd, wd = torch.randn(2, 4, 9, 10, generator=g), torch.randn(16, 4, 1, 1, generator=g)
+    s, b = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fused_count:
+            fusedres.conv_bn_act(x, w, s, b, padding=1, backend="cpu")
+            fusedres.block_tail(x, w, s, b, xd, wd, s, b, padding=1, backend="cpu")
+        with FlopCounterMode(display=False) as ref_count:
+            torch.nn.functional.conv2d(x, w, padding=1)
+            torch.nn.functional.conv2d(x, w, padding=1)
+            torch.nn.functional.conv2d(xd, wd)
+    assert fused_count.get_total_flops() == ref_count.get_total_flops() > 0
+
+
+def test_flop_counter_totals_equal_torchvision():
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = torchvision.models.resnet18().eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(1, 3, 64, 64)
+    totals = []
+    for m in (ref, fused):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(x)
+        totals.append(counter.get_total_flops())
+    assert totals[0] == totals[1] > 0
+
+
+def test_profiler_sees_the_fused_ops():
+    ref, fused = _pair()
+    x = _x()
+    with torch.no_grad():
+        fused(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused(x)
+    names = {e.key for e in prof.key_averages()}
+    assert "fusedres::conv_bn_act_cpu" in names and "fusedres::block_tail_cpu" in names
+
+
+# --------------------------------------------------------------------------- import
+
+
+def test_import_touches_no_device():
+    """``import fusedres`` (and converting a model) must not initialise CUDA: a process may fork
+    DataLoader workers afterwards.  Availability is asked on first use."""
+    code = textwrap.dedent("""
+        import torch, torchvision
+        def boom(*a, **k):
+            raise AssertionError("a device was touched at import")
+        torch.cuda.is_available = lambda: True
+        torch.cuda.get_device_capability = boom
+        torch.cuda.get_device_properties = boom
+        torch.cuda.init = boom
+        torch.cuda._lazy_init = boom
+        import fusedres
+        fusedres.convert(torchvision.models.resnet18())
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
