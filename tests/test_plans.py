@@ -303,3 +303,38 @@ def test_import_touches_no_device():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "0"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- op checks
+
+
+def _cpu_op_args(c_in=8, k=16, w_c=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, 9, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, w_c, 3, 3, generator=g)
+    s, b = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g)
+    return (x, w, s, b, None, None, None, 0.0, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+def test_cpu_ops_pass_opcheck():
+    torch.library.opcheck(torch.ops.fusedres.conv_bn_act_cpu, _cpu_op_args())
+    x, w, s, b = _cpu_op_args()[:4]
+    xd, wd = torch.randn(2, 4, 9, 10), torch.randn(16, 4, 1, 1)
+    torch.library.opcheck(torch.ops.fusedres.block_tail_cpu,
+                          (x, w, s, b, xd, wd, s, b, None, None, 0.0, s.abs(), s.abs() + 1, 1e-5,
+                           [1, 1], [1, 1], [1, 1], 1, [1, 1], True))
+
+
+def test_op_and_its_fake_report_the_same_error():
+    """One set of checks for the eager op and its fake: torch.compile reports eager's error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bad = _cpu_op_args(c_in=8, w_c=4)  # weight expects 4 input channels, x has 8
+    with pytest.raises(ValueError) as eager:
+        torch.ops.fusedres.conv_bn_act_cpu(*bad)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in bad]
+        with pytest.raises(RuntimeError) as traced:
+            torch.ops.fusedres.conv_bn_act_cpu(*fake)
+    assert "does not fit x's 8 channels" in str(eager.value)
+    assert str(eager.value).split(": ", 1)[1] in str(traced.value)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import WeightCache, conv_out_hw, register_flops
+from . import WeightCache, op_checks, register_flops
 
 NAME = "cpu"
 
@@ -163,11 +163,7 @@ def _conv(x, fold: _Fold, stride, padding, dilation, groups, residual, relu):
 SUPPORTS_BN_STATS = True
 
 
-def conv_bn_act_impl(
-    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], mean: Optional[Tensor],
-    var: Optional[Tensor], eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-    relu: bool,
-) -> Tensor:
+def conv_bn_act_impl(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
     """``act(conv2d(x, weight) * scale[k] + shift[k] (+ residual))`` (with ``mean``/``var``: an eval BN's
     weight and bias normalised by them), one oneDNN call; output channels_last."""
     stats = None if mean is None else (mean, var, eps)
@@ -175,12 +171,8 @@ def conv_bn_act_impl(
                  relu)
 
 
-def block_tail_impl(
-    y: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, x: Tensor, ds_weight: Tensor, ds_scale: Tensor,
-    ds_shift: Tensor, mean: Optional[Tensor], var: Optional[Tensor], eps: float, ds_mean: Optional[Tensor],
-    ds_var: Optional[Tensor], ds_eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-    ds_stride: list[int], relu: bool,
-) -> Tensor:
+def block_tail_impl(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var,
+                    ds_eps, stride, padding, dilation, groups, ds_stride, relu):
     """The block tail: the 1x1 downsample conv, then the main conv with it as the residual (two oneDNN calls)."""
     ds_stats = None if ds_mean is None else (ds_mean, ds_var, ds_eps)
     skip = _conv(x, _folded(ds_weight, ds_scale, ds_shift, ds_stats, y.dtype), ds_stride, (0, 0), (1, 1), 1,
@@ -190,22 +182,52 @@ def block_tail_impl(
 
 
 # The same two functions as torch.library ops, for calls that dispatch modes, profilers or
-# tracers must see (``spec.dispatch``); eager inference calls the functions directly.
-conv_bn_act_cpu = torch.library.custom_op("fusedres::conv_bn_act_cpu", mutates_args=())(conv_bn_act_impl)
-block_tail_cpu = torch.library.custom_op("fusedres::block_tail_cpu", mutates_args=())(block_tail_impl)
+# tracers must see (``spec.dispatch``); eager inference calls the functions directly.  The ops
+# check their operands (eager and fake alike, ``op_checks``): they are public, and a compiled
+# graph calls them without ``fusedres.functional``.
+_DTYPES = (torch.float32, torch.bfloat16)
+_require = op_checks.require("cpu")
+
+
+@torch.library.custom_op("fusedres::conv_bn_act_cpu", mutates_args=())
+def conv_bn_act_cpu(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], mean: Optional[Tensor],
+    var: Optional[Tensor], eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    relu: bool,
+) -> Tensor:
+    op_checks.check_conv_bn_act(_require, _DTYPES, x, weight, scale, shift, residual, mean, var, stride, padding,
+                                dilation, groups)
+    return conv_bn_act_impl(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu)
+
+
+@torch.library.custom_op("fusedres::block_tail_cpu", mutates_args=())
+def block_tail_cpu(
+    y: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, x: Tensor, ds_weight: Tensor, ds_scale: Tensor,
+    ds_shift: Tensor, mean: Optional[Tensor], var: Optional[Tensor], eps: float, ds_mean: Optional[Tensor],
+    ds_var: Optional[Tensor], ds_eps: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    ds_stride: list[int], relu: bool,
+) -> Tensor:
+    op_checks.check_block_tail(_require, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean,
+                               var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
+                               stats_together=False)
+    return block_tail_impl(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean,
+                           ds_var, ds_eps, stride, padding, dilation, groups, ds_stride, relu)
 
 
 @conv_bn_act_cpu.register_fake
 def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
-    oh, ow = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+    out = op_checks.check_conv_bn_act(torch._check, _DTYPES, x, weight, scale, shift, residual, mean, var, stride,
+                                      padding, dilation, groups)
+    return x.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
 @block_tail_cpu.register_fake
 def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
       stride, padding, dilation, groups, ds_stride, relu):
-    oh, ow = conv_out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
-    return y.new_empty((y.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=torch.channels_last)
+    out = op_checks.check_block_tail(torch._check, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale,
+                                     ds_shift, mean, var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
+                                     stats_together=False)
+    return y.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
 register_flops("conv_bn_act_cpu", "block_tail_cpu")

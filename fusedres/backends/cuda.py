@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from . import WeightCache, register_flops
+from . import WeightCache, op_checks, register_flops
 
 NAME = "cuda"
 
@@ -74,21 +74,35 @@ def _empty_out(x: torch.Tensor, cout: int, oh: int, ow: int) -> torch.Tensor:
 
 if _IMPORT_ERROR is None:
 
+    # The fakes check what the C++ ops check (ops.cu), with the checks every backend's ops
+    # share, so a compiled graph reports the eager errors.
+    _DTYPES = (torch.float16, torch.bfloat16)
+
+    def _check_cuda_only(x, weight, groups, channels):
+        torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
+        for name, c in channels:
+            torch._check(c % ALIGNMENT == 0,
+                         lambda: f"fusedres cuda: {name}={c} is not a multiple of {ALIGNMENT} (128-bit accesses)")
+
     @torch.library.register_fake("fusedres::conv_bn_act_cuda")
     def _conv_bn_act_fake(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups,
                           relu):
-        torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
-        oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-        return _empty_out(x, weight.shape[0], oh, ow)
+        out = op_checks.check_conv_bn_act(torch._check, _DTYPES, x, weight, scale, shift, residual, mean, var,
+                                          stride, padding, dilation, groups)
+        _check_cuda_only(x, weight, groups, (("in_channels", x.shape[1]), ("out_channels", weight.shape[0])))
+        return _empty_out(x, *out[1:])
 
     @torch.library.register_fake("fusedres::block_tail_cuda")
     def _block_tail_fake(
         y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
         stride, padding, dilation, groups, ds_stride, relu,
     ):
-        torch._check(groups == 1, lambda: f"fusedres cuda: groups must be 1, got {groups}")
-        oh, ow = _out_hw(y.shape[2], y.shape[3], weight.shape[2:], stride, padding, dilation)
-        return _empty_out(y, weight.shape[0], oh, ow)
+        out = op_checks.check_block_tail(torch._check, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale,
+                                         ds_shift, mean, var, ds_mean, ds_var, stride, padding, dilation, groups,
+                                         ds_stride, stats_together=False)
+        _check_cuda_only(y, weight, groups, (("in_channels", y.shape[1]), ("out_channels", weight.shape[0]),
+                                             ("ds_in_channels", x.shape[1])))
+        return _empty_out(y, *out[1:])
 
     register_flops("conv_bn_act_cuda", "block_tail_cuda")
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from .. import register_flops
+from .. import op_checks, register_flops
 from . import launch as _launch
 
 
@@ -55,74 +55,34 @@ def _new_out(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
 # --------------------------------------------------------------------------- argument checks
 #
 # The ops are public (``torch.ops.fusedres.*``) and compiled graphs call them without going
-# through ``fusedres.functional``, so they check what the kernel relies on: a wrong shape
-# would make it read past the end of a tensor.  Each check is ``check(cond, message)``:
-# :func:`_require` in the eager implementations and ``torch._check`` in the fake ones; plain
-# comparisons, messages built only on failure.  They cost about as much host time as
-# allocating the output, so the backend's eager path, which ``fusedres.functional`` has just
-# validated the same way, calls the ``*_unchecked`` functions instead.
+# through ``fusedres.functional``, so they check what the kernel relies on (a wrong shape would
+# make it read past the end of a tensor) with the checks every backend's ops share
+# (``fusedres/backends/op_checks.py``): :func:`_require` in the eager implementations and
+# ``torch._check`` in the fake ones.  They cost about as much host time as allocating the
+# output, so the backend's eager path, which ``fusedres.functional`` has validated when it
+# prepared the call, calls the ``*_unchecked`` functions instead.
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _require(cond: bool, message) -> None:
-    if not cond:
-        raise ValueError(f"fusedres triton: {message()}")
+_require = op_checks.require("triton")
 
 
 def _check_conv(check, x_name, x, w_name, weight, stride, padding, dilation, groups, stride_name="stride"):
-    """``x`` ``(N, C, H, W)``, ``weight`` ``(K, C / groups, KH, KW)`` and the geometry; returns ``(N, K, OH, OW)``."""
-    xs, ws, dt = x.shape, weight.shape, x.dtype
-    check(len(xs) == 4 and len(ws) == 4 and dt in _DTYPES and weight.dtype == dt and weight.device == x.device,
-          lambda: f"{x_name} and {w_name} must be 4-D fp16, bf16 or fp32 tensors of one dtype on one device, got "
-                  f"{tuple(xs)} {dt} on {x.device} and {tuple(ws)} {weight.dtype} on {weight.device}")
-    (n, c, h, w), (k, cg, kh, kw) = xs, ws
-    check(groups >= 1 and k % groups == 0 and cg * groups == c,
-          lambda: f"{w_name} {tuple(ws)} with groups={groups} does not fit {x_name}'s {c} channels")
-    check(len(stride) == len(padding) == len(dilation) == 2 and min(*stride, *dilation) >= 1 and min(padding) >= 0,
-          lambda: f"invalid {stride_name}={stride}, padding={padding}, dilation={dilation} for {w_name}")
-    oh, ow = _out_hw(h, w, kh, kw, stride, padding, dilation)
-    check(oh >= 1 and ow >= 1, lambda: f"{x_name} spatial size {(h, w)} gives an empty output {oh}x{ow}")
-    return n, k, oh, ow
+    return op_checks.check_conv(check, _DTYPES, x_name, x, w_name, weight, stride, padding, dilation, groups,
+                                stride_name)
 
 
 def _check_vectors(check, x, n, named, dtypes=None) -> None:
-    """Each non-None ``(name, v)`` in ``named`` is ``(n,)`` on ``x``'s device, in ``dtypes`` (default fp32 or ``x``'s)."""
-    dtypes = tuple(dict.fromkeys(dtypes or (torch.float32, x.dtype)))
-    device = x.device
-    for name, v in named:
-        if v is not None:
-            check(v.shape == (n,) and v.dtype in dtypes and v.device == device,
-                  lambda: f"{name} must be a ({n},) tensor of {' or '.join(map(str, dtypes))} on {device}, "
-                          f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+    op_checks.check_vectors(check, x, n, named, dtypes)
 
 
-def _check_conv_bn_act(check, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups):
+def _check_conv_bn_act(check, *args):
     """The operands of :func:`conv_bn_act_impl`."""
-    out = _check_conv(check, "x", x, "weight", weight, stride, padding, dilation, groups)
-    _check_vectors(check, x, out[1], (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)))
-    check((mean is None) == (var is None), lambda: "mean and var must be given together")
-    if residual is not None:
-        check(residual.shape == out and residual.dtype == x.dtype and residual.device == x.device,
-              lambda: f"residual must be a {out} {x.dtype} tensor on {x.device} (the output's), got "
-                      f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    op_checks.check_conv_bn_act(check, _DTYPES, *args)
 
 
-def _check_block_tail(check, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var,
-                      stride, padding, dilation, groups, ds_stride):
+def _check_block_tail(check, *args):
     """The operands of :func:`block_tail_impl`."""
-    out = _check_conv(check, "y", y, "weight", weight, stride, padding, dilation, groups)
-    ds_out = _check_conv(check, "x", x, "ds_weight", ds_weight, ds_stride, (0, 0), (1, 1), 1, "ds_stride")
-    check(x.dtype == y.dtype and x.device == y.device,
-          lambda: f"x ({x.dtype} on {x.device}) must match y ({y.dtype} on {y.device})")
-    check(ds_out == out and ds_weight.shape[2:] == (1, 1),
-          lambda: f"the downsample branch (x {tuple(x.shape)}, ds_weight {tuple(ds_weight.shape)}, a 1x1 kernel, "
-                  f"ds_stride={ds_stride}) must give the main branch's output {out}, got {ds_out}")
-    _check_vectors(check, y, out[1], (("scale", scale), ("shift", shift), ("ds_scale", ds_scale),
-                                      ("ds_shift", ds_shift), ("mean", mean), ("var", var), ("ds_mean", ds_mean),
-                                      ("ds_var", ds_var)))
-    check((mean is None) == (var is None) == (ds_mean is None) == (ds_var is None),
-          lambda: "BN statistics (mean, var, ds_mean, ds_var) must be given all together or not at all")
+    op_checks.check_block_tail(check, _DTYPES, *args)
 
 
 def conv_bn_act_impl(
