@@ -8,10 +8,12 @@ Public API::
     fusedres.BasicBlock, fusedres.Bottleneck  # drop-in torchvision block classes
     fusedres.conv_bn_act(...), fusedres.block_tail(...)  # the fused functional ops
     fusedres.convert_sync_batchnorm(model, process_group=None)  # sync train-mode BN stats
+    fusedres.cuda_graphs(model)               # replay a converted model as CUDA graphs (small batches)
 """
 
 from .backends import BACKENDS, BackendUnavailableError, available as available_backends
-from .functional import block_tail, bn_scale_shift, conv_bn_act
+from .functional import block_tail, bn_scale_shift, conv_bn_act, prepare_block_tail, prepare_conv_bn_act
+from .graphs import CUDAGraphs, cuda_graphs
 from .modules import BasicBlock, Bottleneck, FusedResNet, convert, explain, revert
 from .training import convert_sync_batchnorm
 
@@ -34,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "BasicBlock",
+    "CUDAGraphs",
     "Bottleneck",
     "FusedResNet",
     "available_backends",
@@ -43,6 +46,9 @@ __all__ = [
     "conv_bn_act",
     "convert",
     "convert_sync_batchnorm",
+    "cuda_graphs",
     "explain",
+    "prepare_block_tail",
+    "prepare_conv_bn_act",
     "revert",
 ]

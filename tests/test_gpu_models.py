@@ -111,3 +111,36 @@ def test_autocast_fp32_model(backend):
             out = fused(x)
     assert used == {backend} and out.dtype == eager.dtype == torch.bfloat16
     assert_within_budget(out, eager, truth, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend"))])
+def test_cuda_graphs_replay_recapture_and_weight_updates(backend):
+    ref = _model("resnet18").to(torch.bfloat16)
+    fused = fusedres.convert(copy.deepcopy(ref), backend=backend)
+    run = fusedres.cuda_graphs(fused)
+    with torch.inference_mode():
+        for shape in ((4, 3, 64, 64), (2, 3, 96, 96), (4, 3, 64, 64)):
+            x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(run(x), fused(x), rtol=0, atol=0)
+        assert len(run._graphs) == 2
+        with torch.no_grad():
+            for m in (ref, fused):
+                m.layer2[0].conv1.weight.mul_(-1)  # in place: the graphs must not keep the old weights
+        truth = copy.deepcopy(ref).double()(x.double())
+        out = run(x)
+        assert_within_budget(out, ref(x), truth, torch.bfloat16)
+
+
+def test_compile_reduce_overhead_no_recompiles():
+    import torch._dynamo.utils as dyn
+
+    ref = _model("resnet18").to(torch.bfloat16)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        outs = [compiled(x).clone() for _ in range(4)]
+        truth = copy.deepcopy(ref).double()(x.double())
+        assert_within_budget(outs[-1], ref(x), truth, torch.bfloat16)
+    assert dyn.counters["stats"]["unique_graphs"] == 1

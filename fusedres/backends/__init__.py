@@ -265,9 +265,12 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+@torch.compiler.assume_constant_result
 def _is_up(name: str) -> bool:
     """Whether loaded backend ``name`` can run here: asked once, on its first use (not at import,
-    so ``import fusedres`` touches no device), then remembered for the process."""
+    so ``import fusedres`` touches no device), then remembered for the process.  A constant to
+    ``torch.compile`` (it never changes within a process), so the first answer, given inside a
+    compiled call or not, installs no guard that a later one would break."""
     up = _available.get(name)
     if up is None:
         up = _available[name] = bool(_loaded[name].is_available())
