@@ -23,7 +23,9 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,17 @@ def flops(model, x) -> int:
     return counter.get_total_flops()
 
 
+def _commit() -> str:
+    env = os.environ.get("FUSEDRES_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
@@ -105,7 +118,12 @@ def main(argv=None) -> int:
         "flops": {"torchvision": flops(ref, x), "fused": flops(fused, x)},
         "torch": torch.__version__,
         "fusedres": fusedres.__version__,
+        "commit": _commit(),
+        "host": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
         "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/host_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(json.dumps(res, indent=2))
     if args.json:
