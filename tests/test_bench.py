@@ -250,6 +250,22 @@ def test_failing_contender_is_an_error_row(mode):
         assert used == ["train:torch"] and "chains ran" in rows["fusedres-torch"]["note"]
 
 
+def test_ort_contender_runs_the_exported_model():
+    """ONNX Runtime's CPU session on the exported unconverted block: a row like any other."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    shape = workloads.BlockShape("basic", 8, 16, 2, 1, 64, 1, True, 8, 8)
+    w = runner.Workload("block", shape.name, 2, 32, shape, {"x": 1})
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode="infer",
+                        contenders=[contenders.Contender("eager"), contenders.Contender("ort-cpu")],
+                        repeats=2, warmup=0)
+    peaks = roofline.Peaks(1e11, 1e10, 1, 1, "test")
+    rows = {r["contender"]: r for r in runner.run_workload(w, torch.float32, cfg, peaks)}
+    assert rows["ort-cpu"]["status"] == "ok" and rows["ort-cpu"]["max_rel_err"] < 1e-4, rows["ort-cpu"]
+    assert contenders.Contender("ort-cpu").skip_reason(torch.device("cpu"), "train") == \
+        "ONNX Runtime runs inference only"
+
+
 def test_progress_reaches_its_total_when_a_workload_fails(monkeypatch):
     """A workload that fails before timing still advances the bar by its share."""
     shape = workloads.BlockShape("basic", 8, 16, 2, 1, 64, 1, True, 8, 8)

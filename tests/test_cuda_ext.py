@@ -12,6 +12,8 @@ reference may be at most twice PyTorch's own error in the same dtype, plus a sma
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 
@@ -560,3 +562,19 @@ def test_batch_chunking_over_2gib():
     for i in (0, n - 1):
         one = torch.ops.fusedres.conv_bn_act_cuda(x[i : i + 1], wt, scale, shift, res[i : i + 1], *args)
         assert torch.equal(out[i : i + 1], one), f"sample {i} differs"
+
+
+def test_epilogue_relu_keeps_nan_in_sass():
+    """The CUTLASS epilogue's ReLU is a NaN-propagating max (``max.NaN.f32`` -> ``FMNMX.NAN``):
+    every float min/max in the compiled kernels keeps NaN, as torch.relu does.  Read from the
+    extension's SASS (Triton ships cuobjdump), so it is checked without a GPU."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("no cuobjdump in the triton package")
+    sass = subprocess.run([cuobjdump, "-sass", fusedres._C.__file__], capture_output=True, text=True,
+                          timeout=600).stdout
+    ops = re.findall(r"\bFMNMX(?:\.[A-Z0-9]+)*", sass)
+    assert ops, "no float min/max found in the extension's SASS"
+    assert all(".NAN" in op for op in ops), sorted(set(ops))

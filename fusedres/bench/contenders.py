@@ -7,6 +7,10 @@
 ``fusedres-<b>``    ``fusedres.convert(copy.deepcopy(module), backend=b)`` for each backend
                     ``b`` in :data:`fusedres.BACKENDS` that this machine can run
 ``tensorrt``        Torch-TensorRT (dynamo IR), when ``torch_tensorrt`` is installed
+``ort-cpu``         ONNX Runtime on the CPU (all graph optimisations, one session thread per
+                    torch thread) running the unconverted model exported with
+                    ``torch.onnx.export``, when ``onnxruntime`` and ``onnx`` are installed
+                    (``pip install fusedres[ort]``); fp32 inference
 ==================  =====================================================================
 
 A contender that cannot run here (a backend that is not built, TensorRT missing, a CPU-only
@@ -31,7 +35,8 @@ from ..modules import convert
 _BACKEND_DEVICES = {"torch": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
 
 #: Every contender name, in the order rows are printed.
-NAMES = ("eager", "compile", "compile-max") + tuple(f"fusedres-{b}" for b in backends.BACKENDS) + ("tensorrt",)
+NAMES = ("eager", "compile", "compile-max") + tuple(f"fusedres-{b}" for b in backends.BACKENDS) + (
+    "tensorrt", "ort-cpu")
 COMPILE_NAMES = ("compile", "compile-max")
 #: The note of a compile contender's row on a workload that ``--compile-on`` leaves out.
 NOT_IN_COMPILE_ON = "not in --compile-on"
@@ -57,6 +62,14 @@ class Contender:
             except backends.BackendUnavailableError as exc:
                 return str(exc)
             return None
+        if self.name == "ort-cpu":
+            for pkg in ("onnxruntime", "onnx"):
+                if importlib.util.find_spec(pkg) is None:
+                    return f"{pkg} is not installed (pip install fusedres[ort])"
+            if device.type != "cpu":
+                return "the ort-cpu contender runs ONNX Runtime's CPU provider on CPU tensors"
+            if mode != "infer":
+                return "ONNX Runtime runs inference only"
         if self.name == "tensorrt":
             if importlib.util.find_spec("torch_tensorrt") is None:
                 return "torch_tensorrt is not installed"
@@ -81,6 +94,8 @@ class Contender:
             import torch_tensorrt
 
             return torch_tensorrt.compile(model, ir="dynamo", inputs=[example], enabled_precisions={dtype})
+        if self.name == "ort-cpu":
+            return OrtModule(model, example)
         raise AssertionError(f"unhandled contender {self.name!r}")
 
 
@@ -103,3 +118,31 @@ def parse(spec: str, device: torch.device) -> list[Contender]:
     if not out:
         raise ValueError("--contenders must name at least one contender")
     return [Contender(n) for n in sorted(out, key=NAMES.index)]
+
+
+class OrtModule(nn.Module):
+    """A module run by an ONNX Runtime CPU session: ``model`` exported once for ``example``'s
+    shape, every graph optimisation on, as many intra-op threads as torch uses."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        super().__init__()
+        import io
+        import warnings
+
+        import onnxruntime as ort
+
+        if example.dtype != torch.float32:
+            raise ValueError(f"ort-cpu runs fp32 models, got {example.dtype}")
+        buf = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (example,), buf, input_names=["x"], output_names=["y"], dynamo=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (y,) = self.session.run(None, {"x": x.detach().contiguous().numpy()})
+        return torch.from_numpy(y)
