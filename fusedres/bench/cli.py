@@ -55,6 +55,14 @@ SUITES = {
         channels_last=True, contenders="eager,compile,fusedres-triton", compile_on="resnet50/b256",
         repeats=20, warmup=5, time_budget=150.0,
     ),
+    # CPU inference against ONNX Runtime (the unconverted model exported, all graph optimisations):
+    # ResNet-50 and -18 at batch 1 (single-image serving) and 8, fp32, NCHW input; torch.compile
+    # on ResNet-50 only.  About 6 minutes on 2 cores.  Needs fusedres[ort].
+    "cpu-ort": dict(
+        model="resnet50,resnet18", blocks="none", batch="1,8", dtype="float32", mode="infer",
+        channels_last=False, contenders="eager,compile,fusedres-cpu,ort-cpu", compile_on="resnet50",
+        repeats=15, warmup=3,
+    ),
     # The committed CPU training run: ResNet-50 and -18 training steps at batch 8, fp32 and
     # bf16 autocast, NCHW model and input, fused vs eager vs torch.compile (about 8 minutes
     # on 2 cores).
