@@ -619,3 +619,27 @@ def test_sigterm_still_writes_the_results(tmp_path):
     else:
         assert proc.returncode == 130 and res["interrupted"] is True, stdout
         assert 1 <= len(res["rows"]) < 8 and "fusedres bench" in stdout
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_cudnn_fused_folding_matches_the_model(name):
+    """The cudnn-fused contender's folded modules compute the model (CPU fallback of the same
+    folding; the cuDNN ops themselves run on a GPU only)."""
+    import torchvision
+
+    from fusedres.bench.cudnn_fused import FoldedBlock, cudnn_fused
+    from helpers import randomize
+
+    torch.manual_seed(0)
+    ref = randomize(torchvision.models.get_model(name, weights=None)).eval()
+    folded = cudnn_fused(ref)
+    assert sum(isinstance(m, FoldedBlock) for m in folded.modules()) in (8, 16)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref(x), rtol=1e-4, atol=1e-4)
+    assert contenders.Contender("cudnn-fused").skip_reason(torch.device("cpu"), "infer") is not None
+
+
+def test_graph_replay_timing_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA device"):
+        timing.time_graph_replay(lambda x: x, torch.zeros(1), torch.device("cpu"))

@@ -4,6 +4,9 @@
 ``eager``           the torchvision module as is (the reference every row is checked against)
 ``compile``         ``torch.compile(module)`` (default mode)
 ``compile-max``     ``torch.compile(module, mode="max-autotune")`` (CUDA graphs included)
+``cudnn-fused``     each conv + eval BN folded, run by cuDNN's fused conv(+add)+ReLU ops, as
+                    TorchScript freezing emits them (:mod:`fusedres.bench.cudnn_fused`);
+                    eval, CUDA only
 ``fusedres-<b>``    ``fusedres.convert(copy.deepcopy(module), backend=b)`` for each backend
                     ``b`` in :data:`fusedres.BACKENDS` that this machine can run
 ``tensorrt``        Torch-TensorRT (dynamo IR), when ``torch_tensorrt`` is installed
@@ -35,8 +38,11 @@ from ..modules import convert
 _BACKEND_DEVICES = {"torch": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
 
 #: Every contender name, in the order rows are printed.
-NAMES = ("eager", "compile", "compile-max") + tuple(f"fusedres-{b}" for b in backends.BACKENDS) + (
-    "tensorrt", "ort-cpu")
+NAMES = (
+    ("eager", "cudnn-fused", "compile", "compile-max")
+    + tuple(f"fusedres-{b}" for b in backends.BACKENDS)
+    + ("tensorrt", "ort-cpu")
+)
 COMPILE_NAMES = ("compile", "compile-max")
 #: The note of a compile contender's row on a workload that ``--compile-on`` leaves out.
 NOT_IN_COMPILE_ON = "not in --compile-on"
@@ -62,6 +68,11 @@ class Contender:
             except backends.BackendUnavailableError as exc:
                 return str(exc)
             return None
+        if self.name == "cudnn-fused":
+            if device.type != "cuda":
+                return "cuDNN's fused conv ops run on CUDA"
+            if mode != "infer":
+                return "the BN statistics are folded into the weights: eval only"
         if self.name == "ort-cpu":
             for pkg in ("onnxruntime", "onnx"):
                 if importlib.util.find_spec(pkg) is None:
@@ -84,6 +95,10 @@ class Contender:
         model = copy.deepcopy(ref)
         if self.name == "eager":
             return model
+        if self.name == "cudnn-fused":
+            from .cudnn_fused import cudnn_fused
+
+            return cudnn_fused(model)
         if self.name == "compile":
             return torch.compile(model)
         if self.name == "compile-max":

@@ -236,6 +236,7 @@ COLUMNS = (
     ("dtype", lambda r: r["dtype"] + (" CL" if r["channels_last"] else "")),
     ("contender", lambda r: r["contender"]),
     ("ms median (p20-p80)", _time_cell),
+    ("graph ms", lambda r: _fmt(r.get("graph_ms"), ".3g")),
     ("img/s", lambda r: _fmt(r["img_per_s"], ".4g")),
     ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
     ("GB/s", lambda r: _fmt(r["gbps"], ".3g")),

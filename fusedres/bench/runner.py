@@ -23,7 +23,7 @@ from .. import backends
 from ..check import build_reference, randomize_bn
 from . import roofline
 from .contenders import COMPILE_NAMES, NOT_IN_COMPILE_ON, Contender
-from .timing import Stats, time_interleaved, time_once
+from .timing import Stats, time_graph_replay, time_interleaved, time_once
 from .workloads import BlockShape, model_gmacs_per_image, published_gmacs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -277,6 +277,14 @@ def run_workload(w: Workload, dtype: torch.dtype, cfg: Config, peaks: roofline.P
                 fail(name, "memory", exc)
                 continue
             _fill_times(rows[name], s, w.batch, floor_s, mem)
+            if dev.type == "cuda" and not train:
+                status(f"graph replay of {name}")
+                try:
+                    rows[name]["graph_ms"] = time_graph_replay(steps[name], inputs[0], dev) * 1e3
+                except Exception as exc:  # not capturable: the row keeps its wall time only
+                    rows[name]["graph_ms"] = None
+                    note = f"no graph time ({type(exc).__name__}: {str(exc)[:200]})"
+                    rows[name]["note"] = f"{rows[name]['note']}; {note}" if rows[name]["note"] else note
     _fill_speedups(rows)
     return [rows[c.name] for c in cfg.contenders]
 

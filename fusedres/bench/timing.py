@@ -187,3 +187,33 @@ def time_once(fn, device: torch.device) -> tuple[object, float]:
     out = fn()
     sync(device)
     return out, time.perf_counter() - t0
+
+
+def time_graph_replay(fn, x: torch.Tensor, device: torch.device, reps: int = 20) -> float:
+    """GPU seconds of ``fn(x)``'s kernels alone: the call captured once in a CUDA graph, then the
+    graph replayed ``reps`` times (each after an L2 flush, as the timed calls); the median.
+
+    No host time is in it, whatever the call's Python costs: the figure a contender would reach
+    with its host path taken out of the loop (``fusedres.cuda_graphs``, ``reduce-overhead``).
+    Raises what the capture raises (a contender that cannot be captured)."""
+    if device.type != "cuda":
+        raise ValueError("graph replay timing needs a CUDA device")
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn(x)  # warm: nothing that the capture cannot do (allocations, autotuning) is left for it
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize(device)
+    return Stats.of([s.elapsed_time(e) / 1e3 for s, e in times]).median
