@@ -1,103 +1,136 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with torch/triton preinstalled and no network:
+# One prepared run for a GPU machine with torch/triton preinstalled and no network:
 #   scripts/device_check.sh [OUTDIR]
-# Builds the CUDA extension (when the nvidia-cutlass wheel is in .whl/, see scripts/build_ext_gpu.sh),
-# runs the cuda-marked tests, `fusedres check`, the block and training benchmarks, and ends with a
-# summary table.  Every step has its own time limit and a failing step never stops the rest.
-# Step limits add up to about 15 minutes at DEVICE_CHECK_SCALE=1, all of one session's device
-# time: pick steps.  Build 1 min (in the background, beside the Triton tests), host overhead
-# 2.5 min, tests 3 min each set, check and check-train 1 min each, inference bench 3 min, training bench 2 min.
-# DEVICE_CHECK_SCALE=0.5 halves every step's limit and time budget; DEVICE_CHECK_STEPS=bench-infer,bench-train
-# runs only the named steps (build, tests-triton, host-overhead, tests-cuda, tests-quick, check,
-# check-train, bench-infer, bench-train, train-memory).  Still owed after 2026-11-27: tests-triton and tests-cuda
-# to completion, check-train (new), bench-infer's block and compile-max rows, bench-train, train-memory.
+#
+# Steps in priority order, each with its own time limit, all inside one budget
+# (DEVICE_CHECK_BUDGET seconds, default 540: 9 minutes of one 10-minute call), so that what
+# matters most is measured first and a slow step can only cost the steps after it:
+#
+#   build          the CUDA extension (scripts/build_ext_gpu.sh), in the background beside smoke-triton
+#   smoke-triton   GPU numerics of the Triton kernels: converted ResNet-18/50 against torchvision,
+#                  the train kernels (cuda-marked tests, autotuner off)
+#   smoke-cuda     the same for the CUDA extension's kernels, once it is built
+#   bench-blocks   every distinct ResNet-18/-50 block at batch 256 and 64: eager, cudnn-fused,
+#                  fusedres-cuda, fusedres-triton (fusedres bench --suite gpu-blocks)
+#   bench-models   ResNet-50 and -18 at batch 256, 64 and 1, the same contenders (--suite gpu-models)
+#   bench-train    one training step of ResNet-50: eager, compile, fusedres; img/s and peak memory
+#   bench-compile  torch.compile (default mode) on the block and model rows (--suite gpu-compile)
+#   bench-max      max-autotune on three representative blocks (--suite gpu-max)
+#   check          fusedres check (inference) and check-train (one training step)
+#   tests-full     every cuda-marked test
+#   host-overhead  host vs GPU time of a converted ResNet-50 (benchmarks/host_overhead.py)
+#   train-memory   activation memory of a training step
+#
+# Each bench step writes its JSON into OUTDIR/results when it ends (its own --time-budget stops it
+# starting new workloads well before the step's limit); OUTDIR/summary.txt gets one line per step as
+# it ends, so a run cut short still says what it did.  DEVICE_CHECK_STEPS=a,b runs only the named
+# steps; DEVICE_CHECK_SCALE scales every limit and budget.
+#
+# DEVICE_CHECK_DRY_RUN=1: the same steps on the CPU at toy sizes (device cpu, 32x32 images, batch 2,
+# one timed round, no extension build, no torch.compile), so that the script cannot rot between GPU
+# runs: tests/test_device_check.py runs it in CI.
 set -u
 OUTDIR=${1:-${OUT:-out}/device}
-mkdir -p "$OUTDIR"
+mkdir -p "$OUTDIR/results"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 SCALE=${DEVICE_CHECK_SCALE:-1}
+DRY=${DEVICE_CHECK_DRY_RUN:-0}
 SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
 T0=$(date +%s)
-
 secs() { awk -v s="$1" -v k="$SCALE" 'BEGIN { printf "%d", s * k }'; }
+DEADLINE=$((T0 + $(secs "${DEVICE_CHECK_BUDGET:-540}")))
 
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log, record status and duration
-  local name=$1 limit
+if [ "$DRY" = 1 ]; then
+  # Toy sizes; the GPU-only contenders become skipped rows; compile rows are skipped (their cost
+  # on 2 CPU cores would dominate) but still named.
+  BENCH=(--device cpu --size 32 --batch 2 --dtype float32 --no-channels-last --repeats 1 --warmup 0
+         --compile-on none --time-budget 20)
+  CHECK=(--device cpu --model resnet18 --batch 2 --size 32 --dtype float32 --repeats 1)
+  MEMORY=(--device cpu --batch 1 --size 64)
+else
+  BENCH=(--device cuda)
+  CHECK=(--device cuda --dtype bfloat16)
+  MEMORY=(--device cuda --batch 64 --dtype bf16 --channels-last)
+fi
+
+step() {  # step NAME LIMIT_S COMMAND...: run within its limit and the run's budget, log, record
+  local name=$1 limit left t rc status
   limit=$(secs "$2")
   shift 2
   case ",${DEVICE_CHECK_STEPS:-all}," in ",all,"|*",$name,"*) ;; *) return 0 ;; esac
-  local t
+  left=$((DEADLINE - $(date +%s) - 5))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    printf '%-14s %-12s %4ss  %s\n' "$name" "NO-TIME" 0 "budget spent" >>"$SUMMARY"
+    return 0
+  fi
   t=$(date +%s)
   echo "=== [$name] (limit ${limit}s) $*"
   timeout --kill-after=5 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
-  local rc=$?
-  local status=ok
+  rc=$?
+  status=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status="FAIL(rc=$rc)"; fi
-  tail -n 15 "$OUTDIR/$name.log"
+  tail -n 12 "$OUTDIR/$name.log"
   printf '%-14s %-12s %4ss  %s\n' "$name" "$status" "$(($(date +%s) - t))" \
-    "$(grep -E '^=+ .*(passed|failed|error)' "$OUTDIR/$name.log" | tail -n 1 | tr -d '=')" >>"$SUMMARY"
+    "$(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUTDIR/$name.log" | tail -n 1 | tr -d '=')" >>"$SUMMARY"
+}
+
+bench() {  # bench NAME LIMIT_S SUITE [FLAGS...]: a fusedres bench suite into OUTDIR/results
+  local name=$1 limit=$2 suite=$3
+  shift 3
+  step "$name" "$limit" $PY -m fusedres bench --suite "$suite" "$@" "${BENCH[@]}" \
+    --results-dir "$OUTDIR/results" --summary "$OUTDIR/$name.summary"
 }
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   # A copied checkout can carry a stale .git: the commit given by the caller wins.
   echo "commit: ${FUSEDRES_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  [ "$DRY" = 1 ] && echo "DRY RUN on the CPU (toy sizes): nothing here measures a GPU"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   $PY -c 'import sys, torch, torchvision, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 } | tee "$OUTDIR/env.txt"
 
 # Autotuning results persist on disk, so each later process (tests, benches) re-uses them.
 export TRITON_CACHE_AUTOTUNING=1
-# The extension builds on all cores while the Triton and training tests (which do not need it) run.
-(step build 150 bash scripts/build_ext_gpu.sh) &
-BUILD_PID=$!
-# Tests run with the autotuner off (first valid tile): they check numerics; the benchmarks tune.
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-triton 170 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
-  tests/test_triton_train.py tests/test_training.py tests/test_training_triton.py tests/test_triton_cuda.py
-wait $BUILD_PID
+if [ "$DRY" = 1 ]; then
+  step build 60 $PY -c 'import fusedres; print("dry run: no extension build")'
+  FUSEDRES_TRITON_AUTOTUNE=0 step smoke-triton 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+    tests/test_gpu_models.py tests/test_triton_cuda.py tests/test_training_triton.py tests/test_triton_train.py
+else
+  # The extension builds on all cores while the Triton numerics (which do not need it) run.
+  (step build 150 bash scripts/build_ext_gpu.sh) &
+  BUILD_PID=$!
+  FUSEDRES_TRITON_AUTOTUNE=0 step smoke-triton 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+    tests/test_gpu_models.py tests/test_triton_cuda.py tests/test_training_triton.py tests/test_triton_train.py \
+    -k "not compile and not graph"
+  wait $BUILD_PID
+fi
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
-# Host vs GPU time of a converted ResNet-50 (eager / triton / cuda), after the build: beside it,
-# the cold Triton autotuning did not finish in 72 s (2026-11-27).  Also warms the Triton caches
-# for ResNet-50's conv shapes at batch 64 and 256, which the block benchmark shares.
-step host-overhead 150 $PY benchmarks/host_overhead.py --backends eager triton cuda --batches 64 256 \
-  --launch-micro --profile --json "$OUTDIR/host_overhead.json"
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-cuda 100 $PY -m pytest -m cuda -v -rfE -p no:cacheprovider \
-  tests/test_cuda_ext.py tests/test_gpu_models.py
-# The GPU tests most worth their time when the budget is short (select with DEVICE_CHECK_STEPS).
-FUSEDRES_TRITON_AUTOTUNE=0 step tests-quick 100 $PY -m pytest -v -rfE -p no:cacheprovider \
-  tests/test_cuda_ext.py tests/test_triton.py tests/test_gpu_models.py \
-  -k "bn_stat or opcheck or schema or kernel_errors or direct_eager or converted or resnet"
-step check 60 $PY -m fusedres check --model resnet50 --batch 64 --device cuda --dtype bfloat16 \
-  --json "$OUTDIR/check.json"
-# One bf16 AMP training step: the Triton train kernels against eager's spread, and the chain's
-# algorithm in float64 (small: its first call autotunes every train conv shape).
-step check-train 60 $PY -m fusedres check --mode train --model resnet18 --batch 16 --size 112 --device cuda \
-  --dtype bfloat16 --repeats 10 --json "$OUTDIR/check_train.json"
+FUSEDRES_TRITON_AUTOTUNE=0 step smoke-cuda 60 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+  tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
 
-mkdir -p "$OUTDIR/results"
-# Inference, bf16 channels_last: ResNet-50 whole model, then every distinct ResNet-18/-50 block
-# at batch 256 and 64: eager vs the fused backends, max-autotune on one shape (run right after the
-# models: --compile-on's workloads come first, so the time budget cannot cut them).  Not on the
-# whole ResNet-50: its max-autotune compile has never been timed here and a default-mode compile
-# of a train step already costs about a minute; in this 3-minute step, first in line, it could
-# run into the step's limit before any block row.
-step bench-infer 170 $PY -m fusedres bench --suite gpu-quick --device cuda \
-  --compile-on "bottleneck_1024-256-s1_14x14/b256" --time-budget "$(secs 120)" \
-  --results-dir "$OUTDIR/results" --summary "$OUTDIR/bench-infer.summary"
-# Training step, bf16 AMP channels_last: ResNet-50 and -18, img/s and peak memory.
-# torch.compile of a train step costs about a minute, so it runs on the last (smallest) workload only.
-step bench-train 120 $PY -m fusedres bench --suite gpu-train --device cuda --time-budget "$(secs 80)" \
-  --compile-on "resnet18/b128" \
-  --results-dir "$OUTDIR/results" --summary "$OUTDIR/bench-train.summary"
-step train-memory 45 $PY benchmarks/train_memory.py --device cuda --batch 64 --dtype bf16 --channels-last \
-  --json "$OUTDIR/results/train_memory.json"
+bench bench-blocks 140 gpu-blocks --time-budget "$(secs 110)"
+bench bench-models 60 gpu-models --time-budget "$(secs 40)"
+bench bench-train 70 gpu-train --model resnet50 --batch 128 --compile-on resnet50/b128 --time-budget "$(secs 50)"
+bench bench-compile 60 gpu-compile --time-budget "$(secs 45)"
+bench bench-max 60 gpu-max --time-budget "$(secs 45)"
+
+step check 40 $PY -m fusedres check "${CHECK[@]}" --json "$OUTDIR/results/check.json"
+step check-train 40 $PY -m fusedres check --mode train "${CHECK[@]}" --json "$OUTDIR/results/check_train.json"
+FUSEDRES_TRITON_AUTOTUNE=0 step tests-full 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider tests
+if [ "$DRY" != 1 ]; then  # needs a GPU to keep busy
+  step host-overhead 90 $PY benchmarks/host_overhead.py --backends eager triton cuda --batches 64 \
+    --json "$OUTDIR/results/host_overhead.json"
+fi
+step train-memory 45 $PY benchmarks/train_memory.py "${MEMORY[@]}" --json "$OUTDIR/results/train_memory.json"
 
 echo
-echo "=== summary (total $(($(date +%s) - T0))s) ==="
+echo "=== summary (total $(($(date +%s) - T0))s of a ${DEVICE_CHECK_BUDGET:-540}s budget) ==="
 cat "$OUTDIR/env.txt" "$SUMMARY"
 for f in "$OUTDIR"/*.summary; do [ -f "$f" ] && cat "$f"; done
 exit 0

@@ -45,6 +45,30 @@ SUITES = {
         compile_on="bottleneck_1024-256-s1_14x14/b256,basic_128-128-s1_28x28/b256",
         repeats=50, warmup=10, time_budget=150.0,
     ),
+    # The device check's inference suites (scripts/device_check.sh), bf16 channels_last, in its
+    # priority order.  Every distinct ResNet-18/-50 block at batch 256 and 64 (30 rows) against
+    # eager and cuDNN's fused ops, then the whole models at batch 256, 64 and 1, then
+    # torch.compile (default mode) on the same workloads, then max-autotune on three blocks.
+    "gpu-blocks": dict(
+        blocks="resnet18,resnet50", model="none", batch="256,64", dtype="bfloat16", mode="infer",
+        channels_last=True, contenders="eager,cudnn-fused,fusedres-cuda,fusedres-triton",
+        repeats=30, warmup=5, time_budget=140.0,
+    ),
+    "gpu-models": dict(
+        blocks="none", model="resnet50,resnet18", batch="256,64,1", dtype="bfloat16", mode="infer",
+        channels_last=True, contenders="eager,cudnn-fused,fusedres-cuda,fusedres-triton",
+        repeats=30, warmup=5, time_budget=50.0,
+    ),
+    "gpu-compile": dict(
+        blocks="resnet18,resnet50", model="resnet50", batch="256,64", dtype="bfloat16", mode="infer",
+        channels_last=True, contenders="eager,compile", repeats=20, warmup=3, time_budget=60.0,
+    ),
+    "gpu-max": dict(
+        blocks="resnet18,resnet50", model="none", batch="256", dtype="bfloat16", mode="infer",
+        channels_last=True, contenders="eager,compile-max",
+        only="basic_64-64-s1_*,bottleneck_256-64-s1_*,bottleneck_1024-256-s1_*",
+        repeats=20, warmup=3, time_budget=60.0,
+    ),
     # Training step (forward + backward, bf16 autocast, channels_last) of ResNet-50 and -18:
     # img/s and peak memory, fused vs eager vs torch.compile (default mode, on ResNet-50 at
     # batch 256 only: each train-mode compile costs about a minute).
