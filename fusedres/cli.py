@@ -1,4 +1,4 @@
-"""``fusedres`` command line: ``fusedres check`` and ``fusedres bench``."""
+"""``fusedres`` command line: ``fusedres check``, ``fusedres bench`` and ``fusedres tune``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_cli.add_arguments(sub.add_parser("bench", help="benchmark blocks and models against eager / torch.compile"))
 
+    from . import tune
+
+    tune.add_arguments(sub.add_parser("tune", help="autotune the Triton tiles of some models into a tile table"))
+
     args = parser.parse_args(argv)
     if args.command == "check":
         return check.run(args)
+    if args.command == "tune":
+        return tune.run(args)
     return bench_cli.run(args)
 
 

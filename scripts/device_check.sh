@@ -95,8 +95,11 @@ bench() {  # bench NAME LIMIT_S SUITE [FLAGS...]: a fusedres bench suite into OU
   $PY -c 'import sys, torch, torchvision, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 } | tee "$OUTDIR/env.txt"
 
-# Autotuning results persist on disk, so each later process (tests, benches) re-uses them.
+# Autotuning results persist on disk, so each later process (tests, benches) re-uses them; every
+# tile the benchmarks tune is also merged into results/tiles.json (commit it into
+# fusedres/backends/triton/tiles.json: the next runs, and users, skip that autotuning).
 export TRITON_CACHE_AUTOTUNING=1
+export FUSEDRES_TRITON_TILES_OUT="$OUTDIR/results/tiles.json"
 if [ "$DRY" = 1 ]; then
   step build 60 $PY -c 'import fusedres; print("dry run: no extension build")'
   FUSEDRES_TRITON_AUTOTUNE=0 step smoke-triton 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \

@@ -636,3 +636,23 @@ def test_autotune_key_buckets_rows_to_powers_of_two():
             base = tl_launch.base_configs(precision)
             same = lambda mm: tl_launch.prune_configs(base, M=mm, fma=precision == "ieee", **kw)  # noqa: E731
             assert same(m) == same(bucket), (precision, m)
+
+
+def test_shipped_tile_table_round_trip(tmp_path, monkeypatch):
+    """Tuned tiles are written per arch under a process-independent key, read back for the same
+    problem, and ignored when no longer among the problem's candidates."""
+    key = (4096, 56, 56, 56, 56, 64, 64, 0, 1, 1, 1, 0, (1, 1), (1, 1), (1, 1), (1, 1), 3, 3, True, False,
+           False, True, False, False, True, "tf32", False, torch.bfloat16, torch.float32, torch.float32,
+           torch.float32, 0, True)
+    tile = tl_launch.TileConfig(128, 64, 64, 3, 8)
+    monkeypatch.setattr(tl_launch, "_tile_cache", {key: tile, key[:-1] + (False,): tl_launch.TileConfig(64, 64, 64, 4, 4)})
+    path = tmp_path / "tiles.json"
+    assert tl_launch.dump_tiles(str(path), "sm90") == 1  # the untuned entry (autotune off) is not recorded
+    text = tl_launch.table_key(key)
+    assert "bfloat16" in text and "torch." not in text and not text.endswith("|0|True")
+    monkeypatch.setattr(tl_launch, "TILES_FILE", str(path))
+    monkeypatch.setattr(tl_launch, "_shipped", {})
+    assert tl_launch.shipped_tile("sm90", key, [tl_launch.TileConfig(64, 64, 64, 4, 4), tile]) == tile
+    assert tl_launch.shipped_tile("sm90", key, [tl_launch.TileConfig(64, 64, 64, 4, 4)]) is None  # not a candidate any more
+    assert tl_launch.shipped_tile("sm80", key, [tile]) is None  # another arch
+    assert tl_launch.load_tiles(str(tmp_path / "missing.json")) == {}

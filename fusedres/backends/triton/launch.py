@@ -31,6 +31,8 @@ tests' tiny problems still span several row, column and channel tiles.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -375,6 +377,76 @@ def merge_stats(psum: torch.Tensor, pm2: torch.Tensor, m: int, block_m: int) -> 
     return mean, var
 
 
+# --------------------------------------------------------------------------- shipped tiles
+#
+# Cold autotuning benchmarks every candidate tile of every conv shape on its first launch:
+# minutes for a ResNet-50 at two batch sizes, on every process start (and what ate whole GPU
+# check budgets).  A GPU run records the tiles it tuned (``FUSEDRES_TRITON_TILES_OUT=path``, or
+# ``fusedres tune``); merged into ``tiles.json`` beside this file, per arch, they ship with the
+# package and ``_launch`` takes them instead of tuning.  A shipped tile is used only while it is
+# still one of the candidates :func:`prune_configs` keeps for the problem (the candidate lists
+# may change); shapes the table lacks are autotuned as before.
+
+TILES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles.json")
+_shipped: dict[str, dict] = {}
+
+
+def _arch(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    return f"sm{props.major}{props.minor}"
+
+
+def table_key(key: tuple) -> str:
+    """The process-independent text of a ``_tile_cache`` key: the device index and the autotune
+    switch dropped, dtypes by name."""
+    return "|".join(str(v).replace("torch.", "") for v in key[:-2])
+
+
+def load_tiles(path: str | None = None) -> dict:
+    try:
+        with open(path or TILES_FILE) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def shipped_tile(arch: str, key: tuple, candidates) -> TileConfig | None:
+    """The shipped tile for ``key`` on ``arch`` if it is among ``candidates``, else None."""
+    if arch not in _shipped:
+        _shipped[arch] = load_tiles().get(arch, {})
+    fields = _shipped[arch].get(table_key(key))
+    if fields is None:
+        return None
+    tile = TileConfig(*fields)
+    return tile if tile in candidates else None
+
+
+def dump_tiles(path: str, arch: str) -> int:
+    """Merge this process's tuned tiles for ``arch`` into the table at ``path``; returns how many."""
+    table = load_tiles(path)
+    entries = table.setdefault(arch, {})
+    n = 0
+    for key, tile in _tile_cache.items():
+        if key[-1]:  # tuned (autotuning on), not the untuned first candidate
+            entries[table_key(key)] = [tile.block_m, tile.block_n, tile.block_k, tile.num_stages, tile.num_warps,
+                                       tile.group_m]
+            n += 1
+    table[arch] = dict(sorted(entries.items()))
+    with open(path, "w") as f:
+        json.dump(table, f, indent=0, sort_keys=True)
+        f.write("\n")
+    return n
+
+
+def _dump_at_exit() -> None:
+    path = os.environ.get("FUSEDRES_TRITON_TILES_OUT")
+    if path and _tile_cache and torch.cuda.is_available():
+        dump_tiles(path, _arch(torch.device("cuda", torch.cuda.current_device())))
+
+
+atexit.register(_dump_at_exit)
+
+
 #: Tile per problem, filled on a problem's first launch (by the autotuner, or the first
 #: surviving config when autotuning is off).  Later launches of the same problem go straight
 #: to the JIT function with that tile: Triton's ``Autotuner.run`` re-derives its key from
@@ -494,14 +566,19 @@ def _launch(
                tuple(dilation), tuple(ds_stride), *flags.values(), x.dtype, scale.dtype, shift.dtype,
                mean.dtype, x.device.index, _autotune_enabled())
         config = _tile_cache.get(key)
-    if config is None and not _autotune_enabled():
-        config = prune_configs(
+    if config is None:
+        candidates = prune_configs(
             base_configs(flags["DOT_PRECISION"]), M=m, CG=cg, KG=kg, CD=cd, elem_size=x.element_size(),
             smem_limit=_max_shared_mem(x.device), has_downsample=ds is not None,
             fma=flags["DOT_PRECISION"] == "ieee", prologue_bn=prologue is not None,
             m_contiguous_out=_rows_contiguous(out.stride(1), residual.stride(1) if residual is not None else None),
-        )[0]
-        _tile_cache[key] = config
+        )
+        if not _autotune_enabled():
+            config = _tile_cache[key] = candidates[0]
+        else:  # a tile a GPU run tuned for this problem and shipped with the package (tiles.json)
+            config = shipped_tile(_arch(x.device), key, candidates)
+            if config is not None:
+                _tile_cache[key] = config
     # Triton launches on the current device; switch only when x lives elsewhere (the
     # guard costs host time on every call).
     guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
