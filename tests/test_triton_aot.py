@@ -38,3 +38,25 @@ def test_aot_compile_sm80_sm90_no_spills(tmp_path):
     rows = json.loads(report.read_text())
     assert {r["arch"] for r in rows} == {80, 90}
     assert all(r["ok"] and r["regs"] > 0 for r in rows)
+    # The main loop of every tensor-core kernel is found in its SASS (issue pressure per MMA).
+    tc = [r for r in rows if "ieee" not in r["variant"]]
+    assert all(r["mainloop_mma"] and r["mainloop_instrs"] > r["mainloop_mma"] for r in tc), \
+        [r["variant"] for r in tc if not r["mainloop_mma"]]
+    assert "main-loop instructions per MMA" in proc.stdout
+
+
+def test_mainloop_finds_the_innermost_mma_loop():
+    from fusedres.backends.triton.aot import mainloop
+
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   IMAD R2, R3, R4, R5 ;",               # outer loop head
+        "        /*0020*/                   LDGSTS.E.BYPASS.128 [R6], desc[UR4][R8.64] ;",  # main loop head
+        "        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;",
+        "        /*0040*/                   IADD3 R6, R6, 0x80, RZ ;",
+        "        /*0050*/               @P0 BRA 0x20 ;",
+        "        /*0060*/               @P1 BRA 0x10 ;",
+        "        /*0070*/                   EXIT ;",
+    ])
+    assert mainloop(sass) == (4, 1)
+    assert mainloop("        /*0000*/                   EXIT ;") is None

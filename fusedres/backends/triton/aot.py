@@ -19,7 +19,9 @@ constant 1, pointers and the other strides are 16-divisible.  A few extra varian
 NCHW activations (unit width strides, channel strides of any value) and the padding flag
 the other way round (a padded 1x1, an unpadded 3x3), at the default tile.
 
-For each binary it reports registers per thread, spill bytes and shared memory, and
+For each binary it reports registers per thread, spill bytes, shared memory, and the main
+loop's SASS instruction and tensor-core instruction counts (``mainloop_instrs``,
+``mainloop_mma``: :func:`mainloop`, from the SASS of Triton's bundled ``cuobjdump``), and
 fails (exit status 1) on a compile error, any register spill, or shared memory above the
 arch's per-block limit (sm_80: 163 KB, sm_90: 227 KB).  Registers and spills come from
 ``ptxas -v`` (Triton's bundled ptxas, run on the PTX Triton generated): a CompiledKernel
@@ -183,6 +185,48 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     return out
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+_MMA = re.compile(r"\b(HGMMA|HMMA|IMMA)\b")
+
+
+def mainloop(sass: str) -> tuple[int, int] | None:
+    """``(instructions, MMA instructions)`` of the main loop in a kernel's SASS, or None.
+
+    The main loop is the innermost loop (a backward ``BRA`` and the code from its target to it)
+    that holds tensor-core instructions (``HGMMA`` on sm_90, ``HMMA`` on sm_80): one k-step of
+    the implicit GEMM, every instruction of which one warp issues per step.  Instructions per
+    MMA is the CPU-side measure of the loop's issue pressure (address math, masks, waits)."""
+    code = [(int(a, 16), ins) for a, ins in _SASS_LINE.findall(sass)]
+    best = None
+    for addr, ins in code:
+        m = _BRANCH.search(ins)
+        if m is None or m.group(1) is None:
+            continue
+        target = int(m.group(1), 16)
+        if target >= addr:
+            continue
+        body = [i for a, i in code if target <= a <= addr]
+        mma = sum(1 for i in body if _MMA.search(i))
+        if mma and (best is None or len(body) < best[0]):
+            best = (len(body), mma)
+    return best
+
+
+def _sass(cubin: bytes) -> str:
+    """The SASS of a cubin, from the ``cuobjdump`` Triton ships (empty when it is missing)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
 @dataclass
 class Result:
     arch: int
@@ -194,6 +238,10 @@ class Result:
     shared: int = 0
     seconds: float = 0.0
     error: str = ""
+    #: SASS instructions and tensor-core instructions in one main-loop iteration (:func:`mainloop`);
+    #: None where the loop has no MMA (fp32 with TF32 off runs on FMA units) or no SASS was read.
+    mainloop_instrs: int | None = None
+    mainloop_mma: int | None = None
 
 
 def compile_one(arch: int, v: Variant, cfg) -> Result:
@@ -212,6 +260,7 @@ def compile_one(arch: int, v: Variant, cfg) -> Result:
             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         )
         usage = _ptxas_usage(ck.asm["ptx"], arch)
+        loop = mainloop(_sass(ck.asm["cubin"]))
     except Exception as exc:  # reported, and fails the run
         return Result(arch, v.name, cfg_name, False, seconds=time.perf_counter() - t0,
                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -223,7 +272,7 @@ def compile_one(arch: int, v: Variant, cfg) -> Result:
     if shared > SMEM_LIMIT[arch]:
         problems.append(f"shared memory {shared} B > {SMEM_LIMIT[arch]} B")
     return Result(arch, v.name, cfg_name, not problems, usage["regs"], spill, shared,
-                  time.perf_counter() - t0, "; ".join(problems))
+                  time.perf_counter() - t0, "; ".join(problems), *(loop or (None, None)))
 
 
 def plan(archs, all_configs: bool):
@@ -290,13 +339,21 @@ def main(argv=None) -> int:
             results = list(pool.map(_compile_job, jobs))
     else:
         results = [_compile_job(j) for j in jobs]
-    print(f"{'arch':>4} {'variant':<24} {'config':<22} {'regs':>4} {'spill':>5} {'smem KB':>7}  status")
+    print(f"{'arch':>4} {'variant':<24} {'config':<22} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+          f"{'loop':>5} {'mma':>4} {'/mma':>5}  status")
     for r in results:
         status = "ok" if r.ok else f"FAIL: {r.error}"
+        per = f"{r.mainloop_instrs / r.mainloop_mma:.1f}" if r.mainloop_mma else "-"
         print(f"sm{r.arch:<2} {r.variant:<24} {r.config:<22} {r.regs:>4} {r.spill_bytes:>5} "
-              f"{r.shared / 1024:>7.1f}  {status}")
+              f"{r.shared / 1024:>7.1f} {r.mainloop_instrs or '-':>5} {r.mainloop_mma or '-':>4} {per:>5}  {status}")
     bad = [r for r in results if not r.ok]
     print(f"aot: {len(results)} kernels compiled in {time.perf_counter() - t0:.0f}s, {len(bad)} failed")
+    for arch in sorted({r.arch for r in results}):
+        per = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
+                     if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant)
+        if per:
+            print(f"aot: sm{arch} eval kernels: median {per[len(per) // 2]:.1f} main-loop instructions per MMA "
+                  f"(min {per[0]:.1f}, max {per[-1]:.1f}, {len(per)} kernels)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
