@@ -267,6 +267,28 @@ def _train_reason(a: Anatomy, x, owner) -> str | None:
                         None if a.shortcut is None else a.shortcut[1:], owner)
 
 
+class _Planned:
+    """What every fused module (block or model) shares: its plans are dropped on ``train()`` /
+    ``eval()`` and ``Module._apply`` (``.to()``, ``.half()``...), and scripting is announced."""
+
+    #: Backend for this module's fused ops; :func:`convert` sets it per instance.
+    backend = "auto"
+    #: Marks the fused classes (for :func:`fusedres.convert_sync_batchnorm`, without an import).
+    _fusedres_fused = True
+
+    def train(self, mode: bool = True):
+        plan.drop(self)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        plan.drop(self)
+        return super()._apply(fn, recurse)
+
+    def __prepare_scriptable__(self):
+        P.announce(self, "torch.jit.script compiles the reference computation")
+        return self
+
+
 class _TrainRun:
     """The training forward of one block: one chain (:mod:`fusedres.training`)."""
 
@@ -294,13 +316,8 @@ class _ReferenceRun:
         return super(_FusedBlockMixin, module).forward(x)
 
 
-class _FusedBlockMixin:
+class _FusedBlockMixin(_Planned):
     """The forward shared by the fused blocks; each class describes its layers in :meth:`_anatomy`."""
-
-    #: Backend for this block's fused ops; :func:`convert` sets it per instance.
-    backend = "auto"
-    #: Marks the fused classes (for :func:`fusedres.convert_sync_batchnorm`, without an import).
-    _fusedres_fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -342,14 +359,6 @@ class _FusedBlockMixin:
                 why = train_why
         return Plan("reference", _ReferenceRun(why), seen, why)
 
-    def train(self, mode: bool = True):
-        plan.drop(self)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        plan.drop(self)
-        return super()._apply(fn, recurse)
-
     def fusion_report(self) -> str | None:
         """Why this block runs (partly) unfused whatever the call, or None: its layer types."""
         a = self._anatomy()
@@ -366,10 +375,6 @@ class _FusedBlockMixin:
             return ("convs fused in eval, " + " and ".join(parts) + " run as modules in between; "
                     "training runs the reference forward")
         return None
-
-    def __prepare_scriptable__(self):
-        P.announce(self, "torch.jit.script compiles the reference computation")
-        return self
 
 
 class BasicBlock(_FusedBlockMixin, tv_resnet.BasicBlock):
@@ -516,7 +521,7 @@ def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
     return Plan("reference", _StemReferenceRun(stages, pool, why), seen, why)
 
 
-class FusedResNet(tv_resnet.ResNet):
+class FusedResNet(_Planned, tv_resnet.ResNet):
     """torchvision ``ResNet`` whose stem ``relu(bn1(conv1(x)))`` runs as one fused op.
 
     :func:`convert` gives an exact ``torchvision.models.ResNet`` this class in place; every
@@ -524,9 +529,6 @@ class FusedResNet(tv_resnet.ResNet):
     train) the input is converted to channels_last once here, explicitly: every fused
     backend's fast layout.
     """
-
-    backend = "auto"
-    _fusedres_fused = True
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -547,22 +549,10 @@ class FusedResNet(tv_resnet.ResNet):
             return "reference stem: its layers are not a plain conv + BatchNorm + ReLU"
         return None
 
-    def train(self, mode: bool = True):
-        plan.drop(self)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        plan.drop(self)
-        return super()._apply(fn, recurse)
-
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         named = (("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool))
         return fused_stem(self, named, ((self.conv1, self.bn1, self.relu),), self.maxpool, x)
-
-    def __prepare_scriptable__(self):
-        P.announce(self, "torch.jit.script compiles the reference computation")
-        return self
 
 
 _FUSED = {

@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 from timm.models import resnet as timm_resnet
 
-from . import plan
-from .modules import Anatomy, _FusedBlockMixin, fused_stem, register, shortcut_of
+from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
 
@@ -101,11 +100,8 @@ class TimmBottleneck(_FusedBlockMixin, timm_resnet.Bottleneck):
         return self.act3(x)
 
 
-class TimmResNet(timm_resnet.ResNet):
+class TimmResNet(_Planned, timm_resnet.ResNet):
     """timm ``ResNet`` whose stem (plain or deep) runs as fused conv + BN + ReLU ops."""
-
-    backend = "auto"
-    _fusedres_fused = True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -115,14 +111,6 @@ class TimmResNet(timm_resnet.ResNet):
             x = self.layer3(x)
             return self.layer4(x)
         return self._fused_features(x)
-
-    def train(self, mode: bool = True):
-        plan.drop(self)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        plan.drop(self)
-        return super()._apply(fn, recurse)
 
     @torch.jit.unused
     def _fused_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,12 +139,6 @@ class TimmResNet(timm_resnet.ResNet):
         if self._stem_stages() is None:
             return "reference stem: conv1 is neither one conv nor a deep stem of conv-norm-act triples"
         return None
-
-    def __prepare_scriptable__(self):
-        from . import patterns
-
-        patterns.announce(self, "torch.jit.script compiles the reference computation")
-        return self
 
 
 register(timm_resnet.BasicBlock, TimmBasicBlock)
