@@ -284,7 +284,8 @@ def prepare_conv_bn_act(
                  (x, weight, scale, shift, residual, running_mean, running_var),
                  has_residual=residual is not None)
     mod = backends.select(backend, spec)
-    empty = (0, cout, oh, ow) if x.shape[0] == 0 else None
+    # An empty batch needs no kernel, unless autograd must see the call (the reference then runs it).
+    empty = (0, cout, oh, ow) if x.shape[0] == 0 and not spec.requires_grad else None
     return PreparedConv(mod, spec, amp, _resolve_stats(mod, spec, [stats]), empty)
 
 
@@ -399,7 +400,7 @@ def prepare_block_tail(
                  has_residual=False, ds_in_channels=x.shape[1], ds_stride=ds_stride,
                  ds_input_size=(x.shape[2], x.shape[3]))
     mod = backends.select(backend, spec)
-    empty = (0, cout, oh, ow) if y.shape[0] == 0 else None
+    empty = (0, cout, oh, ow) if y.shape[0] == 0 and not spec.requires_grad else None
     return PreparedTail(mod, spec, amp, _resolve_stats(mod, spec, [stats, ds_stats]), empty)
 
 

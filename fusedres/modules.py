@@ -71,22 +71,27 @@ class _Step:
     ``torch`` reference) runs nothing else; otherwise the fold happens here, per call.
     """
 
-    __slots__ = ("conv", "bn", "tensors", "geom", "as_stats")
+    __slots__ = ("conv", "bn", "tensors", "geom", "kinds", "as_stats")
 
     def __init__(self, conv, bn):
         self.conv, self.bn = conv, bn
         self.tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        self.geom = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.geom = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        # dtypes and device: a submodule moved on its own (block.conv1.double()) keeps its
+        # parameter objects, and only the fused module's own _apply drops plans
+        self.kinds = tuple(None if t is None else (t.dtype, t.device) for t in self.tensors)
         self.as_stats = conv.bias is None and bn.weight is not None and bn.bias is not None
 
     def args(self, dtype):
         """``(weight, scale, shift, stats)`` for the fused call (``dtype``: of a host-side fold)."""
         conv, bn = self.conv, self.bn
-        t, g = self.tensors, self.geom
+        t, g, k = self.tensors, self.geom, self.kinds
         w, bw, bb, rm, rv = conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
         if (w is not t[0] or conv.bias is not t[1] or bw is not t[2] or bb is not t[3] or rm is not t[4]
                 or rv is not t[5] or conv.stride is not g[0] or conv.padding is not g[1]
-                or conv.dilation is not g[2] or conv.groups != g[3]):
+                or conv.dilation is not g[2] or conv.groups != g[3] or conv.padding_mode != g[4]
+                or w.dtype is not k[0][0] or w.device != k[0][1]
+                or (rv is not None and rv.dtype is not k[5][0]) or (bw is not None and bw.dtype is not k[2][0])):
             raise Stale
         if self.as_stats:
             return w, bw, bb, (rm, rv, bn.eps)
@@ -165,6 +170,12 @@ def _inert_reason(inert) -> str | None:
     return None
 
 
+def _droppers(a: Anatomy) -> list:
+    """The drop-path / drop-block modules of ``a``: inactive when the plan is made, and checked to
+    stay so on every call (their ``drop_prob`` may be raised by a schedule)."""
+    return [m for _, m in a.inert if m is not None and type(m) is not nn.Identity]
+
+
 def _layer_reason(a: Anatomy, bn_ok, what: str) -> str | None:
     """The first layer of ``a`` that the fused forwards cannot take, ``bn_ok`` judging the norms."""
     for act in [s[2] for s in a.stages] + [a.act]:
@@ -192,9 +203,10 @@ class _EvalRun:
     shortcut conv).  The fused calls are prepared (checked, backend picked) on the first run
     and reused after."""
 
-    __slots__ = ("stages", "tail", "short", "pool", "attn", "backend", "calls")
+    __slots__ = ("stages", "tail", "short", "pool", "attn", "inert", "backend", "calls")
 
     def __init__(self, a: Anatomy, backend: str):
+        self.inert = _droppers(a)
         self.stages = [(_Step(conv, bn), after) for conv, bn, _, after in a.stages]
         self.tail = _Step(*a.tail)
         self.short = _Step(a.shortcut[1], a.shortcut[2]) if a.shortcut is not None else None
@@ -204,6 +216,9 @@ class _EvalRun:
         self.calls = None
 
     def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
+        for m in self.inert:
+            if m.training and m.drop_prob:
+                raise Stale
         x = y = x.contiguous(memory_format=torch.channels_last)
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         first = self.calls is None
@@ -292,13 +307,17 @@ class _Planned:
 class _TrainRun:
     """The training forward of one block: one chain (:mod:`fusedres.training`)."""
 
-    __slots__ = ("pairs", "proj")
+    __slots__ = ("pairs", "proj", "inert")
 
     def __init__(self, a: Anatomy):
         self.pairs = a.pairs()
         self.proj = None if a.shortcut is None else a.shortcut[1:]
+        self.inert = _droppers(a)
 
     def __call__(self, module, x):
+        for m in self.inert:  # a drop probability raised since the plan was made (a schedule)
+            if m.training and m.drop_prob:
+                raise Stale
         return chain_forward(module, _channels_last(x), self.pairs, downsample=self.proj,
                              identity=self.proj is None)
 
@@ -333,7 +352,7 @@ class _FusedBlockMixin(_Planned):
         if why is not None:
             P.announce(self, why)
             return super().forward(x)
-        key = plan.signature(self, x)
+        key = plan.signature(self, x, self._modules.values())
         p = plan.lookup(self, key, self._modules.values())
         if p is not None:
             try:
@@ -469,16 +488,19 @@ class _StemTrainRun:
 
 
 class _StemReferenceRun:
-    __slots__ = ("stages", "pool", "why")
+    """The stem's own modules called in order (``conv1``, ``bn1``, the activation, the pool), so a
+    hook on any of them, a deep stem's ``Sequential`` included, fires as in the reference."""
 
-    def __init__(self, stages, pool, why):
-        self.stages, self.pool, self.why = stages, pool, why
+    __slots__ = ("named", "why")
+
+    def __init__(self, named, why):
+        self.named, self.why = named, why
 
     def __call__(self, owner, x):
         P.announce(owner, self.why)
-        for conv, bn, act in self.stages:
-            x = act(bn(conv(x)))
-        return self.pool(x)
+        for _, mod in self.named:
+            x = mod(x)
+        return x
 
 
 def fused_stem(owner, named, stages, pool, x: torch.Tensor) -> torch.Tensor:
@@ -489,9 +511,9 @@ def fused_stem(owner, named, stages, pool, x: torch.Tensor) -> torch.Tensor:
     mark, and the key of the stem's plans)."""
     why = P.call_reason(x)
     if why is not None:
-        return _StemReferenceRun(stages, pool, why)(owner, x)
+        return _StemReferenceRun(named, why)(owner, x)
     roots = [m for _, m in named]
-    key = plan.signature(owner, x)
+    key = plan.signature(owner, x, roots)
     p = plan.lookup(owner, key, roots)
     if p is not None:
         try:
@@ -518,7 +540,7 @@ def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
             return Plan("train", _StemTrainRun(stages, pool), seen)
         if any(P.batch_stat_bn(b) for _, b in pairs):
             why = train_why
-    return Plan("reference", _StemReferenceRun(stages, pool, why), seen, why)
+    return Plan("reference", _StemReferenceRun(named, why), seen, why)
 
 
 class FusedResNet(_Planned, tv_resnet.ResNet):

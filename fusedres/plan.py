@@ -55,22 +55,24 @@ class Plan:
         self.watched, self.modes, self.hooked = seen
 
 
-def _requires_grad(module) -> bool:
-    for p in module.parameters():
-        if p.requires_grad:
-            return True
-    for b in module.buffers():
-        if b.requires_grad:
-            return True
+def _requires_grad(roots) -> bool:
+    for root in roots:
+        for p in root.parameters():
+            if p.requires_grad:
+                return True
+        for b in root.buffers():
+            if b.requires_grad:
+                return True
     return False
 
 
-def signature(module, x: torch.Tensor) -> tuple | None:
-    """What a plan for ``module`` depends on in the call with input ``x``; None under ``torch.compile``."""
+def signature(module, x: torch.Tensor, roots) -> tuple | None:
+    """What a plan for ``module``, covering the modules ``roots``, depends on in the call with input
+    ``x``; None under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return None
     dev = x.device
-    grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(module))
+    grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(roots))
     amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     return (x.shape, x.stride(), x.dtype, dev, grad, amp, modes_active(), os.environ.get(ENV_VAR), module.backend)
 

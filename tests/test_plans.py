@@ -338,3 +338,51 @@ def test_op_and_its_fake_report_the_same_error():
             torch.ops.fusedres.conv_bn_act_cpu(*fake)
     assert "does not fit x's 8 channels" in str(eager.value)
     assert str(eager.value).split(": ", 1)[1] in str(traced.value)
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+def test_bn_writes_through_data_are_seen():
+    """The cpu backend's fold cache compares the BN vectors' values, so a write through ``.data``
+    (no version bump) is seen too."""
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        m.bn1.running_var.data.mul_(4)
+        m.bn2.weight.data.fill_(2.0)
+    _same(fused, ref, x)
+
+
+def test_padding_mode_and_submodule_dtype_changes():
+    ref, fused = _pair("bottleneck")
+    x = _x(16)
+    _same(fused, ref, x)
+    for m in (ref, fused):
+        m.conv2.padding_mode = "reflect"  # not fusable: the plan must not keep zero padding
+    with pytest.warns(RuntimeWarning):
+        _same(fused, ref, x)
+    for m in (ref, fused):
+        m.conv2.padding_mode = "zeros"
+        m.conv1.double()  # one submodule moved on its own: torchvision raises, so must the fused block
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    with pytest.raises(RuntimeError) as got:
+        fused(x)
+    assert str(got.value) == str(want.value)
+
+
+def test_cpu_op_under_autocast_and_profiler():
+    """Under autocast the weights are cast before the registered op (which takes one dtype)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 on this CPU")
+    ref, fused = _pair("bottleneck")
+    fused = fusedres.convert(fused, backend="cpu")
+    x = _x(16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            got = fused(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)

@@ -124,3 +124,34 @@ def test_jit_script_timm():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_drop_path_raised_after_a_training_call():
+    """A stochastic-depth schedule raises drop_prob after the first step: the training chain made
+    while it was 0 must give way to timm's forward."""
+    from timm.layers import DropPath
+
+    torch.manual_seed(0)
+    ref = randomize(timm_resnet.BasicBlock(8, 8, drop_path=DropPath(0.0))).train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(4, 8, 9, 9)
+    fused(x)
+    for m in (ref, fused):
+        m.drop_path.drop_prob = 1.0  # the residual branch is dropped for every sample: deterministic
+    with pytest.warns(RuntimeWarning, match="drop_path"):
+        got = fused(x)
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hook_on_a_deep_stem_fires():
+    ref, fused = build("resnet26d"), fusedres.convert(build("resnet26d"))
+    calls = []
+    for m in (ref, fused):
+        m.conv1.register_forward_hook(lambda mod, inp, out: calls.append(1) or out * 0.5)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = ref(x)
+        with pytest.warns(RuntimeWarning, match="has hooks"):
+            got = fused(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -18,9 +18,9 @@ shape.
 Folded weights (reordered into oneDNN's blocked layout per input shape) are cached per
 weight tensor (weakly, so nothing outlives the model) and reused only while the weight's
 data (storage, dtype and version counter: :class:`fusedres.backends.WeightCache`) and the
-BN vectors' data (pointers and version counters, or else their values) are unchanged, so
-changing a parameter, loading a checkpoint, ``.half()`` / ``.to()`` or toggling train/eval
-can never leave a stale fold behind, and an unchanged eval block runs no fold at all.  Under autocast (an fp32 model run in bf16) the fold is made in fp32 and stored in
+BN vectors' values (compared on every call) are unchanged, so changing a parameter, loading a
+checkpoint, ``.half()`` / ``.to()`` or toggling train/eval can never leave a stale fold
+behind, and an unchanged eval block runs no fold at all.  Under autocast (an fp32 model run in bf16) the fold is made in fp32 and stored in
 the activation dtype.
 
 Inference only: calls that need autograd, or that run under ``torch.compile`` (Inductor
@@ -70,7 +70,7 @@ def unsupported_reason(spec) -> str | None:
 
 
 class _Fold:
-    __slots__ = ("keys", "pins", "values", "weight", "bias", "packed")
+    __slots__ = ("values", "weight", "bias", "packed")
 
 
 # oneDNN picks a blocked weight layout per problem; the reorder costs about as much as the
@@ -81,41 +81,28 @@ _MAX_PACKED_SHAPES = 8
 _cache = WeightCache()
 
 
-def _same_values(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
-
 def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _Fold:
     """The folded filter and bias in ``dtype`` (the activations'), cached per weight.
 
     ``scale``/``shift`` are a folded affine, or with ``stats = (mean, var, eps)`` an eval BN's
     weight and bias (the fold is then ``scale / sqrt(var + eps)``, ``shift - mean * that``).
     ``dtype`` differs from the weight's only under autocast: the fold is computed in fp32
-    and rounded once.  An entry is reused while the weight's data
-    (:class:`fusedres.backends.WeightCache`) and the vectors' data pointers and version
-    counters are unchanged (it keeps references to the vectors, so a freed vector's address
-    cannot come back as a "new" one), or, for vectors computed afresh per call, while their
-    values are equal.
+    and rounded once.  An entry is reused while the weight's data is unchanged
+    (:class:`fusedres.backends.WeightCache`) and the vectors hold the same values: they are
+    compared on every call (a few hundred floats), so no write to a BN tensor, in place,
+    through ``.data`` or by replacing it, can leave a stale fold.
     """
     vectors = (scale, shift) + ((stats[0], stats[1]) if stats is not None else (None, None))
     eps = stats[2] if stats is not None else None
-    keys = []  # (data_ptr, version) of each vector; None when one has no version (an inference tensor)
-    for v in vectors:
-        if v is None:
-            keys.append(None)
-        elif v.is_inference():
-            keys = None
-            break
-        else:
-            keys.append((v.data_ptr(), v._version))
     entry = _cache.get(weight, (dtype, eps))
     if entry is not None:
-        if keys is not None and keys == entry.keys:
-            return entry
-        if all(_same_values(a, b) for a, b in zip(entry.values, vectors)):
-            entry.keys, entry.pins = keys, vectors
+        for a, b in zip(entry.values, vectors):  # a loop, not all(...): it runs on every call
+            if a is None or b is None:
+                if a is not b:
+                    break
+            elif a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                break
+        else:
             return entry
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
     s, t = scale.to(wide), shift.to(wide)
@@ -123,7 +110,6 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
         s = s * torch.rsqrt(stats[1].to(wide) + eps)
         t = t - stats[0].to(wide) * s
     entry = _Fold()
-    entry.keys, entry.pins = keys, vectors
     entry.values = tuple(None if v is None else v.detach().clone() for v in vectors)
     entry.weight = (weight.detach().to(wide) * s.view(-1, 1, 1, 1)).to(dtype).contiguous(
         memory_format=torch.channels_last)
@@ -238,6 +224,7 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
         return _conv(x, _folded(weight, scale, shift, stats, x.dtype), spec.stride, spec.padding, spec.dilation,
                      spec.groups, residual, spec.relu)
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
+    weight = weight.to(x.dtype)  # the op takes one dtype (a no-op outside autocast)
     return torch.ops.fusedres.conv_bn_act_cpu(x, weight, scale, shift, residual, mean, var, eps, spec.stride,
                                               spec.padding, spec.dilation, spec.groups, spec.relu)
 
@@ -245,7 +232,11 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
     ds_mean, ds_var, ds_eps = ds_stats if ds_stats is not None else (None, None, 0.0)
-    op = torch.ops.fusedres.block_tail_cpu if spec.dispatch else block_tail_impl
+    if spec.dispatch:
+        op = torch.ops.fusedres.block_tail_cpu
+        weight, ds_weight = weight.to(y.dtype), ds_weight.to(y.dtype)  # one dtype (autocast)
+    else:
+        op = block_tail_impl
     return op(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
               spec.stride, spec.padding, spec.dilation, spec.groups, spec.ds_stride, spec.relu)
 
