@@ -29,6 +29,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _announce_again():
+    """Each test sees fusedres's once-per-process fallback warnings afresh (a test asserting one
+    must not depend on which tests ran before it)."""
+    from fusedres import patterns
+
+    patterns._announced.clear()
+    yield
+
+
 @pytest.fixture
 def ieee_fp32():
     """Full-precision fp32 convolutions (TF32 off) for the duration of a test."""

@@ -44,16 +44,6 @@ def _block(kind="basic-down", seed=0):
     return randomize(block, seed).eval()
 
 
-@pytest.fixture(autouse=True)
-def _announce_again():
-    """Each test sees the once-per-process fallback warnings afresh."""
-    from fusedres import patterns
-
-    patterns._announced.clear()
-    yield
-    patterns._announced.clear()
-
-
 def _x(c=8, n=2, hw=(9, 10), seed=1):
     return torch.randn(n, c, *hw, generator=torch.Generator().manual_seed(seed))
 
