@@ -15,7 +15,9 @@
 #   bench-models   ResNet-50 and -18 at batch 256, 64 and 1, the same contenders (--suite gpu-models)
 #   bench-train    one training step of ResNet-50: eager, compile, fusedres; img/s and peak memory
 #   bench-compile  torch.compile (default mode) on the block and model rows (--suite gpu-compile)
+#   smoke-tma      (after smoke-cuda) the opt-in TMA kernel of 1x1 convs, its numerics
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
+#   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
 #   check          fusedres check (inference) and check-train (one training step)
 #   tests-full     every cuda-marked test
 #   host-overhead  host vs GPU time of a converted ResNet-50 (benchmarks/host_overhead.py)
@@ -116,12 +118,18 @@ fi
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-cuda 60 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
   tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
+# The opt-in TMA kernel of 1x1 convs (FUSEDRES_TRITON_TMA=1): its first numerics on a GPU.
+FUSEDRES_TRITON_AUTOTUNE=0 step smoke-tma 40 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k tma
 
 bench bench-blocks 140 gpu-blocks --time-budget "$(secs 110)"
 bench bench-models 60 gpu-models --time-budget "$(secs 40)"
 bench bench-train 70 gpu-train --model resnet50 --batch 128 --compile-on resnet50/b128 --time-budget "$(secs 50)"
 bench bench-compile 60 gpu-compile --time-budget "$(secs 45)"
 bench bench-max 60 gpu-max --time-budget "$(secs 45)"
+# The TMA kernel against the cp.async one on the Bottleneck blocks (the 1x1 convs), into its own file.
+FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks --only "bottleneck_*" \
+  --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_TMA=1" \
+  --json "$OUTDIR/results/gpu-blocks-tma.json" --summary "$OUTDIR/bench-tma.summary"
 
 step check 40 $PY -m fusedres check "${CHECK[@]}" --json "$OUTDIR/results/check.json"
 step check-train 40 $PY -m fusedres check --mode train "${CHECK[@]}" --json "$OUTDIR/results/check_train.json"

@@ -656,3 +656,52 @@ def test_shipped_tile_table_round_trip(tmp_path, monkeypatch):
     assert tl_launch.shipped_tile("sm90", key, [tl_launch.TileConfig(64, 64, 64, 4, 4)]) is None  # not a candidate any more
     assert tl_launch.shipped_tile("sm80", key, [tile]) is None  # another arch
     assert tl_launch.load_tiles(str(tmp_path / "missing.json")) == {}
+
+
+# --------------------------------------------------------------------------- TMA 1x1 kernel (opt-in)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["affine", "bn+res+relu", "res", "bn"])
+def test_tma_1x1_matches_fp64(dtype, mode, monkeypatch):
+    """The opt-in TMA GEMM kernel of 1x1 convs (FUSEDRES_TRITON_TMA=1): ragged rows and channels
+    (the descriptors' out-of-bounds zero fill), every epilogue variant, against float64."""
+    used = []
+    monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
+    real = tl_launch._launch_tma
+    monkeypatch.setattr(tl_launch, "_launch_tma", lambda *a, **k: used.append(1) or real(*a, **k))
+    n, c, k, h, w = 2, 40, 24, 5, 7  # M = 70 rows: ragged against every tile
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
+    scale, shift = _affine(k)
+    stats = (torch.rand(k, device=DEVICE) * 0.2, torch.rand(k, device=DEVICE) + 0.5, 1e-5) if "bn" in mode else None
+    res = _rand(n, k, h, w, dtype=dtype, channels_last=True) if "res" in mode else None
+    relu = "relu" in mode
+    kw = {} if stats is None else dict(running_mean=stats[0], running_var=stats[1], eps=stats[2])
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), relu=relu,
+                                 residual=None if res is None else res.double(), backend="torch",
+                                 **{a: (b.double() if torch.is_tensor(b) else b) for a, b in kw.items()})
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
+                                                           backend="torch", **kw))
+    out = _poisoned((n, k, h, w), dtype, True)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu,
+                     bn_stats=stats)
+    assert used == [1]
+    _check(out, ref64, same, dtype)
+
+
+def test_tma_declines_what_it_cannot_compute(monkeypatch):
+    monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
+    x = _rand(2, 16, 5, 5, dtype=torch.bfloat16, channels_last=True)
+    w1 = tl_launch.kernel_weight(_rand(8, 16, 1, 1, dtype=torch.bfloat16))
+    out = torch.empty(2, 8, 5, 5, dtype=torch.bfloat16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    args = (x, w1, None, out, (1, 1), (0, 0), (1, 1), 1)
+    assert tl_launch.tma_eligible(*args)
+    assert not tl_launch.tma_eligible(x, w1, None, out, (2, 2), (0, 0), (1, 1), 1)  # strided
+    assert not tl_launch.tma_eligible(x.contiguous(), w1, None, out, (1, 1), (0, 0), (1, 1), 1)  # NCHW input
+    assert not tl_launch.tma_eligible(x.float(), w1, None, out, (1, 1), (0, 0), (1, 1), 1)  # fp32
+    w3 = tl_launch.kernel_weight(_rand(8, 16, 3, 3, dtype=torch.bfloat16))
+    assert not tl_launch.tma_eligible(x, w3, None, out, (1, 1), (0, 0), (1, 1), 1)  # 3x3
+    x12 = _rand(2, 12, 5, 5, dtype=torch.bfloat16, channels_last=True)
+    w12 = tl_launch.kernel_weight(_rand(8, 12, 1, 1, dtype=torch.bfloat16))
+    assert not tl_launch.tma_eligible(x12, w12, None, out, (1, 1), (0, 0), (1, 1), 1)  # 12 channels: rows not 16 B

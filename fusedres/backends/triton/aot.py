@@ -316,6 +316,10 @@ def plan(archs, all_configs: bool):
         for v in extra_variants():
             configs = kept(v, arch)
             jobs.extend((arch, v, c) for c in (configs if all_configs else configs[:1]))
+        if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
+            tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
+                                 smem_limit=SMEM_LIMIT[arch])[0]
+            jobs.extend(("tma", arch, "bf16", name, tile) for name in TMA_VARIANTS)
     return jobs
 
 
@@ -350,10 +354,14 @@ def main(argv=None) -> int:
     print(f"aot: {len(results)} kernels compiled in {time.perf_counter() - t0:.0f}s, {len(bad)} failed")
     for arch in sorted({r.arch for r in results}):
         per = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
-                     if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant)
+                     if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant and "tma" not in r.variant)
         if per:
             print(f"aot: sm{arch} eval kernels: median {per[len(per) // 2]:.1f} main-loop instructions per MMA "
                   f"(min {per[0]:.1f}, max {per[-1]:.1f}, {len(per)} kernels)")
+        tma = [r.mainloop_instrs / r.mainloop_mma for r in results if r.arch == arch and "tma" in r.variant
+               and r.mainloop_mma]
+        if tma:
+            print(f"aot: sm{arch} opt-in TMA 1x1 kernels: {min(tma):.1f}-{max(tma):.1f} main-loop instructions per MMA")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
@@ -361,7 +369,56 @@ def main(argv=None) -> int:
 
 
 def _compile_job(job):
+    if job[0] == "tma":
+        return compile_tma(*job[1:])
     return compile_one(*job)
+
+
+#: The opt-in TMA GEMM kernel of 1x1 convs (sm_90 only): its epilogue variants, eval.
+TMA_VARIANTS = {"affine": (False, False, False), "res+relu": (True, True, False), "res+relu+bn": (True, True, True),
+                "relu+bn": (False, True, True)}
+
+
+def compile_tma(arch: int, dtype: str, name: str, cfg) -> Result:
+    """Compile :func:`_conv1x1_tma_fwd_kernel` for ``arch`` (tensor descriptors of ``cfg``'s tile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .kernels import _conv1x1_tma_fwd_kernel as kernel
+
+    has_res, relu, bn = TMA_VARIANTS[name]
+    cfg_name = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}-s{cfg.num_stages}-w{cfg.num_warps}"
+    t0 = time.perf_counter()
+    act = _TRITON_DTYPE[dtype]
+    sig = {
+        "a_desc": f"tensordesc<{act}[{cfg.block_m}, {cfg.block_k}]>",
+        "b_desc": f"tensordesc<{act}[{cfg.block_k}, {cfg.block_n}]>",
+        "scale_ptr": "*" + act if bn else "*fp32", "shift_ptr": "*" + act if bn else "*fp32",
+        "mean_ptr": "*" + act if bn else "*fp32", "var_ptr": "*" + act if bn else "*fp32", "eps": "fp32",
+        "r_desc": f"tensordesc<{act}[{cfg.block_m}, {cfg.block_n}]>",
+        "o_desc": f"tensordesc<{act}[{cfg.block_m}, {cfg.block_n}]>", "M": "i32", "N": "i32", "K": "i32",
+    }
+    constants = dict(HAS_RESIDUAL=has_res, RELU=relu, BN_STATS=bn, DOT_PRECISION="tf32", DOT_UPCAST=False,
+                     **cfg.kwargs())
+    for c in constants:
+        sig[c] = "constexpr"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
+    variant = f"{dtype}-tma1x1+{name}"
+    try:
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        usage = _ptxas_usage(ck.asm["ptx"], arch)
+        loop = mainloop(_sass(ck.asm["cubin"]))
+    except Exception as exc:
+        return Result(arch, variant, cfg_name, False, seconds=time.perf_counter() - t0,
+                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    spill = usage["spill_stores"] + usage["spill_loads"]
+    shared = int(ck.metadata.shared)
+    problems = ([f"{spill} bytes of register spills"] if spill else []) + (
+        [f"shared memory {shared} B > {SMEM_LIMIT[arch]} B"] if shared > SMEM_LIMIT[arch] else [])
+    return Result(arch, variant, cfg_name, not problems, usage["regs"], spill, shared, time.perf_counter() - t0,
+                  "; ".join(problems), *(loop or (None, None)))
 
 
 if __name__ == "__main__":

@@ -260,3 +260,54 @@ def _conv_bn_act_fwd_kernel(
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     o_row = nb64 * son + oh64 * soh + ow64 * sow
     tl.store(out_ptr + o_row[:, None] + (k_out64 * soc)[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv1x1_tma_fwd_kernel(
+    a_desc, b_desc, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, r_desc, o_desc,
+    M, N, K,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """A 1x1, stride-1, unpadded, ungrouped conv over channels_last tensors as the plain GEMM it is,
+    with both operands brought in by the TMA copy engine (tensor descriptors) on sm_90.
+
+    ``a_desc`` describes the input as ``(M, K)`` (``M = N * H * W`` pixels, ``K = C_in``, rows
+    contiguous), ``b_desc`` the re-laid-out weight as ``(K, N)`` (``N = C_out``), ``r_desc`` and
+    ``o_desc`` the residual and the output as ``(M, N)`` (channels_last).  Out-of-bounds rows and
+    channels of a tile load as zeros and are not stored (the descriptors' bounds).  The epilogue
+    is :func:`_conv_bn_act_fwd_kernel`'s for this case: the affine or the eval BN statistics, the
+    residual, the NaN-propagating ReLU, one rounding on the store.  No address arithmetic at all:
+    every tile moves by TMA, so the main loop is the copy issue, the barrier wait and the MMAs,
+    and the epilogue holds no 2-D offset tensor (which spilled at 128x128 tiles with 8 warps).  Opt-in (``FUSEDRES_TRITON_TMA=1``, see
+    ``launch.tma_eligible``) until a GPU run has verified it.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_rows
+    pid_n = (pid % num_in_group) // group_rows
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([m0, k0])
+        b = b_desc.load([k0, n0])
+        if DOT_UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, offs_n < N, BN_STATS)
+    z = acc * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        z += r_desc.load([m0, n0]).to(tl.float32)
+    if RELU:  # NaN stays NaN, as in torch.relu
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    o_desc.store([m0, n0], z.to(o_desc.dtype))

@@ -41,7 +41,12 @@ import torch
 import triton
 
 from .. import WeightCache, cudnn_conv_tf32
-from .kernels import _conv_bn_act_fwd_kernel
+from .kernels import _conv1x1_tma_fwd_kernel, _conv_bn_act_fwd_kernel
+
+try:  # host-side TMA descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the TMA path is never taken
+    TensorDescriptor = None
 
 
 # Triton reads TRITON_INTERPRET when it is imported, so it cannot change afterwards.
@@ -296,11 +301,88 @@ def launch(
     ``bn_stats`` is ``None`` or ``(mean, var, eps)`` (plus ``(ds_mean, ds_var, ds_eps)``
     appended when ``ds`` is given): ``scale``/``shift`` (and ``ds_scale``/``ds_shift``) are
     then an eval BatchNorm's weight and bias, normalised in the kernel's epilogue
-    (``BN_STATS``).  ``config`` forces a tile (no autotuning).
+    (``BN_STATS``).  ``config`` forces a tile (no autotuning).  With :data:`TMA_ENABLED`, an
+    eligible 1x1 conv (:func:`tma_eligible`) runs the TMA GEMM kernel instead.
     """
+    if TMA_ENABLED and ds is None and tma_eligible(x, w_t, residual, out, stride, padding, dilation, groups):
+        _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config)
+        return out
     _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config,
             bn_stats=bn_stats)
     return out
+
+
+# --------------------------------------------------------------------------- TMA (opt-in)
+#
+# 1x1 stride-1 convs (half of ResNet-50's FLOPs) over channels_last tensors are plain GEMMs, so
+# on sm_90 both operands can come through TMA tensor descriptors, and the main loop loses its
+# per-step address and mask arithmetic (the aot report measures it: main-loop SASS instructions
+# per MMA).  The kernel has never run on a GPU: it is taken only with FUSEDRES_TRITON_TMA=1
+# until a GPU run has verified it (numerics through the interpreter and sm_90 compilation are
+# checked on the CPU).
+
+TMA_ENABLED = os.environ.get("FUSEDRES_TRITON_TMA") == "1"
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cl_rows(t: torch.Tensor) -> bool:
+    """``t`` ``(N, C, H, W)`` is channels_last-contiguous, so ``(N*H*W, C)`` is a row-major view of it."""
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def tma_eligible(x, w_t, residual, out, stride, padding, dilation, groups) -> bool:
+    """Whether the TMA kernel computes this conv: 1x1, stride 1, no padding, one group, fp16/bf16,
+    channels_last input, output and residual, 16-byte aligned rows (channels multiples of 8), on an
+    sm_90+ GPU (or the interpreter)."""
+    if TensorDescriptor is None or x.dtype not in _TMA_DTYPES:
+        return False
+    kh, kw, cg, k = w_t.shape
+    if (kh, kw) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or groups != 1:
+        return False
+    if cg % 8 or k % 8 or not (_cl_rows(x) and _cl_rows(out) and (residual is None or _cl_rows(residual))):
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_properties(x.device).major < 9:
+            return False
+        if any(t.data_ptr() % 16 for t in (x, w_t, out) + ((residual,) if residual is not None else ())):
+            return False
+        return True
+    return interpreting()
+
+
+def _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config=None) -> None:
+    n, c, h, w = x.shape
+    k = w_t.shape[3]
+    m = n * h * w
+    if m == 0:
+        return
+    if config is None:
+        config = INTERPRET_CONFIG if interpreting() else prune_configs(
+            base_configs("tf32"), M=m, CG=c, KG=k, CD=0, elem_size=x.element_size(),
+            smem_limit=_max_shared_mem(x.device))[0]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    a = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1).reshape(m, c), [bm, bk])
+    b = TensorDescriptor.from_tensor(w_t.view(c, k), [bk, bn])
+    o = TensorDescriptor.from_tensor(out.permute(0, 2, 3, 1).reshape(m, k), [bm, bn])
+    r = TensorDescriptor.from_tensor(residual.permute(0, 2, 3, 1).reshape(m, k), [bm, bn]) \
+        if residual is not None else o
+    scale, shift = scale.contiguous(), shift.contiguous()
+    if bn_stats is not None:
+        mean, var, eps = bn_stats[0].contiguous(), bn_stats[1].contiguous(), bn_stats[2]
+    else:
+        mean, var, eps = scale, shift, 0.0
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_n),)
+    opts = {} if interpreting() else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    guard = torch.cuda.device(x.device) if x.is_cuda and x.device.index != torch.cuda.current_device() \
+        else nullcontext()
+    with guard:
+        _conv1x1_tma_fwd_kernel[grid](
+            a, b, scale, shift, mean, var, float(eps), r, o, m, k, c,
+            HAS_RESIDUAL=residual is not None, RELU=bool(relu), BN_STATS=bn_stats is not None,
+            DOT_PRECISION="tf32", DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            **opts,
+        )
 
 
 #: Smallest ``BLOCK_M`` any config may pick: sizes the statistics workspace before the
