@@ -102,6 +102,20 @@ def _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, k, k_ok, BN_STATS: tl.
 
 
 @triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` in grouped ("L2-swizzled") order: GROUP_M consecutive
+    row tiles sweep all column tiles together, so their A rows and the whole B slice stay
+    L2-resident."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % num_in_group) % group_rows, (pid % num_in_group) // group_rows
+
+
+@triton.jit
 def _conv_bn_act_fwd_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
@@ -128,19 +142,8 @@ def _conv_bn_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring."""
-    pid = tl.program_id(0)
     g = tl.program_id(1)
-
-    # Grouped ("L2-swizzled") order: GROUP_M consecutive row tiles sweep all column tiles
-    # together, so their A rows and the whole weight slice stay L2-resident.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(KG, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_in_group) % group_rows
-    pid_n = (pid % num_in_group) // group_rows
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -280,18 +283,10 @@ def _conv1x1_tma_fwd_kernel(
     is :func:`_conv_bn_act_fwd_kernel`'s for this case: the affine or the eval BN statistics, the
     residual, the NaN-propagating ReLU, one rounding on the store.  No address arithmetic at all:
     every tile moves by TMA, so the main loop is the copy issue, the barrier wait and the MMAs,
-    and the epilogue holds no 2-D offset tensor (which spilled at 128x128 tiles with 8 warps).  Opt-in (``FUSEDRES_TRITON_TMA=1``, see
-    ``launch.tma_eligible``) until a GPU run has verified it.
+    and the epilogue holds no 2-D offset tensor (which spilled at 128x128 tiles with 8 warps).
+    Opt-in (``FUSEDRES_TRITON_TMA=1``, see ``launch.tma_eligible``) until a GPU run has verified it.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_in_group) % group_rows
-    pid_n = (pid % num_in_group) // group_rows
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
 
