@@ -44,7 +44,7 @@ from . import patterns as P
 from . import plan
 from .functional import bn_scale_shift, prepare_block_tail, prepare_conv_bn_act
 from .plan import Plan, Stale
-from .training import chain_forward, chain_reason
+from .training import chain_forward, chain_reason, train_memory_format
 
 __all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "explain", "revert"]
 
@@ -104,15 +104,6 @@ class _Step:
         return prepare_conv_bn_act(x, weight, scale, shift, stride=conv.stride, padding=conv.padding,
                                    dilation=conv.dilation, groups=conv.groups, residual=residual, relu=relu,
                                    backend=backend, running_mean=mean, running_var=var, eps=eps)
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels_last, the fast layout of every fused kernel (a no-op when it already is).
-
-    Blocks convert their input once, so a model fed NCHW pays one copy at its first fused
-    block instead of one per fused op, and hands channels_last on (the same values).
-    """
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 class Anatomy(NamedTuple):
@@ -305,21 +296,23 @@ class _Planned:
 
 
 class _TrainRun:
-    """The training forward of one block: one chain (:mod:`fusedres.training`)."""
+    """The training forward of one block: one chain (:mod:`fusedres.training`), in the memory
+    format chosen for the planned input shape (:func:`fusedres.training.train_memory_format`)."""
 
-    __slots__ = ("pairs", "proj", "inert")
+    __slots__ = ("pairs", "proj", "inert", "layout")
 
-    def __init__(self, a: Anatomy):
+    def __init__(self, a: Anatomy, x: torch.Tensor):
         self.pairs = a.pairs()
         self.proj = None if a.shortcut is None else a.shortcut[1:]
         self.inert = _droppers(a)
+        self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
 
     def __call__(self, module, x):
         for m in self.inert:  # a drop probability raised since the plan was made (a schedule)
             if m.training and m.drop_prob:
                 raise Stale
-        return chain_forward(module, _channels_last(x), self.pairs, downsample=self.proj,
-                             identity=self.proj is None)
+        return chain_forward(module, x.contiguous(memory_format=self.layout), self.pairs, downsample=self.proj,
+                             identity=self.proj is None, recompute=self.layout == torch.channels_last)
 
 
 class _ReferenceRun:
@@ -373,7 +366,7 @@ class _FusedBlockMixin(_Planned):
                 return Plan("eval", _EvalRun(a, self.backend), seen)
             train_why = _train_reason(a, x, self)
             if train_why is None:
-                return Plan("train", _TrainRun(a), seen)
+                return Plan("train", _TrainRun(a, x), seen)
             if any(P.batch_stat_bn(b) for _, b in a.pairs()):
                 why = train_why
         return Plan("reference", _ReferenceRun(why), seen, why)
@@ -473,17 +466,20 @@ class _StemTrainRun:
     """The training stem: one chain, with the pool when it is a plain ``nn.MaxPool2d`` (its input
     and indices are then recomputed in backward instead of stored)."""
 
-    __slots__ = ("pairs", "pool", "plain_pool")
+    __slots__ = ("pairs", "pool", "plain_pool", "layout")
 
-    def __init__(self, stages, pool):
+    def __init__(self, stages, pool, x):
         self.pairs = [(conv, bn) for conv, bn, _ in stages]
         self.pool = pool
         self.plain_pool = type(pool) is nn.MaxPool2d and not pool.return_indices
+        # channels_last (at the stem's sizes: the fast layout of the Triton kernels, of oneDNN's
+        # convolutions and of ATen's CPU max-pool, 15x faster than on NCHW) unless the input is
+        # so small that the CPU's NCHW convolutions win (train_memory_format).
+        self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
 
     def __call__(self, owner, x):
-        # channels_last from here on, as in eval: the fast layout of the Triton kernels, of
-        # oneDNN's convolutions and of ATen's CPU max-pool (15x faster than on NCHW).
-        x = chain_forward(owner, _channels_last(x), self.pairs, pool=self.pool if self.plain_pool else None)
+        x = chain_forward(owner, x.contiguous(memory_format=self.layout), self.pairs,
+                          pool=self.pool if self.plain_pool else None, recompute=self.layout == torch.channels_last)
         return x if self.plain_pool else self.pool(x)
 
 
@@ -537,7 +533,7 @@ def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
         pairs = a.pairs()
         train_why = chain_reason(x, pairs, [s[2] for s in stages], None, owner)
         if train_why is None:
-            return Plan("train", _StemTrainRun(stages, pool), seen)
+            return Plan("train", _StemTrainRun(stages, pool, x), seen)
         if any(P.batch_stat_bn(b) for _, b in pairs):
             why = train_why
     return Plan("reference", _StemReferenceRun(named, why), seen, why)
@@ -547,9 +543,10 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
     """torchvision ``ResNet`` whose stem ``relu(bn1(conv1(x)))`` runs as one fused op.
 
     :func:`convert` gives an exact ``torchvision.models.ResNet`` this class in place; every
-    attribute and ``state_dict`` key is unchanged.  When the fused path is active (eval or
-    train) the input is converted to channels_last once here, explicitly: every fused
-    backend's fast layout.
+    attribute and ``state_dict`` key is unchanged.  When the fused path is active the input is
+    converted to channels_last once by the stem, explicitly: every fused backend's fast layout
+    (CPU training at small spatial sizes runs NCHW instead, see
+    :func:`fusedres.training.train_memory_format`).
     """
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:

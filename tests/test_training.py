@@ -71,6 +71,49 @@ def test_block_train_matches_torchvision(name, channels_last, shape):
     _compare(ref, fused, x, torch.float32, expect_chains=1)
 
 
+def test_train_memory_format_policy():
+    """CPU chains run channels_last from CPU_CHANNELS_LAST_MIN_HW output positions up, NCHW
+    below (strides and padding counted); other devices always channels_last."""
+    from fusedres.training import CPU_CHANNELS_LAST_MIN_HW, train_memory_format
+
+    assert CPU_CHANNELS_LAST_MIN_HW == 64
+    c1, c3 = torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.Conv2d(4, 4, 3, 2, 1, bias=False)
+    cpu = lambda h, w: torch.empty(1, 4, h, w)  # noqa: E731
+    assert train_memory_format(cpu(8, 8), [c1, c1]) is torch.channels_last  # 64 positions
+    assert train_memory_format(cpu(8, 7), [c1, c1]) is torch.contiguous_format  # 56
+    assert train_memory_format(cpu(16, 16), [c1, c3, c1]) is torch.channels_last  # 8x8 out
+    assert train_memory_format(cpu(15, 13), [c1, c3, c1]) is torch.contiguous_format  # 8x7 out
+    assert train_memory_format(cpu(14, 14), [c1, c3, c1]) is torch.contiguous_format  # 7x7 out
+    assert train_memory_format(torch.empty(1, 4, 2, 2, device="meta"), [c1]) is torch.channels_last
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "bottleneck-down", "basic"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("hw", [(12, 11), (6, 5)], ids=["big", "small"])
+def test_block_train_layout(name, channels_last, hw, monkeypatch):
+    """Both CPU layouts of the chain (and the recompute of the last conv that only channels_last
+    chains do) match torchvision, whatever layout the input comes in; the output has the
+    chain's layout."""
+    from fusedres.training import RECOMPUTE_MAX_REDUCTION, chain as chain_mod, train_memory_format
+
+    cfgs = []
+    apply = chain_mod.ChainTrain.apply
+    monkeypatch.setattr(chain_mod.ChainTrain, "apply", lambda cfg, *a: cfgs.append(cfg) or apply(cfg, *a))
+    ref, cin = make_block(name)
+    ref.train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = _inputs((2, cin, *hw), channels_last)
+    layout = train_memory_format(x, [m for m in (ref.conv1, ref.conv2, getattr(ref, "conv3", None)) if m])
+    assert (layout is torch.channels_last) == (hw == (12, 11) and name != "bottleneck-down")
+    _compare(ref, fused, x, torch.float32, expect_chains=1)
+    out = fused(x)
+    assert out.is_contiguous(memory_format=layout)
+    last = getattr(ref, "conv3", ref.conv2)
+    cheap = last.in_channels // last.groups * last.kernel_size[0] * last.kernel_size[1] <= RECOMPUTE_MAX_REDUCTION
+    assert cheap  # these toy blocks' last convs are all cheap enough to recompute
+    assert cfgs[-1][4] == (layout is torch.channels_last)
+
+
 @pytest.mark.parametrize("name", ["basic-down", "resnext"])
 def test_block_train_bf16(name):
     ref, cin = make_block(name)

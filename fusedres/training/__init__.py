@@ -20,7 +20,7 @@ from ..patterns import batch_stat_bn, chain_conv, is_relu
 from .chain import ChainTrain
 from .ops import use_triton
 
-__all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm"]
+__all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm", "train_memory_format"]
 
 _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 1-tuple (group,)
 
@@ -30,6 +30,32 @@ _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 
 #: (3*7*7 = 147), not a BasicBlock's 3x3 ``conv2`` (>= 576), whose recompute would cost about
 #: as much as its forward.
 RECOMPUTE_MAX_REDUCTION = 512
+
+#: On CPU a chain whose output has fewer positions per image (``H*W``) than this runs in NCHW,
+#: larger ones in channels_last.  oneDNN's channels_last training convolutions reorder the
+#: weights on every call, which dominates at small spatial sizes: on 2 cores (fp32, batch 8,
+#: 2026-11-30) a 1x1 2048->512 conv took 2.78 ms forward in channels_last against 0.57 in NCHW
+#: at 2x2 and 5.52 against 4.24 at 7x7, while at 56x56 channels_last is 1.4x (forward) to 4x
+#: (backward of a 1x1 256->64) faster; a Bottleneck train step at 8x8 was 8.8 ms in
+#: channels_last against 10.3 in NCHW.  CUDA always runs channels_last (the Triton kernels').
+CPU_CHANNELS_LAST_MIN_HW = 64
+# Those small NCHW chains also save their last conv's output instead of recomputing it (see
+# RECOMPUTE_MAX_REDUCTION): at such sizes a CPU convolution costs its weight reorder more than
+# its arithmetic, and the tensor saved is small.  A Bottleneck at 4x4 (1024 channels, batch 8)
+# spent 31 ms in 40 forward convolutions against eager's 16 ms in 30 (profiled, 10 steps).
+
+
+def train_memory_format(x: torch.Tensor, convs) -> torch.memory_format:
+    """The memory format a chain over ``convs`` (the main path's ``nn.Conv2d`` in order) runs in
+    for input ``x``: decided once per plan (input signature), see :data:`CPU_CHANNELS_LAST_MIN_HW`."""
+    if x.device.type != "cpu":
+        return torch.channels_last
+    h, w = x.shape[-2:]
+    for conv in convs:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return torch.channels_last if h * w >= CPU_CHANNELS_LAST_MIN_HW else torch.contiguous_format
 
 
 def chain_reason(x, pairs, acts, downsample, owner=None) -> str | None:
@@ -129,13 +155,14 @@ def _geom(conv: nn.Conv2d):
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
-def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None):
+def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None, recompute=True):
     """Run ``pairs = ((conv, bn), ...)`` as one fused train-mode chain and update running stats.
 
     ``y = relu(bn_K(conv_K(... relu(bn_1(conv_1(x))) ...)) [+ x | + bn_d(conv_d(x))])``, then
     ``pool(y)`` when ``pool`` (an ``nn.MaxPool2d``) is given; ``downsample`` is ``(conv_d, bn_d)``.
     ``owner`` is the module that :func:`convert_sync_batchnorm` may have marked.  Input
-    ``(N, C_in, H, W)``.
+    ``(N, C_in, H, W)``.  ``recompute=False`` saves the last conv's output instead of recomputing
+    it in backward (see :data:`RECOMPUTE_MAX_REDUCTION`).
     """
     dtype = _compute_dtype(x)
     pairs = list(pairs)
@@ -156,7 +183,7 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
         tuple(float(b.eps) for _, b in pairs),
         residual,
         pool_cfg,
-        reduction <= RECOMPUTE_MAX_REDUCTION,
+        recompute and reduction <= RECOMPUTE_MAX_REDUCTION,
     )
     x = x.to(dtype)
     # What ran, for fusedres.backends.record (the bench's "backends used" column): the train

@@ -25,7 +25,8 @@ Bottleneck's 1x1 ``conv3``, the 3-channel stem) and its output is large.  Eager 
 additionally keeps every ``a_i`` (and the pool's input and int64 indices); the ReLU masks are
 recomputed here from ``z_i`` (``a_i > 0``) and from ``y`` (``y > 0``), so no mask tensor is
 stored at all.  Measured with saved-tensor hooks (benchmarks/train_memory.py, CPU, fp32,
-224x224): ResNet-50 keeps 0.50x and ResNet-18 0.50x of eager's activation bytes.
+224x224): ResNet-50 keeps 0.52x and ResNet-18 0.51x of eager's activation bytes (small CPU
+chains skip the recompute: :func:`fusedres.training.train_memory_format`).
 
 Backward per BN (the standard formula, ``M`` = element count per channel over all ranks)::
 
@@ -275,7 +276,7 @@ class ChainTrain(torch.autograd.Function):
                         write_gp=False,
                     )
                 elif ga is not None:
-                    gx = ga if gx is None else gx + ga
+                    gx = ga if gx is None else ga.add_(gx)  # ga is this backward's own tensor
         for j in range(nw):  # no gradient for an absent (None) gamma/beta or a frozen parameter
             for off in (0, 1, 2):
                 if not need[3 + 3 * j + off]:

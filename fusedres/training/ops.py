@@ -125,11 +125,16 @@ def bn_act(z, scale, shift, residual=None, zd=None, dscale=None, dshift=None, *,
     if use_triton(z) and z.numel() > 0:
         return _tk.bn_act(z, scale, shift, residual, zd, dscale, dshift, relu=relu)
     if _aten_bn([z, residual, zd], [scale, shift, dscale, dshift]):
-        if z.dtype != scale.dtype and residual is None and zd is None:
-            # fp16/bf16: BatchNorm's eval kernel with (mean, var) = (0, 1) computes z*scale + shift
-            # in fp32 and rounds once.
+        if zd is None and (residual is None or z.dtype == scale.dtype):
+            # BatchNorm's eval kernel with (mean, var, eps) = (0, 1, 0) computes z*scale + shift
+            # in the statistics dtype and rounds once; one vectorised pass in any memory format
+            # (addcmul with (1, C, 1, 1) operands took 2.3 ms where it takes 0.7 on a
+            # 8x64x56x56 channels_last tensor, 2 CPU cores).  Then the residual and the ReLU in
+            # place (fp32/fp64: the sum is rounded once either way).
             c = z.shape[1]
             out = torch.batch_norm(z, scale, shift, scale.new_zeros(c), scale.new_ones(c), False, 0.0, 0.0, False)
+            if residual is not None:
+                out.add_(residual)
             return out.relu_() if relu else out
         # One allocation in the statistics dtype, then in-place passes: the values of the
         # elementwise form below, rounded once at the end.
