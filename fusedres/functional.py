@@ -184,14 +184,20 @@ class PreparedConv:
     modules keep one per conv and input signature.
     """
 
-    __slots__ = ("mod", "spec", "amp", "kernel_stats", "empty")
+    __slots__ = ("mod", "spec", "amp", "kernel_stats", "empty", "into")
 
     def __init__(self, mod, spec, amp, kernel_stats, empty):
         self.mod, self.spec, self.amp, self.kernel_stats, self.empty = mod, spec, amp, kernel_stats, empty
+        # a backend that can accumulate into a residual the caller gives up (eager calls only:
+        # an op seen by dispatch modes or autograd mutates nothing)
+        into = getattr(mod, "conv_bn_act_into", None)
+        self.into = into if spec.has_residual and not spec.dispatch and empty is None else None
 
-    def __call__(self, x, weight, scale, shift, residual=None, stats=None):
+    def __call__(self, x, weight, scale, shift, residual=None, stats=None, donate_residual=False):
         """``stats``: ``(running_mean, running_var, eps)`` of an eval BN whose weight/bias are
-        ``scale``/``shift``, or None."""
+        ``scale``/``shift``, or None.  ``donate_residual``: the caller owns ``residual`` and
+        gives it up, so a backend that can (``conv_bn_act_into``) writes the output into it;
+        nothing else may hold or see that tensor (its values are then the output's)."""
         if backends._recorders:
             backends.note_used(self.mod.NAME)
         amp = self.amp
@@ -201,12 +207,14 @@ class PreparedConv:
                 residual = residual.to(amp)
         if self.empty is not None:
             return x.new_empty(self.empty)
+        if stats is not None and not self.kernel_stats:
+            scale, shift = fold_stats(scale, shift, stats)
+            stats = None
+        if donate_residual and self.into is not None:
+            return self.into(residual, x, weight, scale, shift, self.spec, stats)
         if stats is None:
             return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec)
-        if self.kernel_stats:
-            return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec, stats)
-        scale, shift = fold_stats(scale, shift, stats)
-        return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec)
+        return self.mod.conv_bn_act(x, weight, scale, shift, residual, self.spec, stats)
 
 
 class PreparedTail:

@@ -192,9 +192,10 @@ class _EvalRun:
     """The eval forward of one block for one input signature: one fused op per conv, the
     shortcut and the add fused into the last one (or, after an attention module, into the
     shortcut conv).  The fused calls are prepared (checked, backend picked) on the first run
-    and reused after."""
+    and reused after.  ``donate``: the caller gives up the input (:meth:`FusedResNet._layers`),
+    so an identity tail may write its output there."""
 
-    __slots__ = ("stages", "tail", "short", "pool", "attn", "inert", "backend", "calls")
+    __slots__ = ("stages", "tail", "short", "pool", "attn", "inert", "backend", "calls", "fresh")
 
     def __init__(self, a: Anatomy, backend: str):
         self.inert = _droppers(a)
@@ -205,8 +206,11 @@ class _EvalRun:
         self.attn = a.attn
         self.backend = backend
         self.calls = None
+        #: The output is a tensor this run made (or the donated input), which no one else holds:
+        #: true unless an attention module's output becomes it.
+        self.fresh = a.attn is None
 
-    def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module, x: torch.Tensor, donate: bool = False) -> torch.Tensor:
         for m in self.inert:
             if m.training and m.drop_prob:
                 raise Stale
@@ -229,7 +233,7 @@ class _EvalRun:
         if self.attn is None and short is None:  # conv + BN + identity + ReLU
             if first:
                 calls.append(self.tail.prepare(y, w, s, t, st, True, self.backend, residual=x))
-            out = calls[i](y, w, s, t, x, st)
+            out = calls[i](y, w, s, t, x, st, donate_residual=donate)
         elif self.attn is None:  # the block tail: both convs, one op
             wd, sd, td, std = short.args(dt)
             if first:
@@ -307,7 +311,7 @@ class _TrainRun:
         self.inert = _droppers(a)
         self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
 
-    def __call__(self, module, x):
+    def __call__(self, module, x, donate=False):
         for m in self.inert:  # a drop probability raised since the plan was made (a schedule)
             if m.training and m.drop_prob:
                 raise Stale
@@ -323,7 +327,7 @@ class _ReferenceRun:
     def __init__(self, why: str):
         self.why = why
 
-    def __call__(self, module, x):
+    def __call__(self, module, x, donate=False):
         P.announce(module, self.why)
         return super(_FusedBlockMixin, module).forward(x)
 
@@ -338,23 +342,29 @@ class _FusedBlockMixin(_Planned):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The plan for this call's input signature (:mod:`fusedres.plan`), made on first use:
-        eval BN: each conv one fused op, the last one with the shortcut fused in;
-        batch-statistics BN: one train chain; anything else: the reference forward."""
+        return self._run(x, False)[0]
+
+    @torch.jit.unused
+    def _run(self, x: torch.Tensor, donate: bool):
+        """``(output, fresh)``: the plan for this call's input signature (:mod:`fusedres.plan`),
+        made on first use: eval BN: each conv one fused op, the last one with the shortcut fused
+        in; batch-statistics BN: one train chain; anything else: the reference forward.
+        ``donate``: the caller gives up ``x`` (the eval route may write its output there);
+        ``fresh``: no one but the caller holds the output (the eval route made it)."""
         why = P.call_reason(x)
         if why is not None:
             P.announce(self, why)
-            return super().forward(x)
+            return super().forward(x), False
         key = plan.signature(self, x, self._modules.values())
         p = plan.lookup(self, key, self._modules.values())
         if p is not None:
             try:
-                return p.run(self, x)
+                return p.run(self, x, donate), p.route == "eval" and p.run.fresh
             except Stale:
                 pass
         p = self._make_plan(x)
         plan.store(self, key, p)
-        return p.run(self, x)
+        return p.run(self, x, donate), p.route == "eval" and p.run.fresh
 
     def _make_plan(self, x: torch.Tensor) -> Plan:
         seen = plan.watch(self._modules.values())
@@ -546,18 +556,19 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
     attribute and ``state_dict`` key is unchanged.  When the fused path is active the input is
     converted to channels_last once by the stem, explicitly: every fused backend's fast layout
     (CPU training at small spatial sizes runs NCHW instead, see
-    :func:`fusedres.training.train_memory_format`).
+    :func:`fusedres.training.train_memory_format`).  Between the blocks of a stage, an output
+    no hook or caller can see is handed on as donated (:meth:`_layers`).
     """
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
         else:
-            x = self._stem(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+            x = self._layers(self._stem(x))
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
@@ -567,6 +578,32 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
                 and type(self.bn1) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
             return "reference stem: its layers are not a plain conv + BatchNorm + ReLU"
         return None
+
+    @torch.jit.unused
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer1`` to ``layer4``.  In plain eager calls, a stage that is a plain
+        ``nn.Sequential`` of fused blocks runs its blocks here, handing each block's output to
+        the next one as donated (:meth:`_FusedBlockMixin._run`) when the block made it and no
+        hook can see it: the CPU backend then adds an identity block's residual in place
+        (:func:`fusedres.backends.cpu.conv_bn_act_into`).  Every other module is called as
+        usual, and anything that watches calls (tracing, ``torch.compile``, global hooks) takes
+        the plain ``layerN(x)`` calls."""
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if torch.compiler.is_compiling() or P.call_reason(x) is not None:
+            for layer in layers:
+                x = layer(x)
+            return x
+        fresh = False
+        for layer in layers:
+            if type(layer) is not nn.Sequential or not P.plain_call(layer):
+                x, fresh = layer(x), False
+                continue
+            for block in layer._modules.values():
+                if isinstance(block, _FusedBlockMixin) and P.plain_call(block):
+                    x, fresh = block._run(x, fresh)
+                else:
+                    x, fresh = block(x), False
+        return x
 
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:

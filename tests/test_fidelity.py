@@ -194,6 +194,79 @@ def _transformed(transform):
     return model
 
 
+def _blockwise(model, x):
+    """The converted model's forward with every block called as a module: never donates."""
+    y = model._stem(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            y = block(y)
+    return model.fc(torch.flatten(model.avgpool(y), 1))
+
+
+def _count_donations(monkeypatch):
+    from fusedres.backends import cpu
+
+    seen = []
+    into = cpu.conv_bn_act_into
+
+    def counting(acc, *args, **kw):
+        seen.append(acc)
+        return into(acc, *args, **kw)
+
+    monkeypatch.setattr(cpu, "conv_bn_act_into", counting)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_blocks_add_in_place_only_into_what_no_one_sees(monkeypatch, dtype):
+    """FusedResNet hands a block's output to the next block as donated, so the CPU backend adds
+    an identity residual in place; only tensors a fused block made, with no hook to see them."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    torch.manual_seed(0)
+    ref = randomize(torchvision.models.resnet50()).eval().to(dtype)
+    fused = _fused(ref)
+    seen = _count_donations(monkeypatch)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    x0 = x.clone()
+    with torch.no_grad():
+        out = fused(x)
+        assert len(seen) == 12  # ResNet-50's identity blocks: 2 + 3 + 5 + 2
+        assert torch.equal(x, x0)
+        assert torch.equal(out, _blockwise(fused, x))  # bit-identical to the binary-add path
+        assert len(seen) == 12  # direct block calls never donate
+        truth = copy.deepcopy(ref).double()(x.double())
+        assert_within_budget(out, ref(x), truth, dtype)
+
+        # a hook that keeps a block's output, or a pre-hook that keeps its input: that tensor
+        # is never written afterwards, and only the next hand-over is plain
+        kept = []
+        handles = [fused.layer1[0].register_forward_hook(lambda m, a, o: kept.append((o, o.clone()))),
+                   fused.layer3[2].register_forward_pre_hook(lambda m, a: kept.append((a[0], a[0].clone())))]
+        del seen[:]
+        got = fused(x)
+        # out of place: layer1[1] (its input was seen), layer3[2] (hooked: called as a module)
+        # and layer3[3] (its input comes from a module call)
+        assert len(seen) == 9
+        assert all(torch.equal(t, c) for t, c in kept) and len(kept) == 2
+        assert torch.equal(got, out)
+        for h in handles:
+            h.remove()
+
+        # a hook on a stage: the stage runs as a module, its blocks called one by one
+        h = fused.layer2.register_forward_hook(lambda m, a, o: kept.append((o, o.clone())))
+        del seen[:], kept[:]
+        assert torch.equal(fused(x), out)
+        assert len(seen) == 9 and torch.equal(*kept[0])
+        h.remove()
+
+        # blocks as the user calls them: their outputs are the user's and are never donated
+        a = fused.layer1[0](fused._stem(x))
+        a0 = a.clone()
+        b = fused.layer1[1](a)
+        assert torch.equal(a, a0) and not torch.equal(b, a)
+
+
 class _Double(nn.Module):
     def forward(self, w):
         return 2 * w
