@@ -192,7 +192,7 @@ class _EvalRun:
     """The eval forward of one block for one input signature: one fused op per conv, the
     shortcut and the add fused into the last one (or, after an attention module, into the
     shortcut conv).  The fused calls are prepared (checked, backend picked) on the first run
-    and reused after.  ``donate``: the caller gives up the input (:meth:`FusedResNet._layers`),
+    and reused after.  ``donate``: the caller gives up the input (:func:`run_stages`),
     so an identity tail may write its output there."""
 
     __slots__ = ("stages", "tail", "short", "pool", "attn", "inert", "backend", "calls", "fresh")
@@ -549,6 +549,33 @@ def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
     return Plan("reference", _StemReferenceRun(named, why), seen, why)
 
 
+def run_stages(stages, x: torch.Tensor) -> torch.Tensor:
+    """A model's stages (``layer1`` to ``layer4``) applied in order, as ``stage(x)`` each.
+
+    In plain eager calls, a stage that is a plain ``nn.Sequential`` of fused blocks runs its
+    blocks here, handing each block's output to the next one as donated
+    (:meth:`_FusedBlockMixin._run`) when a fused block made it and no hook can see it: the CPU
+    backend then adds an identity block's residual in place
+    (:func:`fusedres.backends.cpu.conv_bn_act_into`).  Every other module is called as usual,
+    and a call anything watches (tracing, ``torch.compile``, global hooks) takes the plain
+    ``stage(x)`` calls."""
+    if torch.compiler.is_compiling() or P.call_reason(x) is not None:
+        for stage in stages:
+            x = stage(x)
+        return x
+    fresh = False
+    for stage in stages:
+        if type(stage) is not nn.Sequential or not P.plain_call(stage):
+            x, fresh = stage(x), False
+            continue
+        for block in stage._modules.values():
+            if isinstance(block, _FusedBlockMixin) and P.plain_call(block):
+                x, fresh = block._run(x, fresh)
+            else:
+                x, fresh = block(x), False
+    return x
+
+
 class FusedResNet(_Planned, tv_resnet.ResNet):
     """torchvision ``ResNet`` whose stem ``relu(bn1(conv1(x)))`` runs as one fused op.
 
@@ -557,7 +584,7 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
     converted to channels_last once by the stem, explicitly: every fused backend's fast layout
     (CPU training at small spatial sizes runs NCHW instead, see
     :func:`fusedres.training.train_memory_format`).  Between the blocks of a stage, an output
-    no hook or caller can see is handed on as donated (:meth:`_layers`).
+    no hook or caller can see is handed on as donated (:func:`run_stages`).
     """
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +595,7 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
             x = self.layer3(x)
             x = self.layer4(x)
         else:
-            x = self._layers(self._stem(x))
+            x = run_stages((self.layer1, self.layer2, self.layer3, self.layer4), self._stem(x))
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
@@ -578,32 +605,6 @@ class FusedResNet(_Planned, tv_resnet.ResNet):
                 and type(self.bn1) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)):
             return "reference stem: its layers are not a plain conv + BatchNorm + ReLU"
         return None
-
-    @torch.jit.unused
-    def _layers(self, x: torch.Tensor) -> torch.Tensor:
-        """``layer1`` to ``layer4``.  In plain eager calls, a stage that is a plain
-        ``nn.Sequential`` of fused blocks runs its blocks here, handing each block's output to
-        the next one as donated (:meth:`_FusedBlockMixin._run`) when the block made it and no
-        hook can see it: the CPU backend then adds an identity block's residual in place
-        (:func:`fusedres.backends.cpu.conv_bn_act_into`).  Every other module is called as
-        usual, and anything that watches calls (tracing, ``torch.compile``, global hooks) takes
-        the plain ``layerN(x)`` calls."""
-        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        if torch.compiler.is_compiling() or P.call_reason(x) is not None:
-            for layer in layers:
-                x = layer(x)
-            return x
-        fresh = False
-        for layer in layers:
-            if type(layer) is not nn.Sequential or not P.plain_call(layer):
-                x, fresh = layer(x), False
-                continue
-            for block in layer._modules.values():
-                if isinstance(block, _FusedBlockMixin) and P.plain_call(block):
-                    x, fresh = block._run(x, fresh)
-                else:
-                    x, fresh = block(x), False
-        return x
 
     @torch.jit.unused
     def _stem(self, x: torch.Tensor) -> torch.Tensor:

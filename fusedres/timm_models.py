@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from timm.models import resnet as timm_resnet
 
-from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, shortcut_of
+from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, run_stages, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
 
@@ -122,9 +122,7 @@ class TimmResNet(_Planned, timm_resnet.ResNet):
         layers = [self.layer1, self.layer2, self.layer3, self.layer4]
         if self.grad_checkpointing:
             return timm_resnet.checkpoint_seq(layers, x, flatten=True)
-        for layer in layers:
-            x = layer(x)
-        return x
+        return run_stages(layers, x)
 
     def _stem_stages(self):
         """``((conv, bn, act), ...)`` of the stem: ``conv1`` alone, or a deep stem's

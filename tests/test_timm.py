@@ -50,6 +50,32 @@ def test_eval_matches_timm(name):
     assert type(fused) is timm_resnet.ResNet and _blocks(fused, ref_classes) == n
 
 
+@pytest.mark.parametrize("name, donated", [("resnet50", 12), ("resnet50d", 12), ("seresnet50", 0)])
+def test_identity_residual_added_in_place_between_blocks(monkeypatch, name, donated):
+    """TimmResNet hands block outputs on as donated like FusedResNet (tests/test_fidelity.py): the
+    CPU backend adds each identity residual in place, bit-identical to blocks called one by one.
+    SE blocks add the residual after the attention module, in place already, and donate nothing."""
+    from fusedres.backends import cpu
+
+    seen = []
+    into = cpu.conv_bn_act_into
+    monkeypatch.setattr(cpu, "conv_bn_act_into", lambda acc, *a, **k: seen.append(1) or into(acc, *a, **k))
+    fused = fusedres.convert(build(name))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = fused.forward_features(x)
+        assert len(seen) == donated
+        stem = []
+        hook = fused.layer1.register_forward_pre_hook(lambda m, a: stem.append(a[0]))
+        assert torch.equal(fused.forward_features(x), out)  # layer1 then runs as a module
+        hook.remove()
+        y = stem[0]
+        for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4):
+            for block in layer:
+                y = block(y)
+    assert torch.equal(out, y)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet26d", "seresnet18"])
 def test_train_step_matches_timm_in_float64(name):
     """One training step in float64: output, every gradient and every running statistic agree
