@@ -11,6 +11,7 @@ Two measures, both of the *activations autograd keeps for backward* (parameters 
 Usage::
 
     python benchmarks/train_memory.py                       # CPU, resnet18+resnet50, batch 2, 224x224
+    python benchmarks/train_memory.py --cpu-recompute 512   # CPU with CUDA's recompute policy
     python benchmarks/train_memory.py --device cuda --batch 64 --dtype bf16 --json out.json
 """
 
@@ -101,8 +102,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32, or the autocast dtype (AMP)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cpu-recompute", type=int, default=fusedres.training.CPU_RECOMPUTE_MAX_REDUCTION,
+                   help="fusedres.training.CPU_RECOMPUTE_MAX_REDUCTION (default: the library's; 512 is "
+                        "CUDA's policy, 0 saves every last conv output)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    fusedres.training.CPU_RECOMPUTE_MAX_REDUCTION = args.cpu_recompute
     dev = torch.device(args.device)
     amp = None if args.dtype == "fp32" else _DTYPES[args.dtype]
     results = []

@@ -44,7 +44,7 @@ from . import patterns as P
 from . import plan
 from .functional import bn_scale_shift, prepare_block_tail, prepare_conv_bn_act
 from .plan import Plan, Stale
-from .training import chain_forward, chain_reason, train_memory_format
+from .training import chain_forward, chain_reason, train_memory_format, train_recompute_limit
 
 __all__ = ["BasicBlock", "Bottleneck", "FusedResNet", "convert", "explain", "revert"]
 
@@ -303,20 +303,21 @@ class _TrainRun:
     """The training forward of one block: one chain (:mod:`fusedres.training`), in the memory
     format chosen for the planned input shape (:func:`fusedres.training.train_memory_format`)."""
 
-    __slots__ = ("pairs", "proj", "inert", "layout")
+    __slots__ = ("pairs", "proj", "inert", "layout", "recompute")
 
     def __init__(self, a: Anatomy, x: torch.Tensor):
         self.pairs = a.pairs()
         self.proj = None if a.shortcut is None else a.shortcut[1:]
         self.inert = _droppers(a)
         self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
+        self.recompute = train_recompute_limit(x, self.layout)
 
     def __call__(self, module, x, donate=False):
         for m in self.inert:  # a drop probability raised since the plan was made (a schedule)
             if m.training and m.drop_prob:
                 raise Stale
         return chain_forward(module, x.contiguous(memory_format=self.layout), self.pairs, downsample=self.proj,
-                             identity=self.proj is None, recompute=self.layout == torch.channels_last)
+                             identity=self.proj is None, recompute_max_reduction=self.recompute)
 
 
 class _ReferenceRun:
@@ -476,7 +477,7 @@ class _StemTrainRun:
     """The training stem: one chain, with the pool when it is a plain ``nn.MaxPool2d`` (its input
     and indices are then recomputed in backward instead of stored)."""
 
-    __slots__ = ("pairs", "pool", "plain_pool", "layout")
+    __slots__ = ("pairs", "pool", "plain_pool", "layout", "recompute")
 
     def __init__(self, stages, pool, x):
         self.pairs = [(conv, bn) for conv, bn, _ in stages]
@@ -486,10 +487,11 @@ class _StemTrainRun:
         # convolutions and of ATen's CPU max-pool, 15x faster than on NCHW) unless the input is
         # so small that the CPU's NCHW convolutions win (train_memory_format).
         self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
+        self.recompute = train_recompute_limit(x, self.layout)
 
     def __call__(self, owner, x):
         x = chain_forward(owner, x.contiguous(memory_format=self.layout), self.pairs,
-                          pool=self.pool if self.plain_pool else None, recompute=self.layout == torch.channels_last)
+                          pool=self.pool if self.plain_pool else None, recompute_max_reduction=self.recompute)
         return x if self.plain_pool else self.pool(x)
 
 

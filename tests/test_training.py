@@ -87,15 +87,34 @@ def test_train_memory_format_policy():
     assert train_memory_format(torch.empty(1, 4, 2, 2, device="meta"), [c1]) is torch.channels_last
 
 
+def test_train_recompute_policy(monkeypatch):
+    """Chains on CUDA (any non-CPU device) recompute a last conv of reduction length up to
+    RECOMPUTE_MAX_REDUCTION; CPU chains up to CPU_RECOMPUTE_MAX_REDUCTION (0 by default: they save
+    it), and NCHW ones never."""
+    import fusedres.training as training
+    from fusedres.training import RECOMPUTE_MAX_REDUCTION, train_recompute_limit
+
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    meta, cpu = torch.empty(1, 4, 2, 2, device="meta"), torch.empty(1, 4, 2, 2)
+    assert RECOMPUTE_MAX_REDUCTION == 512 and training.CPU_RECOMPUTE_MAX_REDUCTION == 0
+    assert train_recompute_limit(meta, cl) == 512 and train_recompute_limit(cpu, cl) == 0
+    monkeypatch.setattr(training, "CPU_RECOMPUTE_MAX_REDUCTION", 128)
+    assert train_recompute_limit(meta, cl) == 512 and train_recompute_limit(cpu, cl) == 128
+    assert train_recompute_limit(cpu, nchw) == 0
+
+
 @pytest.mark.parametrize("name", ["bottleneck", "bottleneck-down", "basic"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("hw", [(12, 11), (6, 5)], ids=["big", "small"])
-def test_block_train_layout(name, channels_last, hw, monkeypatch):
-    """Both CPU layouts of the chain (and the recompute of the last conv that only channels_last
-    chains do) match torchvision, whatever layout the input comes in; the output has the
-    chain's layout."""
+@pytest.mark.parametrize("cpu_recompute", [False, True], ids=["save", "recompute"])
+def test_block_train_layout(name, channels_last, hw, cpu_recompute, monkeypatch):
+    """Both CPU layouts of the chain, with the last conv's output saved or (a nonzero
+    CPU_RECOMPUTE_MAX_REDUCTION, channels_last chains only) recomputed, match torchvision,
+    whatever layout the input comes in; the output has the chain's layout."""
+    import fusedres.training as training
     from fusedres.training import RECOMPUTE_MAX_REDUCTION, chain as chain_mod, train_memory_format
 
+    monkeypatch.setattr(training, "CPU_RECOMPUTE_MAX_REDUCTION", RECOMPUTE_MAX_REDUCTION if cpu_recompute else 0)
     cfgs = []
     apply = chain_mod.ChainTrain.apply
     monkeypatch.setattr(chain_mod.ChainTrain, "apply", lambda cfg, *a: cfgs.append(cfg) or apply(cfg, *a))
@@ -111,7 +130,7 @@ def test_block_train_layout(name, channels_last, hw, monkeypatch):
     last = getattr(ref, "conv3", ref.conv2)
     cheap = last.in_channels // last.groups * last.kernel_size[0] * last.kernel_size[1] <= RECOMPUTE_MAX_REDUCTION
     assert cheap  # these toy blocks' last convs are all cheap enough to recompute
-    assert cfgs[-1][4] == (layout is torch.channels_last)
+    assert cfgs[-1][4] == (cpu_recompute and layout is torch.channels_last)
 
 
 @pytest.mark.parametrize("name", ["basic-down", "resnext"])
@@ -353,15 +372,22 @@ def _saved_bytes(model, x):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_saves_fewer_activation_bytes_than_eager(arch):
+@pytest.mark.parametrize("policy", ["cuda", "cpu"])
+def test_saves_fewer_activation_bytes_than_eager(arch, policy, monkeypatch):
+    """Design property: pre-BN outputs only (no BN/ReLU outputs, masks or pool indices), and with
+    CUDA's recompute policy (forced here on CPU) not even a Bottleneck's or the stem's last conv
+    output.  CPU chains save that output by default (CPU_RECOMPUTE_MAX_REDUCTION)."""
+    import fusedres.training as training
+
+    if policy == "cuda":
+        monkeypatch.setattr(training, "CPU_RECOMPUTE_MAX_REDUCTION", training.RECOMPUTE_MAX_REDUCTION)
     ref = getattr(torchvision.models, arch)(num_classes=10).train()
     fused = fusedres.convert(copy.deepcopy(ref))
     x = torch.randn(2, 3, 64, 64)
     ratio = _saved_bytes(fused, x) / _saved_bytes(ref, x)
-    # Design property: pre-BN outputs only (no BN/ReLU outputs, masks or pool indices), and
-    # for Bottleneck/stem not even the last conv's output.
-    # Measured 0.51 for both at this size; the issue's target is 0.7.
-    assert ratio <= 0.6, ratio
+    # Measured at this size: 0.51 for both with CUDA's policy (the issue's target is 0.7); CPU's
+    # default 0.66 (ResNet-18) and 0.80 (ResNet-50).
+    assert ratio <= (0.6 if policy == "cuda" else 0.85), ratio
 
 
 def test_convert_sync_batchnorm_marks_blocks_only():

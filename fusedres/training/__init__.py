@@ -20,12 +20,13 @@ from ..patterns import batch_stat_bn, chain_conv, is_relu
 from .chain import ChainTrain
 from .ops import use_triton
 
-__all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm", "train_memory_format"]
+__all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm", "train_memory_format",
+           "train_recompute_limit"]
 
 _ATTR = "_fusedres_sync"  # instance attribute set by convert_sync_batchnorm: a 1-tuple (group,)
 
-#: A chain's last conv output is recomputed in backward instead of saved when its reduction
-#: length ``C_in/groups * kH * kW`` is at most this: the extra cost per saved activation element
+#: A chain's last conv output is recomputed in backward instead of saved (on CUDA; CPU chains:
+#: :data:`CPU_RECOMPUTE_MAX_REDUCTION`) when its reduction length ``C_in/groups * kH * kW`` is at most this: the extra cost per saved activation element
 #: is that many multiply-adds.  Covers a Bottleneck's 1x1 ``conv3`` (64-512) and the ResNet stem
 #: (3*7*7 = 147), not a BasicBlock's 3x3 ``conv2`` (>= 576), whose recompute would cost about
 #: as much as its forward.
@@ -39,10 +40,19 @@ RECOMPUTE_MAX_REDUCTION = 512
 #: (backward of a 1x1 256->64) faster; a Bottleneck train step at 8x8 was 8.8 ms in
 #: channels_last against 10.3 in NCHW.  CUDA always runs channels_last (the Triton kernels').
 CPU_CHANNELS_LAST_MIN_HW = 64
-# Those small NCHW chains also save their last conv's output instead of recomputing it (see
-# RECOMPUTE_MAX_REDUCTION): at such sizes a CPU convolution costs its weight reorder more than
-# its arithmetic, and the tensor saved is small.  A Bottleneck at 4x4 (1024 channels, batch 8)
-# spent 31 ms in 40 forward convolutions against eager's 16 ms in 30 (profiled, 10 steps).
+
+#: The :data:`RECOMPUTE_MAX_REDUCTION` of channels_last CPU chains: 0, CPU chains save their
+#: last conv's output.  A CPU convolution is compute-bound, so a recompute costs its full
+#: arithmetic, while on a GPU the 1x1 conv it repeats is bandwidth-bound and cheap.  ResNet-50,
+#: batch 8, 224x224, 2 cores (interleaved medians of 9 steps, 2026-11-30): 1331 / 1314 / 1264 ms
+#: per fp32 step with 512 / 128 / 0, and 808 / 794 / 762 ms under bf16 autocast (eager: 1462
+#: and 849).  The price is memory: saved activations at batch 2, 224x224
+#: (``benchmarks/train_memory.py --cpu-recompute N``) are 0.52x / 0.61x / 0.80x eager's for
+#: ResNet-50 and 0.51x / 0.66x / 0.66x for ResNet-18.  Set 512 (CUDA's policy) where memory
+#: matters more than time.  Small NCHW chains never recompute: at such sizes a CPU convolution
+#: costs its weight reorder more than its arithmetic (a Bottleneck at 4x4, 1024 channels, batch
+#: 8, spent 31 ms in 40 forward convolutions against eager's 16 ms in 30).
+CPU_RECOMPUTE_MAX_REDUCTION = 0
 
 
 def train_memory_format(x: torch.Tensor, convs) -> torch.memory_format:
@@ -56,6 +66,16 @@ def train_memory_format(x: torch.Tensor, convs) -> torch.memory_format:
         h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return torch.channels_last if h * w >= CPU_CHANNELS_LAST_MIN_HW else torch.contiguous_format
+
+
+def train_recompute_limit(x: torch.Tensor, layout: torch.memory_format) -> int:
+    """The ``recompute_max_reduction`` of a chain run in ``layout`` for input ``x``: its last conv's
+    output is recomputed in backward when that conv's reduction length is at most this (0: never).
+    Decided once per plan: :data:`RECOMPUTE_MAX_REDUCTION` off the CPU,
+    :data:`CPU_RECOMPUTE_MAX_REDUCTION` for channels_last CPU chains, 0 for NCHW ones."""
+    if x.device.type != "cpu":
+        return RECOMPUTE_MAX_REDUCTION
+    return CPU_RECOMPUTE_MAX_REDUCTION if layout == torch.channels_last else 0
 
 
 def chain_reason(x, pairs, acts, downsample, owner=None) -> str | None:
@@ -155,14 +175,16 @@ def _geom(conv: nn.Conv2d):
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
-def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None, recompute=True):
+def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None,
+                  recompute_max_reduction=RECOMPUTE_MAX_REDUCTION):
     """Run ``pairs = ((conv, bn), ...)`` as one fused train-mode chain and update running stats.
 
     ``y = relu(bn_K(conv_K(... relu(bn_1(conv_1(x))) ...)) [+ x | + bn_d(conv_d(x))])``, then
     ``pool(y)`` when ``pool`` (an ``nn.MaxPool2d``) is given; ``downsample`` is ``(conv_d, bn_d)``.
     ``owner`` is the module that :func:`convert_sync_batchnorm` may have marked.  Input
-    ``(N, C_in, H, W)``.  ``recompute=False`` saves the last conv's output instead of recomputing
-    it in backward (see :data:`RECOMPUTE_MAX_REDUCTION`).
+    ``(N, C_in, H, W)``.  The last conv's output is recomputed in backward instead of saved when
+    that conv's reduction length is at most ``recompute_max_reduction`` (0: never; see
+    :func:`train_recompute_limit`).
     """
     dtype = _compute_dtype(x)
     pairs = list(pairs)
@@ -183,7 +205,7 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
         tuple(float(b.eps) for _, b in pairs),
         residual,
         pool_cfg,
-        recompute and reduction <= RECOMPUTE_MAX_REDUCTION,
+        reduction <= recompute_max_reduction,
     )
     x = x.to(dtype)
     # What ran, for fusedres.backends.record (the bench's "backends used" column): the train

@@ -24,9 +24,10 @@ gradient): one extra convolution, worth it when the conv is cheap per output ele
 Bottleneck's 1x1 ``conv3``, the 3-channel stem) and its output is large.  Eager PyTorch
 additionally keeps every ``a_i`` (and the pool's input and int64 indices); the ReLU masks are
 recomputed here from ``z_i`` (``a_i > 0``) and from ``y`` (``y > 0``), so no mask tensor is
-stored at all.  Measured with saved-tensor hooks (benchmarks/train_memory.py, CPU, fp32,
-224x224): ResNet-50 keeps 0.52x and ResNet-18 0.51x of eager's activation bytes (small CPU
-chains skip the recompute: :func:`fusedres.training.train_memory_format`).
+stored at all.  Measured with saved-tensor hooks (benchmarks/train_memory.py, fp32, batch 2,
+224x224): with CUDA's recompute policy ResNet-50 keeps 0.52x and ResNet-18 0.51x of eager's
+activation bytes; CPU chains save the last conv's output instead (compute-bound convolutions:
+:data:`fusedres.training.CPU_RECOMPUTE_MAX_REDUCTION`), 0.80x and 0.66x.
 
 Backward per BN (the standard formula, ``M`` = element count per channel over all ranks)::
 
