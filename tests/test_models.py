@@ -11,7 +11,7 @@ from torchvision.models import resnet as tv
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fusedres
-from helpers import assert_within_budget, randomize
+from helpers import assert_converts_and_matches, assert_within_budget, count_modules, randomize
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"]
 
@@ -21,25 +21,11 @@ def build(name, **kw):
     return randomize(torchvision.models.get_model(name, weights=None, **kw)).eval()
 
 
-def _count(model, cls):
-    return sum(type(m) is cls for m in model.modules())
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_convert_eval_matches(name):
-    ref = build(name)
-    fused = fusedres.convert(copy.deepcopy(ref))
-    n_blocks = _count(ref, tv.BasicBlock) + _count(ref, tv.Bottleneck)
-    assert _count(fused, fusedres.BasicBlock) + _count(fused, fusedres.Bottleneck) == n_blocks > 0
-    assert type(fused) is fusedres.FusedResNet and isinstance(fused, tv.ResNet)
-    assert list(fused.state_dict()) == list(ref.state_dict())
-    x = torch.randn(2, 3, 48, 40)
-    with torch.no_grad(), fusedres.backends.record() as used:
-        out = fused(x)
-    with torch.no_grad():
-        truth = copy.deepcopy(ref).double()(x.double())
-        assert_within_budget(out, ref(x), truth, torch.float32, what=name)
-    assert used == {"cpu"}
+    assert_converts_and_matches(build(name), (tv.BasicBlock, tv.Bottleneck),
+                                (fusedres.BasicBlock, fusedres.Bottleneck), fusedres.FusedResNet,
+                                torch.randn(2, 3, 48, 40), what=name)
 
 
 def test_dilated_variant_and_revert():
@@ -51,7 +37,7 @@ def test_dilated_variant_and_revert():
         assert_within_budget(fused(x), ref(x), truth, torch.float32)
     fusedres.revert(fused)
     assert type(fused) is tv.ResNet
-    assert _count(fused, fusedres.Bottleneck) == 0 and _count(fused, tv.Bottleneck) == 16
+    assert count_modules(fused, (fusedres.Bottleneck,)) == 0 and count_modules(fused, (tv.Bottleneck,)) == 16
 
 
 def test_train_step_matches_torchvision():

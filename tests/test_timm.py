@@ -10,7 +10,7 @@ import torch
 
 import fusedres
 from fusedres import backends
-from helpers import assert_within_budget, randomize, rel_err
+from helpers import assert_converts_and_matches, assert_within_budget, count_modules, randomize, rel_err
 
 timm = pytest.importorskip("timm")
 from timm.models import resnet as timm_resnet  # noqa: E402
@@ -26,28 +26,14 @@ def build(name, **kw):
     return randomize(timm.create_model(name, pretrained=False, **kw)).eval()
 
 
-def _blocks(model, classes):
-    return sum(type(m) in classes for m in model.modules())
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_eval_matches_timm(name):
-    ref = build(name)
-    fused = fusedres.convert(copy.deepcopy(ref))
     ref_classes = (timm_resnet.BasicBlock, timm_resnet.Bottleneck)
-    n = _blocks(ref, ref_classes)
-    assert n > 0 and _blocks(fused, (fusedres.timm_models.TimmBasicBlock, fusedres.timm_models.TimmBottleneck)) == n
-    assert type(fused) is fusedres.timm_models.TimmResNet and isinstance(fused, timm_resnet.ResNet)
-    assert list(fused.state_dict()) == list(ref.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), backends.record() as used:
-        out = fused(x)
-    with torch.no_grad():
-        truth = copy.deepcopy(ref).double()(x.double())
-        assert_within_budget(out, ref(x), truth, torch.float32, what=name)
-    assert used == {"cpu"}  # every conv fused: no block fell back to the reference
+    fused, n = assert_converts_and_matches(
+        build(name), ref_classes, (fusedres.timm_models.TimmBasicBlock, fusedres.timm_models.TimmBottleneck),
+        fusedres.timm_models.TimmResNet, torch.randn(2, 3, 64, 64), what=name)
     fusedres.revert(fused)
-    assert type(fused) is timm_resnet.ResNet and _blocks(fused, ref_classes) == n
+    assert type(fused) is timm_resnet.ResNet and count_modules(fused, ref_classes) == n
 
 
 @pytest.mark.parametrize("name, donated", [("resnet50", 12), ("resnet50d", 12), ("seresnet50", 0)])
