@@ -16,8 +16,10 @@
 #   bench-train    one training step of ResNet-50: eager, compile, fusedres; img/s and peak memory
 #   bench-compile  torch.compile (default mode) on the block and model rows (--suite gpu-compile)
 #   smoke-tma      (after smoke-cuda) the opt-in TMA kernel of 1x1 convs, its numerics
+#   smoke-hoisted  the opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): the cuda-marked Triton tests
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
 #   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
+#   bench-hoisted  every block with FUSEDRES_TRITON_HOISTED=1 (eager, fusedres-triton)
 #   check          fusedres check (inference) and check-train (one training step)
 #   tests-full     every cuda-marked test
 #   host-overhead  host vs GPU time of a converted ResNet-50 (benchmarks/host_overhead.py)
@@ -120,6 +122,16 @@ FUSEDRES_TRITON_AUTOTUNE=0 step smoke-cuda 60 $PY -m pytest -m cuda -q -rfE -p n
   tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
 # The opt-in TMA kernel of 1x1 convs (FUSEDRES_TRITON_TMA=1): its first numerics on a GPU.
 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-tma 40 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k tma
+# The opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): its first numerics on a GPU (a dry run
+# on the CPU runs its interpreter tests instead).
+if [ "$DRY" = 1 ]; then
+  HOISTED_TESTS=(tests/test_triton.py tests/test_triton_train.py -k hoisted)
+else
+  HOISTED_TESTS=(-m cuda tests/test_triton_cuda.py tests/test_triton_train.py tests/test_gpu_models.py
+                 -k "not compile and not graph")
+fi
+FUSEDRES_TRITON_HOISTED=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-hoisted 60 $PY -m pytest -q -rfE -p no:cacheprovider \
+  "${HOISTED_TESTS[@]}"
 
 bench bench-blocks 140 gpu-blocks --time-budget "$(secs 110)"
 bench bench-models 60 gpu-models --time-budget "$(secs 40)"
@@ -130,6 +142,10 @@ bench bench-max 60 gpu-max --time-budget "$(secs 45)"
 FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks --only "bottleneck_*" \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_TMA=1" \
   --json "$OUTDIR/results/gpu-blocks-tma.json" --summary "$OUTDIR/bench-tma.summary"
+# The hoisted main loop against the default one on every block, into its own file.
+FUSEDRES_TRITON_HOISTED=1 step bench-hoisted 60 $PY -m fusedres bench --suite gpu-blocks \
+  --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_HOISTED=1" \
+  --json "$OUTDIR/results/gpu-blocks-hoisted.json" --summary "$OUTDIR/bench-hoisted.summary"
 
 step check 40 $PY -m fusedres check "${CHECK[@]}" --json "$OUTDIR/results/check.json"
 step check-train 40 $PY -m fusedres check --mode train "${CHECK[@]}" --json "$OUTDIR/results/check_train.json"

@@ -15,8 +15,9 @@ from pathlib import Path
 from fusedres.bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("build", "smoke-triton", "smoke-cuda", "smoke-tma", "bench-blocks", "bench-models", "bench-train",
-         "bench-compile", "bench-max", "bench-tma", "check", "check-train", "tests-full", "train-memory")
+STEPS = ("build", "smoke-triton", "smoke-cuda", "smoke-tma", "smoke-hoisted", "bench-blocks", "bench-models",
+         "bench-train", "bench-compile", "bench-max", "bench-tma", "bench-hoisted", "check", "check-train", "tests-full",
+         "train-memory")
 
 
 def test_device_check_dry_run(tmp_path):
@@ -35,6 +36,7 @@ def test_device_check_dry_run(tmp_path):
         res = json.loads(path.read_text())
         report.validate(res)
         assert any(r["status"] == "ok" for r in res["rows"]), suite
-    for name in ("check.json", "check_train.json", "train_memory.json", "gpu-blocks-tma.json"):
+    for name in ("check.json", "check_train.json", "train_memory.json", "gpu-blocks-tma.json",
+                 "gpu-blocks-hoisted.json"):
         assert json.loads((results / name).read_text())
     assert "DRY RUN" in (tmp_path / "env.txt").read_text()

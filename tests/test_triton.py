@@ -121,6 +121,74 @@ def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
     _check(out, ref64, same, dtype)
 
 
+# Cases whose channels per group are a multiple of every BLOCK_K (the hoisted loop's EVEN_K).
+EVEN_CASES = {
+    "3x3-even": (1, 64, 20, 5, 6, 3, 1, 1, 1, 1, True, True),
+    "3x3-s2-groups2-even": (1, 128, 24, 7, 6, 3, 2, 1, 1, 2, False, True),
+    "1x1-even": (2, 64, 24, 3, 4, 1, 1, 0, 1, 1, True, False),
+}
+
+
+def _spy_kernel(monkeypatch):
+    """Record the flags of every launch of the conv kernel (interpreter path)."""
+    seen = []
+    real = tl_launch._conv_bn_act_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append({f: kw.get(f) for f in ("HOISTED", "EVEN_K", "PROLOGUE_BN", "EMIT_STATS")})
+                return real[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(tl_launch, "_conv_bn_act_fwd_kernel", Spy())
+    return seen
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_HOISTED=1 themselves")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES) + list(EVEN_CASES))
+def test_hoisted_main_loop_matches_fp64(case, dtype, monkeypatch):
+    """The opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): every conv case, channels_last,
+    against fp64; EVEN_K exactly when the channels per group are a multiple of 64."""
+    monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
+    seen = _spy_kernel(monkeypatch)
+    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = {**CONV_CASES, **EVEN_CASES}[case]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
+    scale, shift = _affine(k)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    oh, ow = fusedres.conv_bn_act(x[:1].double(), wt.double(), scale.double(), shift.double(),
+                                  backend="torch", **kwargs).shape[2:]
+    res = _rand(n, k, oh, ow, dtype=dtype, channels_last=True) if has_res else None
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(),
+                                 residual=None if res is None else res.double(), backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res,
+                                                           backend="torch", **kwargs))
+    p = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out,
+                     p(stride), p(padding), p(dilation), groups, relu)
+    _check(out, ref64, same, dtype)
+    assert [s["HOISTED"] for s in seen] == [True] and seen[0]["EVEN_K"] == (case in EVEN_CASES)
+
+
+def test_every_block_k_divides_the_even_k_unit():
+    tiles = (*tl_launch.GPU_CONFIGS, *tl_launch.FMA_CONFIGS, tl_launch.INTERPRET_CONFIG)
+    assert all(tl_launch._MAX_BLOCK_K % t.block_k == 0 for t in tiles) and tl_launch._MAX_BLOCK_K == 64
+
+
+def test_default_launch_passes_no_hoisted_flag(monkeypatch):
+    """Without FUSEDRES_TRITON_HOISTED the kernel's flags are the verified ones (no HOISTED)."""
+    monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", False)
+    seen = _spy_kernel(monkeypatch)
+    x = _rand(1, 8, 4, 4, dtype=torch.float32, channels_last=True)
+    wt = _rand(8, 8, 3, 3, dtype=torch.float32)
+    out = _poisoned((1, 8, 4, 4), torch.float32, True)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), *_affine(8), None, out, (1, 1), (1, 1), (1, 1), 1, True)
+    assert seen == [{"HOISTED": None, "EVEN_K": None, "PROLOGUE_BN": False, "EMIT_STATS": False}]
+
+
 # (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, dilation, groups, ds_stride, relu): BasicBlock
 # tail (3x3 main conv on the already-strided y) and Bottleneck tails (1x1), strided or not; a dilated
 # and a grouped 3x3 main conv next to the (ungrouped) downsample GEMM.

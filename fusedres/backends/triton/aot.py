@@ -10,8 +10,9 @@ prologue) with the first
 tile config that :func:`launch.prune_configs` keeps for a large problem of that dtype on
 that arch, plus every surviving config for the heaviest variants (3x3 block tail with
 both accumulators, bf16 and fp32; 3x3 train conv with prologue and statistics, bf16 and
-fp32-IEEE).  ``--all-configs`` compiles every surviving config for
-every variant (slow).
+fp32-IEEE).  The opt-in ``HOISTED`` main loop (``FUSEDRES_TRITON_HOISTED=1``) is compiled too
+(:func:`hoisted_variants`, names ending ``@hoist``), and its eval kernels get their own median
+line.  ``--all-configs`` compiles every surviving config for every variant (slow).
 
 The signature mirrors what the JIT sees on the channels_last fast path: the unit strides
 (channel stride of activations, output-channel stride of the re-laid-out weight) are the
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
@@ -75,6 +76,8 @@ class Variant:
     layout: str = "cl"
     #: ``PADDED``; ``None``: as in ResNets, exactly when the filter is larger than 1x1.
     padded: bool | None = None
+    #: The opt-in ``HOISTED`` main loop: ``""`` (off), ``"even"`` (with ``EVEN_K``) or ``"ragged"``.
+    hoisted: str = ""
 
     @property
     def is_padded(self) -> bool:
@@ -87,7 +90,8 @@ class Variant:
                                         ("+relu", self.relu), ("+pro", self.prologue_bn),
                                         ("+stats", self.emit_stats), ("+bn", self.bn_stats)) if on)
         extra = ("" if self.layout == "cl" else f"@{self.layout}") + (
-            "" if self.padded is None else ("@pad" if self.padded else "@nopad"))
+            "" if self.padded is None else ("@pad" if self.padded else "@nopad")) + (
+            {"": "", "even": "@hoist", "ragged": "@hoist-ragged"}[self.hoisted])
         return f"{self.dtype}{prec}-k{self.kh}{flags}{extra}"
 
 
@@ -107,6 +111,16 @@ def variants() -> list[Variant]:
         dtypes, ((1, False), (1, True), (3, False), (3, True), (7, False))
     ):
         out.append(Variant(dt, prec, kh, False, False, False, prologue_bn=pro, emit_stats=True))
+    return out
+
+
+def hoisted_variants() -> list[Variant]:
+    """The opt-in ``HOISTED`` main loop: every bf16 variant with ``EVEN_K``, the fp32 ones of the
+    representative flag sets, and a few without ``EVEN_K`` (ragged channel blocks)."""
+    out = [replace(v, hoisted="even") for v in variants()
+           if v.dtype == "bf16" or v.name.split("-k", 1)[1] in {"3+ds+relu+bn", "3+pro+stats"}]
+    out += [replace(v, hoisted="ragged") for v in variants()
+            if v.name in {"bf16-k3+res+relu+bn", "bf16-k1+relu+bn", "bf16-k3+pro+stats", "fp32-ieee-k3+ds+relu"}]
     return out
 
 
@@ -151,6 +165,8 @@ def _signature_and_constants(kernel, v: Variant, cfg):
         PROLOGUE_BN=v.prologue_bn, EMIT_STATS=v.emit_stats, BN_STATS=v.bn_stats,
         DOT_PRECISION=v.precision, DOT_UPCAST=False, **cfg.kwargs(),
     )
+    if v.hoisted:
+        constants.update(HOISTED=True, EVEN_K=v.hoisted == "even")
     return sig, constants, attrs
 
 
@@ -316,6 +332,10 @@ def plan(archs, all_configs: bool):
         for v in extra_variants():
             configs = kept(v, arch)
             jobs.extend((arch, v, c) for c in (configs if all_configs else configs[:1]))
+        for v in hoisted_variants():  # every tile for the heaviest, as for the default loop
+            configs = kept(v, arch)
+            every = all_configs or v.name in {"bf16-k3+res+relu+bn@hoist", "bf16-k3+pro+stats@hoist"}
+            jobs.extend((arch, v, c) for c in (configs if every else configs[:1]))
         if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
             tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
                                  smem_limit=SMEM_LIMIT[arch])[0]
@@ -353,11 +373,13 @@ def main(argv=None) -> int:
     bad = [r for r in results if not r.ok]
     print(f"aot: {len(results)} kernels compiled in {time.perf_counter() - t0:.0f}s, {len(bad)} failed")
     for arch in sorted({r.arch for r in results}):
-        per = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
-                     if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant and "tma" not in r.variant)
-        if per:
-            print(f"aot: sm{arch} eval kernels: median {per[len(per) // 2]:.1f} main-loop instructions per MMA "
-                  f"(min {per[0]:.1f}, max {per[-1]:.1f}, {len(per)} kernels)")
+        for label, hoist in (("eval kernels", False), ("opt-in hoisted-loop eval kernels", True)):
+            per = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
+                         if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant
+                         and "tma" not in r.variant and ("@hoist" in r.variant) == hoist)
+            if per:
+                print(f"aot: sm{arch} {label}: median {per[len(per) // 2]:.1f} main-loop instructions per MMA "
+                      f"(min {per[0]:.1f}, max {per[-1]:.1f}, {len(per)} kernels)")
         tma = [r.mainloop_instrs / r.mainloop_mma for r in results if r.arch == arch and "tma" in r.variant
                and r.mainloop_mma]
         if tma:

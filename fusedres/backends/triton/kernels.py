@@ -102,6 +102,25 @@ def _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, k, k_ok, BN_STATS: tl.
 
 
 @triton.jit
+def _prologue_bn(a, a_mask, in_scale_ptr, in_shift_ptr, c, c_ok, x_ptr, DOT_UPCAST: tl.constexpr):
+    """``relu(a * in_scale[c] + in_shift[c])`` (``PROLOGUE_BN``) in fp32, rounded to the operand dtype
+    as the materialised activation would be; masked taps (padding, ragged rows/channels) are forced
+    to 0 after the affine, since ``relu(shift)`` need not be 0."""
+    in_scale = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    in_shift = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0,
+                      propagate_nan=tl.PropagateNan.ALL)
+    a_bn = tl.where(a_mask, a_bn, 0.0)
+    if DOT_UPCAST:
+        # Interpreter only: its fp32 -> bf16 cast truncates.  Round to nearest even on the bits,
+        # as the GPU cast does, and stay fp32 (the dot upcasts anyway).
+        bits = a_bn.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return a_bn.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of program ``pid`` in grouped ("L2-swizzled") order: GROUP_M consecutive
     row tiles sweep all column tiles together, so their A rows and the whole B slice stay
@@ -140,6 +159,7 @@ def _conv_bn_act_fwd_kernel(
     PROLOGUE_BN: tl.constexpr, EMIT_STATS: tl.constexpr, BN_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HOISTED: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring."""
     g = tl.program_id(1)
@@ -169,46 +189,82 @@ def _conv_bn_act_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(CG, BLOCK_K)
-    for step in range(KH * KW * c_blocks):
-        tap = step // c_blocks
-        c0 = (step - tap * c_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        if PADDED:
-            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        else:  # without padding every tap of a valid output pixel lies inside x
-            row_ok = m_ok
-        cc = c0 + offs_k
-        c_ok = cc < CG
-        tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
-        a_mask = row_ok[:, None] & c_ok[None, :]
-        a = tl.load(x_ptr + (x_row + tap_off)[:, None] + (cc * sxc)[None, :], mask=a_mask, other=0.0)
-        if PROLOGUE_BN:
-            # relu(a * in_scale[c] + in_shift[c]) in fp32, rounded to the operand dtype as the
-            # materialised activation would be; masked taps (padding, ragged rows/channels)
-            # are forced to 0 after the affine, since relu(shift) need not be 0.
-            in_scale = tl.load(in_scale_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
-            in_shift = tl.load(in_shift_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
-            a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0,
-                              propagate_nan=tl.PropagateNan.ALL)
-            a_bn = tl.where(a_mask, a_bn, 0.0)
-            if DOT_UPCAST:
-                # Interpreter only: its fp32 -> bf16 cast truncates.  Round to nearest even
-                # on the bits, as the GPU cast does, and stay fp32 (the dot upcasts anyway).
-                bits = a_bn.to(tl.uint32, bitcast=True)
-                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-                a = bits.to(tl.float32, bitcast=True)
+    if HOISTED:
+        # The same loop with its address math hoisted: the tap (kh, kw) and the channel block c0
+        # advance as counters (no integer division per step), and the A and B pointer tiles of
+        # tap (0, 0), channel block 0 are formed once, so a step adds one scalar offset to each.
+        a_ptrs = x_ptr + x_row[:, None] + (offs_k * sxc)[None, :]
+        b_ptrs = w_ptr + (offs_k * swc)[:, None] + w_col[None, :]
+        c0 = tl.full((), 0, tl.int32)
+        kh = tl.full((), 0, tl.int32)
+        kw = tl.full((), 0, tl.int32)
+        for step in range(KH * KW * c_blocks):
+            if PADDED:  # 0 <= ih < H as one unsigned compare (a negative ih wraps above H)
+                ih = (ih0 + kh * dil_h).to(tl.uint32, bitcast=True)
+                iw = (iw0 + kw * dil_w).to(tl.uint32, bitcast=True)
+                row_ok = m_ok & (ih < H.to(tl.uint32)) & (iw < W.to(tl.uint32))
             else:
-                a = a_bn.to(x_ptr.dtype.element_ty)
-        b = tl.load(
-            w_ptr + (kh * swh + kw * sww) + (cc * swc)[:, None] + w_col[None, :],
-            mask=c_ok[:, None] & n_ok[None, :], other=0.0,
-        )
-        if DOT_UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                row_ok = m_ok
+            cc = c0 + offs_k
+            if EVEN_K:  # CG is a multiple of BLOCK_K: every channel block is full
+                c_ok = offs_k < BLOCK_K
+                a_mask = row_ok[:, None] & c_ok[None, :]
+                b_mask = n_ok[None, :] & c_ok[:, None]
+            else:
+                c_ok = cc < CG
+                a_mask = row_ok[:, None] & c_ok[None, :]
+                b_mask = c_ok[:, None] & n_ok[None, :]
+            a_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
+            a = tl.load(a_ptrs + a_off, mask=a_mask, other=0.0)
+            if PROLOGUE_BN:
+                a = _prologue_bn(a, a_mask, in_scale_ptr + g * CG, in_shift_ptr + g * CG, cc, c_ok, x_ptr, DOT_UPCAST)
+            b = tl.load(b_ptrs + (kh * swh + kw * sww + c0 * swc), mask=b_mask, other=0.0)
+            if DOT_UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            c0 += BLOCK_K
+            next_tap = c0 >= CG
+            c0 = tl.where(next_tap, 0, c0)
+            kw = tl.where(next_tap, kw + 1, kw)
+            next_row = kw == KW
+            kw = tl.where(next_row, 0, kw)
+            kh = tl.where(next_row, kh + 1, kh)
+    else:
+        for step in range(KH * KW * c_blocks):
+            tap = step // c_blocks
+            c0 = (step - tap * c_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            if PADDED:
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            else:  # without padding every tap of a valid output pixel lies inside x
+                row_ok = m_ok
+            cc = c0 + offs_k
+            c_ok = cc < CG
+            tap_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + (x_row + tap_off)[:, None] + (cc * sxc)[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE_BN:  # what _prologue_bn computes, kept inline: this loop's SASS stays as verified
+                in_scale = tl.load(in_scale_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
+                in_shift = tl.load(in_shift_ptr + g * CG + cc, mask=c_ok, other=0.0).to(tl.float32)
+                a_bn = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0,
+                                  propagate_nan=tl.PropagateNan.ALL)
+                a_bn = tl.where(a_mask, a_bn, 0.0)
+                if DOT_UPCAST:
+                    bits = a_bn.to(tl.uint32, bitcast=True)
+                    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                    a = bits.to(tl.float32, bitcast=True)
+                else:
+                    a = a_bn.to(x_ptr.dtype.element_ty)
+            b = tl.load(
+                w_ptr + (kh * swh + kw * sww) + (cc * swc)[:, None] + w_col[None, :],
+                mask=c_ok[:, None] & n_ok[None, :], other=0.0,
+            )
+            if DOT_UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if EMIT_STATS:
         # Train mode: out is the raw conv output and this tile's per-channel statistics go to
