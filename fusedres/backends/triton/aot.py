@@ -115,12 +115,13 @@ def variants() -> list[Variant]:
 
 
 def hoisted_variants() -> list[Variant]:
-    """The opt-in ``HOISTED`` main loop: every bf16 variant with ``EVEN_K``, the fp32 ones of the
-    representative flag sets, and a few without ``EVEN_K`` (ragged channel blocks)."""
+    """The opt-in ``HOISTED`` main loop (16-bit operands only, see ``launch.HOISTED_ENABLED``): every
+    bf16 variant with ``EVEN_K``, the fp16 ones of the representative flag sets, and a few without
+    ``EVEN_K`` (ragged channel blocks)."""
     out = [replace(v, hoisted="even") for v in variants()
-           if v.dtype == "bf16" or v.name.split("-k", 1)[1] in {"3+ds+relu+bn", "3+pro+stats"}]
+           if v.dtype == "bf16" or (v.dtype == "fp16" and v.name.split("-k", 1)[1] in {"3+ds+relu+bn", "3+pro+stats"})]
     out += [replace(v, hoisted="ragged") for v in variants()
-            if v.name in {"bf16-k3+res+relu+bn", "bf16-k1+relu+bn", "bf16-k3+pro+stats", "fp32-ieee-k3+ds+relu"}]
+            if v.name in {"bf16-k3+res+relu+bn", "bf16-k1+relu+bn", "bf16-k3+pro+stats", "bf16-k3+ds+relu"}]
     return out
 
 

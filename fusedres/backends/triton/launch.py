@@ -319,9 +319,10 @@ def launch(
 # checks the padding border with one unsigned compare per axis, and with EVEN_K (C_in per group a
 # multiple of every BLOCK_K) drops the channel masks.  The aot report measures it: sm_90 bf16 3x3
 # with residual and BN statistics 232 -> 148 main-loop SASS instructions per k-step (4 wgmma), 1x1
-# 166 -> 115.  It has never run on a GPU: it is taken only with FUSEDRES_TRITON_HOISTED=1 until a GPU
+# 166 -> 115; median over the bf16 eval variants 41.5 -> 29.0 per MMA (Triton 3.8).  It has never run on a GPU: it is taken only with FUSEDRES_TRITON_HOISTED=1 until a GPU
 # run has verified it (numerics through the interpreter and the sm_80/sm_90 compilation are checked
-# on the CPU).
+# on the CPU).  fp16/bf16 only: with fp32 operands (twice the pointer vectors per thread) the
+# heaviest train variant spilled 24 bytes on sm_80 under Triton 3.6.
 
 HOISTED_ENABLED = os.environ.get("FUSEDRES_TRITON_HOISTED") == "1"
 #: Every BLOCK_K a tile may use divides this, so ``C_in/groups % _MAX_BLOCK_K == 0`` is EVEN_K for all.
@@ -645,7 +646,7 @@ def _launch(
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
     )
-    if HOISTED_ENABLED:  # opt-in main loop (see HOISTED_ENABLED); absent, the flags are as verified
+    if HOISTED_ENABLED and x.element_size() == 2:  # opt-in (see HOISTED_ENABLED); absent, the flags are as verified
         flags.update(HOISTED=True, EVEN_K=cg % _MAX_BLOCK_K == 0)
 
     def grid(meta):
