@@ -95,11 +95,9 @@ CONV_CASES = {
 }
 
 
-@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
-    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = CONV_CASES[case]
+def _conv_case_matches_fp64(spec, dtype, channels_last):
+    """Launch the kernel on one ``CONV_CASES``-style problem and check it against fp64."""
+    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = spec
     x = _rand(n, c, h, w, dtype=dtype, channels_last=channels_last)
     wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
     scale, shift = _affine(k)
@@ -119,6 +117,13 @@ def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
     tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out,
                      p(stride), p(padding), p(dilation), groups, relu)
     _check(out, ref64, same, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_bn_act_matches_fp64(case, dtype, channels_last):
+    _conv_case_matches_fp64(CONV_CASES[case], dtype, channels_last)
 
 
 # Cases whose channels per group are a multiple of every BLOCK_K (the hoisted loop's EVEN_K).
@@ -154,23 +159,7 @@ def test_hoisted_main_loop_matches_fp64(case, dtype, monkeypatch):
     channels per group are a multiple of 64."""
     monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
     seen = _spy_kernel(monkeypatch)
-    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = {**CONV_CASES, **EVEN_CASES}[case]
-    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
-    wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
-    scale, shift = _affine(k)
-    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
-    oh, ow = fusedres.conv_bn_act(x[:1].double(), wt.double(), scale.double(), shift.double(),
-                                  backend="torch", **kwargs).shape[2:]
-    res = _rand(n, k, oh, ow, dtype=dtype, channels_last=True) if has_res else None
-    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(),
-                                 residual=None if res is None else res.double(), backend="torch", **kwargs)
-    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res,
-                                                           backend="torch", **kwargs))
-    p = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
-    out = _poisoned((n, k, oh, ow), dtype, True)
-    tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out,
-                     p(stride), p(padding), p(dilation), groups, relu)
-    _check(out, ref64, same, dtype)
+    _conv_case_matches_fp64({**CONV_CASES, **EVEN_CASES}[case], dtype, True)
     if dtype == torch.float32:
         assert [s["HOISTED"] for s in seen] == [None]
     else:
