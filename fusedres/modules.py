@@ -571,7 +571,8 @@ def run_stages(stages, x: torch.Tensor) -> torch.Tensor:
             x, fresh = stage(x), False
             continue
         for block in stage._modules.values():
-            if isinstance(block, _FusedBlockMixin) and P.plain_call(block):
+            if isinstance(block, _FusedBlockMixin) and type(block).forward is _FusedBlockMixin.forward \
+                    and type(block)._fused_forward is _FusedBlockMixin._fused_forward and P.plain_call(block):
                 x, fresh = block._run(x, fresh)
             else:
                 x, fresh = block(x), False

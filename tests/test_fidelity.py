@@ -260,6 +260,19 @@ def test_identity_blocks_add_in_place_only_into_what_no_one_sees(monkeypatch, dt
         assert len(seen) == 9 and torch.equal(*kept[0])
         h.remove()
 
+        # a subclass with its own forward inside a stage: called as a module, its forward runs
+        class Halved(fusedres.Bottleneck):
+            def forward(self, x):
+                return super().forward(x) * 0.5
+
+        block = fused.layer4[1]
+        block.__class__ = Halved
+        del seen[:]
+        halved = fused(x)
+        block.__class__ = fusedres.Bottleneck
+        assert len(seen) == 10 and not torch.equal(halved, out)  # layer4[1] and [2] add out of place
+        assert torch.equal(fused(x), out)
+
         # blocks as the user calls them: their outputs are the user's and are never donated
         a = fused.layer1[0](fused._stem(x))
         a0 = a.clone()
