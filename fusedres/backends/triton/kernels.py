@@ -192,12 +192,25 @@ def _conv_bn_act_fwd_kernel(
     if HOISTED:
         # The same loop with its address math hoisted: the tap (kh, kw) and the channel block c0
         # advance as counters (no integer division per step), and the A and B pointer tiles of
-        # tap (0, 0), channel block 0 are formed once, so a step adds one scalar offset to each.
+        # tap (0, 0), channel block 0 are formed once, so a step adds one scalar offset to each,
+        # itself advanced by one of three increments chosen by the counters.
         a_ptrs = x_ptr + x_row[:, None] + (offs_k * sxc)[None, :]
         b_ptrs = w_ptr + (offs_k * swc)[:, None] + w_col[None, :]
         c0 = tl.full((), 0, tl.int32)
         kh = tl.full((), 0, tl.int32)
         kw = tl.full((), 0, tl.int32)
+        # Offsets of (kh, kw, c0) from tap (0, 0), block 0, advanced by one of three increments:
+        # the next channel block, the next tap in the row (channels wrap), the next row of taps.
+        a_off = tl.full((), 0, tl.int64)
+        b_off = tl.full((), 0, tl.int32)
+        c_back = (c_blocks - 1) * BLOCK_K  # the last channel block's c0, undone when the channels wrap
+        sxc64, sxw64, sxh64 = a_off + sxc, a_off + sxw, a_off + sxh  # int64 (a stride may be a constant 1)
+        a_dc = BLOCK_K * sxc64
+        a_dw = dil_w * sxw64 - c_back * sxc64
+        a_dh = dil_h * sxh64 - ((KW - 1) * dil_w) * sxw64 - c_back * sxc64
+        b_dc = BLOCK_K * swc
+        b_dw = sww - c_back * swc
+        b_dh = swh - (KW - 1) * sww - c_back * swc
         for step in range(KH * KW * c_blocks):
             if PADDED:  # 0 <= ih < H as one unsigned compare (a negative ih wraps above H)
                 ih = (ih0 + kh * dil_h).to(tl.uint32, bitcast=True)
@@ -214,11 +227,10 @@ def _conv_bn_act_fwd_kernel(
                 c_ok = cc < CG
                 a_mask = row_ok[:, None] & c_ok[None, :]
                 b_mask = c_ok[:, None] & n_ok[None, :]
-            a_off = (kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw + c0.to(tl.int64) * sxc
             a = tl.load(a_ptrs + a_off, mask=a_mask, other=0.0)
             if PROLOGUE_BN:
                 a = _prologue_bn(a, a_mask, in_scale_ptr + g * CG, in_shift_ptr + g * CG, cc, c_ok, x_ptr, DOT_UPCAST)
-            b = tl.load(b_ptrs + (kh * swh + kw * sww + c0 * swc), mask=b_mask, other=0.0)
+            b = tl.load(b_ptrs + b_off, mask=b_mask, other=0.0)
             if DOT_UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -229,6 +241,8 @@ def _conv_bn_act_fwd_kernel(
             next_row = kw == KW
             kw = tl.where(next_row, 0, kw)
             kh = tl.where(next_row, kh + 1, kh)
+            a_off += tl.where(next_row, a_dh, tl.where(next_tap, a_dw, a_dc))
+            b_off += tl.where(next_row, b_dh, tl.where(next_tap, b_dw, b_dc))
     else:
         for step in range(KH * KW * c_blocks):
             tap = step // c_blocks

@@ -315,11 +315,12 @@ def launch(
 # --------------------------------------------------------------------------- hoisted main loop (opt-in)
 #
 # The kernel's HOISTED main loop advances the filter tap and the channel block as counters (no
-# integer division per step), forms the A and B pointer tiles once (a step adds one scalar offset),
-# checks the padding border with one unsigned compare per axis, and with EVEN_K (C_in per group a
-# multiple of every BLOCK_K) drops the channel masks.  The aot report measures it: sm_90 bf16 3x3
-# with residual and BN statistics 232 -> 148 main-loop SASS instructions per k-step (4 wgmma), 1x1
-# 166 -> 115; median over the bf16 eval variants 41.5 -> 29.0 per MMA (Triton 3.8).  It has never run on a GPU: it is taken only with FUSEDRES_TRITON_HOISTED=1 until a GPU
+# integer division per step), forms the A and B pointer tiles once (a step adds one of three
+# precomputed offset increments), checks the padding border with one unsigned compare per axis, and
+# with EVEN_K (C_in per group a multiple of every BLOCK_K) drops the channel masks.  The aot report
+# measures it: sm_90 bf16 3x3 with residual and BN statistics 232 -> 142 main-loop SASS instructions
+# per k-step (4 wgmma), 1x1 166 -> 104; median over the bf16 eval variants 41.5 -> 26.0 per MMA
+# (Triton 3.8).  It has never run on a GPU: it is taken only with FUSEDRES_TRITON_HOISTED=1 until a GPU
 # run has verified it (numerics through the interpreter and the sm_80/sm_90 compilation are checked
 # on the CPU).  fp16/bf16 only: with fp32 operands (twice the pointer vectors per thread) the
 # heaviest train variant spilled 24 bytes on sm_80 under Triton 3.6.
