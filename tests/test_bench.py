@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,37 @@ def test_time_interleaved_round_robin_rotates_and_survives_errors():
     assert timed[3:6] == [("b", "x1"), ("c", "x1"), ("a", "x1")]
     assert [c[1] for c in timed[6:]] == ["x0", "x0", "x1", "x1"]
     assert [c[0] for c in timed[6:]] == ["a", "b", "b", "a"]
+
+
+def test_cpu_calls_start_only_when_no_thread_still_spins():
+    """A contender whose thread pool keeps spinning after it returns (ONNX Runtime's, OpenMP's)
+    must not run during the next contender's timed call."""
+    import threading
+
+    spinning = []
+
+    def leaves_a_spinner(x):
+        done = time.perf_counter() + 0.15
+
+        def spin():  # busy, like a pool's worker waiting for work, then asleep
+            while time.perf_counter() < done:
+                pass
+        t = threading.Thread(target=spin)
+        t.start()
+        spinning.append(t)
+
+    starts_while_spinning = []
+
+    def next_one(x):
+        starts_while_spinning.append(any(t.is_alive() for t in spinning))
+
+    stats, errors = timing.time_interleaved({"spins": leaves_a_spinner, "next": next_one}, [None],
+                                            torch.device("cpu"), repeats=2, warmup=0)
+    assert not errors and len(starts_while_spinning) == 2
+    assert not any(starts_while_spinning)
+    for t in spinning:
+        t.join()
+    assert 0 < timing.wait_until_idle() < 0.1  # nothing spins now: one quiet window
 
 
 class _FakeEvent:

@@ -30,7 +30,13 @@ Methodology (the same loop on both devices, only the clock differs):
     idle GPU.  Pessimistic for sub-millisecond blocks with Python-heavy launch paths (the
     H100 run of 2026-11-27 used this mode);
 
-* CPU: ``time.perf_counter`` around each call (PyTorch CPU ops are synchronous).
+* CPU: ``time.perf_counter`` around each call (PyTorch CPU ops are synchronous), and each
+  call starts only when no thread of this process is still running (:func:`wait_until_idle`):
+  thread pools keep spinning after a call returns, ONNX Runtime's for about 45 ms and
+  OpenMP's for about 10 ms (2-core AMD EPYC, 2026-12-01), and that spinning takes cores
+  from whichever contender runs next.  Without the wait, fusedres's ResNet-50 b8 forward
+  timed 358 ms right after ONNX Runtime's against 321 ms alone (and 321.5 ms after a
+  200 ms pause): each contender is timed as if it ran alone, as it would in deployment.
 
 The result per contender is the median and the 20th/80th percentiles of all timed calls.
 """
@@ -64,6 +70,23 @@ class Stats:
             raise ValueError("samples must not be empty")
         p20, med, p80 = np.percentile(a, [20, 50, 80])
         return cls(float(med), float(p20), float(p80), int(a.size), float(a.min()))
+
+
+def wait_until_idle(poll: float = 0.005, busy: float = 0.05, timeout: float = 0.5) -> float:
+    """Sleep until this process's threads are idle: less than ``busy`` of one core used over a
+    ``poll``-second window (process CPU time, all threads), at most ``timeout`` seconds.
+
+    Returns the seconds waited.  Another contender's spinning thread pool would otherwise
+    run during the next timed call (see the module docstring).
+    """
+    start = t0 = time.perf_counter()
+    c0 = time.process_time()
+    while True:
+        time.sleep(poll)
+        t1, c1 = time.perf_counter(), time.process_time()
+        if (c1 - c0) < busy * (t1 - t0) or t1 - start >= timeout:
+            return t1 - start
+        t0, c0 = t1, c1
 
 
 def round_order(names: list[str], r: int) -> list[str]:
@@ -170,6 +193,7 @@ def time_interleaved(fns: dict, inputs: list, device: torch.device, repeats: int
         for r in range(repeats):
             x = inputs[r % len(inputs)]
             for name in round_order(list(live), r):
+                wait_until_idle()
                 t0 = time.perf_counter()
                 call(name, x)
                 dt = time.perf_counter() - t0
