@@ -11,15 +11,15 @@ Shapes: activations are ``(N, C, H, W)`` (NCHW or channels_last); per-channel ve
 
 The Triton kernels run for CUDA tensors in fp16/bf16/fp32 outside ``torch.compile``; the torch
 ops run everywhere else (CPU, fp64, and under ``torch.compile``, where Inductor fuses them).
-Both compute in fp32 (fp64 for fp64) and round once to the activation dtype.
+Both compute in fp32 (fp64 for fp64); the Triton kernels round once to the activation dtype.
 
 Eagerly on tensors that Triton does not take (the CPU training path), the torch side uses
 ATen's own BatchNorm kernels, one vectorised pass each instead of a chain of elementwise ops:
-``batch_norm_update_stats`` for the statistics, ``addcmul`` + in-place add/ReLU (or, for a
-plain fp16/bf16 BN-apply, BatchNorm's eval kernel) for the apply, and ``threshold_backward`` +
-``native_batch_norm_backward`` for :func:`bn_backward` (the reduce and the apply in one call,
-for statistics of the local batch).  fp16/bf16 activations take them mixed with fp32
-per-channel vectors: fp32 math, one rounding.  On 2 CPU cores a ResNet-50 training step
+``batch_norm_update_stats`` for the statistics, BatchNorm's eval kernel + in-place add/ReLU
+for the apply, and ``threshold_backward`` + ``native_batch_norm_backward`` for
+:func:`bn_backward` (the reduce and the apply in one call, for statistics of the local batch).
+fp16/bf16 activations take them mixed with fp32 per-channel vectors (fp32 math); :func:`bn_act`
+rounds each BN's result and then the sum, where eager torchvision rounds them.  On 2 CPU cores a ResNet-50 training step
 (batch 8, NCHW input) went from 1.33 s to 0.87 s in fp32 and from 1.02 s to 0.51 s under bf16
 autocast (eager: 0.49 s), measured 2026-11-27.
 
@@ -121,31 +121,31 @@ def batch_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def _affine(z, scale, shift):
+    """``z*scale[c] + shift[c]`` by BatchNorm's eval kernel, in ``z``'s dtype and memory format."""
+    c = z.shape[1]
+    return torch.batch_norm(z, scale, shift, scale.new_zeros(c), scale.new_ones(c), False, 0.0, 0.0, False)
+
+
 def bn_act(z, scale, shift, residual=None, zd=None, dscale=None, dshift=None, *, relu: bool):
     if use_triton(z) and z.numel() > 0:
         return _tk.bn_act(z, scale, shift, residual, zd, dscale, dshift, relu=relu)
     if _aten_bn([z, residual, zd], [scale, shift, dscale, dshift]):
-        if zd is None and (residual is None or z.dtype == scale.dtype):
-            # BatchNorm's eval kernel with (mean, var, eps) = (0, 1, 0) computes z*scale + shift
-            # in the statistics dtype and rounds once; one vectorised pass in any memory format
-            # (addcmul with (1, C, 1, 1) operands took 2.3 ms where it takes 0.7 on a
-            # 8x64x56x56 channels_last tensor, 2 CPU cores).  Then the residual and the ReLU in
-            # place (fp32/fp64: the sum is rounded once either way).
-            c = z.shape[1]
-            out = torch.batch_norm(z, scale, shift, scale.new_zeros(c), scale.new_ones(c), False, 0.0, 0.0, False)
-            if residual is not None:
-                out.add_(residual)
-            return out.relu_() if relu else out
-        # One allocation in the statistics dtype, then in-place passes: the values of the
-        # elementwise form below, rounded once at the end.
-        out = torch.addcmul(_c(shift if dshift is None else shift + dshift), z, _c(scale))
+        # Eager torchvision's order of operations, each a single vectorised pass in any memory
+        # format: BatchNorm's eval kernel with (mean, var, eps) = (0, 1, 0) per BN (z*scale +
+        # shift in the statistics dtype, rounded once to the activation dtype), then the adds
+        # and the ReLU in place.  fp16/bf16 are rounded where eager rounds them (after each BN
+        # and after the add): computing the sum in fp32 first meant converting every operand
+        # to fp32 and back (ATen's CPU kernels copy mixed-dtype operands), ResNet-50's bf16
+        # autocast step 745 against 698 ms (2 cores, 2026-12-01).  (addcmul with (1, C, 1, 1)
+        # operands took 2.3 ms where BatchNorm's kernel takes 0.7 on a 8x64x56x56
+        # channels_last tensor.)
+        out = _affine(z, scale, shift)
+        if zd is not None:
+            out.add_(_affine(zd, dscale, dshift))
         if residual is not None:
             out.add_(residual)
-        if zd is not None:
-            out.addcmul_(zd, _c(dscale))
-        if relu:
-            out.relu_()
-        return out.to(z.dtype)
+        return out.relu_() if relu else out
     acc = z.to(scale.dtype) * _c(scale) + _c(shift)
     if residual is not None:
         acc = acc + residual
@@ -175,6 +175,17 @@ def bn_bwd_apply(g, y, z, mean, a, b, c, *, write_gp: bool):
     return gz, (gp.to(g.dtype) if write_gp else None)
 
 
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format.  ATen's CPU kernels are slow on operands of different
+    layouts: ``threshold_backward`` of an NCHW gradient and a channels_last output took 15.4 ms
+    on 8x256x56x56 bf16, 0.66 ms with both channels_last (a copy: 0.16 ms; 2 cores).  The
+    gradient arriving at a channels_last chain from an NCHW one (ResNet-50's layer4 runs NCHW on
+    CPU, :func:`fusedres.training.train_memory_format`) is such an operand."""
+    fmt = torch.channels_last if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
+        and not like.is_contiguous() else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
 def bn_backward(g, y, z, mean, invstd, gamma, *, write_gp: bool):
     """BN(+ReLU) backward over the local batch through ATen's fused kernel, or ``None``.
 
@@ -187,6 +198,7 @@ def bn_backward(g, y, z, mean, invstd, gamma, *, write_gp: bool):
     """
     if not _aten_bn([g, y, z], [mean, invstd, gamma]):
         return None
+    g = _in_layout_of(g, z)
     gp = g if y is None else torch.ops.aten.threshold_backward(g, y, 0)
     gz, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
         gp, z, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
