@@ -9,7 +9,12 @@ and says why; it never fails for lack of the extension.
 
 Knobs (environment):
   FUSEDRES_SKIP_CUDA_BUILD=1   never build the extension
-  FUSEDRES_CUDA_ARCHS="80;90"  SM architectures; SASS for each, plus PTX for the newest
+  FUSEDRES_CUDA_ARCHS="80;90"  SM architectures; SASS for each, plus PTX for the newest.
+                               "90a" (e.g. "80;90a") also builds the Hopper-native sm_90a
+                               kernels (CUTLASS 3.x, TMA + wgmma; csrc/cuda/fprop_sm90.cuh),
+                               opt-in at run time with FUSEDRES_CUDA_SM90A=1 until verified
+                               on a GPU; build it instead of "90", not with it (an H100 would
+                               have two SASS images to choose from)
   FUSEDRES_CUTLASS_DIR=DIR     CUTLASS include directory (the one holding cutlass/cutlass.h)
   MAX_JOBS=N                   parallel compile jobs (default: by cores and free memory)
 
@@ -27,8 +32,10 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-# Each nvcc job on the CUTLASS translation units peaks around 2 GB of host memory.
+# Each nvcc job on the CUTLASS 2.x translation units peaks around 2 GB of host memory; the
+# CUTLASS 3.x sm_90a ones at 3.5 GB (nvcc 13.0).
 _GB_PER_JOB = 2.5
+_GB_PER_JOB_SM90A = 3.6
 
 
 def _say(msg: str) -> None:
@@ -65,17 +72,31 @@ def _cutlass_include() -> str | None:
 def _archs() -> list[str]:
     raw = os.environ.get("FUSEDRES_CUDA_ARCHS", "80;90")
     archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
-    if not archs or not all(a.isdigit() for a in archs):
-        raise SystemExit(f"FUSEDRES_CUDA_ARCHS must be like '80;90', got {raw!r}")
-    return sorted(set(archs), key=int)
+    if not archs or not all(a.isdigit() or (a[:-1].isdigit() and a.endswith("a")) for a in archs):
+        raise SystemExit(f"FUSEDRES_CUDA_ARCHS must be like '80;90' or '80;90a', got {raw!r}")
+    if any(a.endswith("a") and a != "90a" for a in archs):
+        raise SystemExit(f"FUSEDRES_CUDA_ARCHS: of the arch-specific targets only 90a has kernels, got {raw!r}")
+    if "90" in archs and "90a" in archs:
+        raise SystemExit("FUSEDRES_CUDA_ARCHS: give 90a instead of 90, not both (an sm_90 GPU would have "
+                         "two SASS images of every kernel to choose from)")
+    return sorted(set(archs), key=lambda a: int(a.rstrip("a")))
 
 
-def _default_max_jobs() -> int:
+def _gencode(archs: list[str]) -> list[str]:
+    """SASS for every arch, plus PTX of the newest one's portable form (compute_90 for 90a):
+    arch-specific PTX would not JIT on later GPUs."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ptx = archs[-1].rstrip("a")
+    flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
+    return flags
+
+
+def _default_max_jobs(gb_per_job: float = _GB_PER_JOB) -> int:
     cores = os.cpu_count() or 1
     try:
         with open("/proc/meminfo") as f:
             avail_kb = next(int(l.split()[1]) for l in f if l.startswith("MemAvailable"))
-        by_mem = max(1, int(avail_kb / 1024**2 / _GB_PER_JOB))
+        by_mem = max(1, int(avail_kb / 1024**2 / gb_per_job))
     except (OSError, StopIteration):
         by_mem = cores
     return max(1, min(cores, by_mem))
@@ -135,12 +156,25 @@ def _cuda_extension():
         return [], {}
 
     archs = _archs()
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    _say(f"building fusedres._C for sm_{', sm_'.join(archs)} (+PTX {archs[-1]}) with "
+    sm90a = "90a" in archs
+    sources = ["csrc/fusedres.cpp", "csrc/cuda/ops.cu", "csrc/cuda/fprop_bf16.cu", "csrc/cuda/fprop_fp16.cu"]
+    include_dirs = [str(ROOT / "csrc" / "cuda"), cutlass]
+    defines = []
+    if sm90a:
+        # CUTLASS 3.x's conv collectives include cutlass/util/packed_stride.hpp, which the
+        # repository (and the nvidia-cutlass wheel) keeps under tools/util/include.
+        util = Path(cutlass).parent / "tools" / "util" / "include"
+        if not (util / "cutlass" / "util" / "packed_stride.hpp").is_file():
+            raise SystemExit(f"FUSEDRES_CUDA_ARCHS has 90a, but CUTLASS's tools/util/include is not next to "
+                             f"{cutlass} (the sm_90a kernels need cutlass/util/packed_stride.hpp)")
+        sources += ["csrc/cuda/fprop_sm90_bf16.cu", "csrc/cuda/fprop_sm90_fp16.cu"]
+        include_dirs.append(str(util))
+        defines.append("-DFUSEDRES_HAVE_SM90A")
+    gencode = _gencode(archs)
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs(_GB_PER_JOB_SM90A if sm90a else _GB_PER_JOB)))
+    _say(f"building fusedres._C for sm_{', sm_'.join(archs)} (+PTX {archs[-1].rstrip('a')}) with "
          f"MAX_JOBS={os.environ['MAX_JOBS']}, CUDA {cuda_home}, CUTLASS {cutlass}")
-    cxx = ["-O3", "-std=c++20"]
+    cxx = ["-O3", "-std=c++20", *defines]
     nvcc = [
         "-O3",
         "-std=c++20",
@@ -154,17 +188,13 @@ def _cuda_extension():
         "-U__CUDA_NO_HALF2_OPERATORS__",
         # Resource report (registers, spills) per kernel; scripts/wheel_smoke.sh checks it.
         "-Xptxas=-v",
+        *defines,
         *gencode,
     ]
     ext = CUDAExtension(
         name="fusedres._C",
-        sources=[
-            "csrc/fusedres.cpp",
-            "csrc/cuda/ops.cu",
-            "csrc/cuda/fprop_bf16.cu",
-            "csrc/cuda/fprop_fp16.cu",
-        ],
-        include_dirs=[str(ROOT / "csrc" / "cuda"), cutlass],
+        sources=sources,
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=_torch_libstdcxx(),
     )

@@ -10,6 +10,8 @@
 #   smoke-triton   GPU numerics of the Triton kernels: converted ResNet-18/50 against torchvision,
 #                  the train kernels (cuda-marked tests, autotuner off)
 #   smoke-cuda     the same for the CUDA extension's kernels, once it is built
+#   smoke-sm90a    (after smoke-cuda) the opt-in sm_90a kernels (FUSEDRES_CUDA_SM90A=1; the build
+#                  has FUSEDRES_CUDA_ARCHS=90a): the cuda-marked extension tests through them
 #   bench-blocks   every distinct ResNet-18/-50 block at batch 256 and 64: eager, cudnn-fused,
 #                  fusedres-cuda, fusedres-triton (fusedres bench --suite gpu-blocks)
 #   bench-models   ResNet-50 and -18 at batch 256, 64 and 1, the same contenders (--suite gpu-models)
@@ -20,6 +22,7 @@
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
 #   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
 #   bench-hoisted  every block with FUSEDRES_TRITON_HOISTED=1 (eager, fusedres-triton)
+#   bench-sm90a    every block with FUSEDRES_CUDA_SM90A=1 (eager, cudnn-fused, fusedres-cuda)
 #   check          fusedres check (inference) and check-train (one training step)
 #   tests-full     every cuda-marked test
 #   host-overhead  host vs GPU time of a converted ResNet-50 (benchmarks/host_overhead.py)
@@ -109,8 +112,9 @@ if [ "$DRY" = 1 ]; then
   FUSEDRES_TRITON_AUTOTUNE=0 step smoke-triton 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
     tests/test_gpu_models.py tests/test_triton_cuda.py tests/test_training_triton.py tests/test_triton_train.py
 else
-  # The extension builds on all cores while the Triton numerics (which do not need it) run.
-  (step build 150 bash scripts/build_ext_gpu.sh) &
+  # The extension builds on all cores while the Triton numerics (which do not need it) run; for
+  # sm_90a (the GPU is an H100/H200), so that the opt-in CUTLASS 3.x kernels are in it too.
+  (FUSEDRES_CUDA_ARCHS=${FUSEDRES_CUDA_ARCHS:-90a} step build 210 bash scripts/build_ext_gpu.sh) &
   BUILD_PID=$!
   FUSEDRES_TRITON_AUTOTUNE=0 step smoke-triton 120 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
     tests/test_gpu_models.py tests/test_triton_cuda.py tests/test_training_triton.py tests/test_triton_train.py \
@@ -119,6 +123,10 @@ else
 fi
 $PY -c 'import fusedres; print("backends available:", fusedres.available_backends())' 2>&1 | tee -a "$OUTDIR/env.txt"
 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-cuda 60 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
+  tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
+# The opt-in sm_90a kernels (CUTLASS 3.x, TMA + wgmma): their first numerics on a GPU, and
+# test_sm90a_kernels_run_when_opted_in confirms they are the kernels that ran.
+FUSEDRES_CUDA_SM90A=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-sm90a 60 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
   tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
 # The opt-in TMA kernel of 1x1 convs (FUSEDRES_TRITON_TMA=1): its first numerics on a GPU.
 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-tma 40 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k tma
@@ -146,6 +154,10 @@ FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks
 FUSEDRES_TRITON_HOISTED=1 step bench-hoisted 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_HOISTED=1" \
   --json "$OUTDIR/results/gpu-blocks-hoisted.json" --summary "$OUTDIR/bench-hoisted.summary"
+# The sm_90a kernels against the CUTLASS 2.x ones (bench-blocks) on every block, into its own file.
+FUSEDRES_CUDA_SM90A=1 step bench-sm90a 60 $PY -m fusedres bench --suite gpu-blocks \
+  --contenders eager,cudnn-fused,fusedres-cuda --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_CUDA_SM90A=1" \
+  --json "$OUTDIR/results/gpu-blocks-sm90a.json" --summary "$OUTDIR/bench-sm90a.summary"
 
 step check 40 $PY -m fusedres check "${CHECK[@]}" --json "$OUTDIR/results/check.json"
 step check-train 40 $PY -m fusedres check --mode train "${CHECK[@]}" --json "$OUTDIR/results/check_train.json"

@@ -34,6 +34,14 @@ struct FpropError {
 FpropError fprop_bf16(const FpropProblem& p, bool relu, cudaStream_t stream);
 FpropError fprop_fp16(const FpropProblem& p, bool relu, cudaStream_t stream);
 
+// The same conv through the sm_90a kernels (fprop_sm90.cuh: CUTLASS 3.x, TMA + wgmma), built
+// only when FUSEDRES_CUDA_ARCHS names 90a (then FUSEDRES_HAVE_SM90A is defined).
+FpropError fprop_sm90_bf16(const FpropProblem& p, bool relu, cudaStream_t stream);
+FpropError fprop_sm90_fp16(const FpropProblem& p, bool relu, cudaStream_t stream);
+// Their host-side checks alone (CUTLASS's can_implement; no CUDA call, so they run without a GPU).
+FpropError fprop_sm90_bf16_check(const FpropProblem& p, bool relu);
+FpropError fprop_sm90_fp16_check(const FpropProblem& p, bool relu);
+
 // The 1x1 downsample conv of a residual block (no padding or dilation), which yields the
 // same (N, P, Q, K) output as the main conv it is fused with.
 struct DownsampleProblem {

@@ -1,6 +1,7 @@
 // CUDA implementations of fusedres::conv_bn_act_cuda and fusedres::block_tail_cuda
 // (schemas in csrc/fusedres.cpp): input checks, BN-scale folding, batch chunking, and the
-// calls into the CUTLASS kernels of fprop_{bf16,fp16}.cu.
+// calls into the CUTLASS kernels of fprop_{bf16,fp16}.cu (and, built with 90a and asked for with
+// FUSEDRES_CUDA_SM90A=1 on an sm_90 GPU, the CUTLASS 3.x kernels of fprop_sm90_{bf16,fp16}.cu).
 //
 // Why the BN scale is folded into the filter instead of applied in the epilogue:
 // CUTLASS 2.x's conv epilogues take alpha as a scalar (its per-channel-scaling output ops
@@ -27,8 +28,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 
 #include "fprop.h"
 
@@ -240,6 +245,57 @@ void check_cutlass(const FpropError& err, const FpropProblem& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether this conv takes the sm_90a kernels (fprop_sm90.cuh): built in (FUSEDRES_CUDA_ARCHS
+// with 90a), asked for (FUSEDRES_CUDA_SM90A=1, read once: they have not run on a GPU yet, so
+// nothing selects them by default) and an sm_90 device (sm_90a SASS runs on compute
+// capability 9.0 only).  The device's capability is looked up once per device.
+bool use_sm90a(const at::Tensor& x) {
+#ifdef FUSEDRES_HAVE_SM90A
+  static const bool asked = [] {
+    const char* v = std::getenv("FUSEDRES_CUDA_SM90A");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (!asked) {
+    return false;
+  }
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int8_t>, kMaxDevices> is_sm90{};  // 0 unknown, 1 yes, 2 no
+  const int dev = x.get_device();
+  if (dev < 0 || dev >= kMaxDevices) {
+    return false;
+  }
+  int8_t known = is_sm90[dev].load(std::memory_order_relaxed);
+  if (known == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    known = (major == 9 && minor == 0) ? 1 : 2;
+    is_sm90[dev].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+// One conv launch: the sm_90a kernel when `sm90a`, falling back to the CUTLASS 2.x kernel for a
+// problem it cannot take (its can_implement: TMA's alignment and extent limits), which
+// computes the same thing.
+FpropError fprop(const FpropProblem& p, bool bf16, bool relu, cudaStream_t stream, bool sm90a) {
+#ifdef FUSEDRES_HAVE_SM90A
+  if (sm90a) {
+    FpropError err = bf16 ? fprop_sm90_bf16(p, relu, stream) : fprop_sm90_fp16(p, relu, stream);
+    if (!err || std::string(err.step) != "can_implement") {
+      return err;
+    }
+  }
+#else
+  (void)sm90a;
+#endif
+  return bf16 ? fprop_bf16(p, relu, stream) : fprop_fp16(p, relu, stream);
+}
+
 // One conv through the CUTLASS kernel, writing `out` (channels_last (N, K, P, Q)).
 // `filter` is the folded KRSC filter, `bias` the fp32 shift.
 void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
@@ -253,9 +309,7 @@ void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& b
     p.input = sample_ptr(x, n0);
     p.residual = residual ? sample_ptr(*residual, n0) : nullptr;
     p.output = const_cast<void*>(sample_ptr(out, n0));
-    check_cutlass(x.scalar_type() == at::kBFloat16 ? fprop_bf16(p, relu, stream)
-                                                   : fprop_fp16(p, relu, stream),
-                  p);
+    check_cutlass(fprop(p, x.scalar_type() == at::kBFloat16, relu, stream, use_sm90a(x)), p);
   }
 }
 
