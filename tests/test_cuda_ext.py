@@ -597,6 +597,25 @@ def test_sm90a_kernels_run_when_opted_in():
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("ConvUniversal" in n for n in names), names
+    assert not any("fold_weight" in n for n in names), names  # the scale goes to the epilogue instead
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("FUSEDRES_CUDA_SM90A") != "1",
+                    reason="the sm_90a kernels are opt-in (FUSEDRES_CUDA_SM90A=1, an extension built with 90a)")
+def test_sm90a_small_bn_scale_keeps_fp16_precision():
+    """On the sm_90a path the BN scale multiplies the fp32 accumulator, so a BN weight of 1e-4
+    costs fp16 no precision (folded into an fp16 filter it would: README, the `cuda` backend)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("sm_90a SASS runs on compute capability 9.0 only")
+    x, wt, _, shift = _inputs(2, 64, 14, 14, 64, 3, torch.float16)
+    scale = torch.full((64,), 1e-4, device="cuda")
+    spec = _spec_for(x, wt, 1, 1, 1, False, False)
+    out = torch.ops.fusedres.conv_bn_act_cuda(x, wt, scale, shift * 1e-4, None, None, None, 0.0, [1, 1], [1, 1],
+                                              [1, 1], 1, False)
+    ref64 = torch_ref.conv_bn_act(*_f64(x, wt, scale, shift * 1e-4, None), spec)
+    rel = ((out.double() - ref64).abs().max() / ref64.abs().max()).item()
+    assert rel < 2e-3, rel
 
 def _nvcc_and_cutlass():
     """(nvcc, CUTLASS include dir, tools/util include dir, cuobjdump), or a pytest skip."""

@@ -9,13 +9,15 @@
 namespace fusedres::cuda {
 
 // One implicit-GEMM conv2d forward, NHWC activations and KRSC filter, with the epilogue
-//   out[n,p,q,k] = act(acc[n,p,q,k] + bias[k] (+ residual[n,p,q,k]))
-// where acc is the fp32 tensor-core accumulator.  The per-channel BN scale is already
-// folded into `filter` by the caller (see ops.cu for why).
+//   out[n,p,q,k] = act(scale[k] * acc[n,p,q,k] + bias[k] (+ residual[n,p,q,k]))
+// where acc is the fp32 tensor-core accumulator.  The CUTLASS 2.x kernels take no `scale`: the
+// per-channel BN scale is folded into `filter` by the caller (see ops.cu for why); the sm_90a
+// kernels apply it to the fp32 accumulator.
 struct FpropProblem {
   const void* input;     // (N, H, W, C)  fp16 / bf16, 16-byte aligned
   const void* filter;    // (K, R, S, C)  same dtype, 16-byte aligned
   const float* bias;     // (K,)          fp32, 32-byte aligned
+  const float* scale = nullptr;  // (K,)   fp32, 32-byte aligned; sm_90a kernels only (else null)
   const void* residual;  // (N, P, Q, K)  same dtype, or nullptr
   void* output;          // (N, P, Q, K)  same dtype
   int N, H, W, C, K, R, S, P, Q;

@@ -214,6 +214,7 @@ typename FpropKernel<Element, kRelu>::Device::Arguments fprop_arguments(const Fp
 
 template <typename Element, bool kRelu>
 FpropError run_fprop(const FpropProblem& p, cudaStream_t stream) {
+  if (p.scale != nullptr) return {"arguments", "the CUTLASS 2.x kernels take a folded filter, not a scale"};
   using K = FpropKernel<Element, kRelu>;
   const auto args = fprop_arguments<Element, kRelu>(p);
   const cutlass::Status status = K::Device::can_implement(args);
@@ -226,6 +227,7 @@ FpropError run_fprop(const FpropProblem& p, cudaStream_t stream) {
 template <typename Element, bool kRelu>
 FpropError run_block_tail(const FpropProblem& main, const DownsampleProblem& ds,
                           cudaStream_t stream) {
+  if (main.scale != nullptr) return {"arguments", "the CUTLASS 2.x kernels take a folded filter, not a scale"};
   using K = FpropKernel<Element, kRelu>;
   using Dual = DualFpropKernel<typename K::Kernel>;
   using Mma = typename Dual::Mma;

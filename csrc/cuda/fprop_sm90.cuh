@@ -1,11 +1,13 @@
 // Hopper-native (sm_90a) eval conv kernels: CUTLASS 3.x ConvUniversal, TMA im2col loads and
 // wgmma (KernelImplicitTmaWarpSpecializedSm90, picked by the collective builder), and a TMA
 // warp-specialized epilogue computing
-//   out[n,p,q,k] = act(acc[n,p,q,k] + bias[k] + beta * residual[n,p,q,k])
-// in fp32 (LinCombPerColBiasEltAct: one GEMM column per output channel).  The interface is
-// fprop.h's FpropProblem, the same as the CUTLASS 2.x kernels of fprop_impl.cuh: the BN scale
-// is folded into the filter by ops.cu, `bias` is the fp32 shift, beta is 1 with a residual
-// and 0 without one (the epilogue then reads no source).
+//   out[n,p,q,k] = act(scale[k] * acc[n,p,q,k] + bias[k] + beta * residual[n,p,q,k])
+// in fp32 (PerColLinCombPerColBiasEltAct: one GEMM column per output channel), so the eval BN's
+// scale multiplies the fp32 accumulator instead of being folded into a 16-bit filter (no fp16
+// range limit, no filter-sized fold per call).  The interface is fprop.h's FpropProblem, as for
+// the CUTLASS 2.x kernels of fprop_impl.cuh: `scale` and `bias` are the fp32 scale and shift
+// (a null `scale` means 1), beta is 1 with a residual and 0 without one (the epilogue then
+// reads no source).
 //
 // Only compiled when FUSEDRES_CUDA_ARCHS names 90a (setup.py), and only called when
 // FUSEDRES_CUDA_SM90A=1 on an sm_90 device (ops.cu): these kernels have not run on a GPU yet.
@@ -39,7 +41,7 @@ struct FpropKernel {
   using TileShape = Shape<_128, _128, Shape<_64>>;
   using ClusterShape = Shape<_1, _1, _1>;
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC, filter KRSC, output NPQK
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, T, float, float, T, float>;
+  using Fusion = cutlass::epilogue::fusion::PerColLinCombPerColBiasEltAct<Act, T, float, float, T, float>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, T, Layout, kAlignment, T, Layout,
@@ -76,7 +78,8 @@ typename Conv::Arguments arguments(const FpropProblem& p, const Problem& shape) 
       {{}, static_cast<const T*>(p.residual != nullptr ? p.residual : p.output), stride_c,
        static_cast<T*>(p.output), stride_d}};
   auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
+  fusion.alpha = 1.0f;  // where scale is null
+  fusion.alpha_ptr = p.scale;
   fusion.beta = p.residual != nullptr ? 1.0f : 0.0f;
   fusion.bias_ptr = p.bias;
   return args;

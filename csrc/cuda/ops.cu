@@ -3,7 +3,10 @@
 // calls into the CUTLASS kernels of fprop_{bf16,fp16}.cu (and, built with 90a and asked for with
 // FUSEDRES_CUDA_SM90A=1 on an sm_90 GPU, the CUTLASS 3.x kernels of fprop_sm90_{bf16,fp16}.cu).
 //
-// Why the BN scale is folded into the filter instead of applied in the epilogue:
+// On the sm_90a path (use_sm90a) the BN scale multiplies the fp32 accumulator in the CUTLASS 3.x
+// epilogue instead, and a K-thread kernel computes the fp32 scale and shift (affine_vectors).
+//
+// Why the BN scale is folded into the filter instead of applied in the epilogue (2.x):
 // CUTLASS 2.x's conv epilogues take alpha as a scalar (its per-channel-scaling output ops
 // exist only for the 3.x collective epilogues), so act(conv(x, W) * scale + shift) runs as
 // act(conv(x, W * scale) + shift).  The fold is one small kernel per call over the filter
@@ -123,6 +126,27 @@ at::Tensor fold_weight(const at::Tensor& weight, const Affine& affine, at::Tenso
       weight.stride(1), weight.stride(2), weight.stride(3));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// scale_out[k] = scale_eff[k], shift_out[k] = shift_eff[k] (fp32): the BN affine for an epilogue
+// that scales the fp32 accumulator itself (the sm_90a kernels), one launch of K threads.
+__global__ void _affine_vectors_kernel(Affine affine, float* __restrict__ scale_out,
+                                       float* __restrict__ shift_out, int64_t K) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k < K) {
+    const float s = affine.scale_eff(k);
+    scale_out[k] = s;
+    shift_out[k] = affine.shift_eff(k, s);
+  }
+}
+
+void affine_vectors(const Affine& affine, at::Tensor& scale_out, at::Tensor& shift_out,
+                    cudaStream_t stream) {
+  const int64_t K = scale_out.size(0);
+  constexpr int kThreads = 256;
+  _affine_vectors_kernel<<<static_cast<unsigned>((K + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      affine, scale_out.mutable_data_ptr<float>(), shift_out.mutable_data_ptr<float>(), K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_cuda_tensor(const char* name, const at::Tensor& t, const at::Tensor& x,
@@ -279,38 +303,63 @@ bool use_sm90a(const at::Tensor& x) {
 #endif
 }
 
-// One conv launch: the sm_90a kernel when `sm90a`, falling back to the CUTLASS 2.x kernel for a
-// problem it cannot take (its can_implement: TMA's alignment and extent limits), which
-// computes the same thing.
+// One conv launch: the sm_90a kernel when `sm90a` (the caller has checked that it takes the
+// problem: sm90a_takes), else the CUTLASS 2.x kernel.
 FpropError fprop(const FpropProblem& p, bool bf16, bool relu, cudaStream_t stream, bool sm90a) {
 #ifdef FUSEDRES_HAVE_SM90A
   if (sm90a) {
-    FpropError err = bf16 ? fprop_sm90_bf16(p, relu, stream) : fprop_sm90_fp16(p, relu, stream);
-    if (!err || std::string(err.step) != "can_implement") {
-      return err;
-    }
+    return bf16 ? fprop_sm90_bf16(p, relu, stream) : fprop_sm90_fp16(p, relu, stream);
   }
 #else
-  (void)sm90a;
+  TORCH_CHECK(!sm90a, "fusedres cuda: this build has no sm_90a kernels");
 #endif
   return bf16 ? fprop_bf16(p, relu, stream) : fprop_fp16(p, relu, stream);
 }
 
 // One conv through the CUTLASS kernel, writing `out` (channels_last (N, K, P, Q)).
 // `filter` is the folded KRSC filter, `bias` the fp32 shift.
-void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
+void run_conv(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias, const float* scale,
               const c10::optional<at::Tensor>& residual, at::Tensor& out, at::IntArrayRef stride,
-              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, cudaStream_t stream) {
+              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, cudaStream_t stream,
+              bool sm90a) {
   const int64_t N = x.size(0);
   const int64_t chunk = batch_chunk({&x, &out}, filter);
   FpropProblem p = conv_problem(x, filter, bias, out, stride, padding, dilation);
+  p.scale = scale;
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     p.N = static_cast<int>(std::min(chunk, N - n0));
     p.input = sample_ptr(x, n0);
     p.residual = residual ? sample_ptr(*residual, n0) : nullptr;
     p.output = const_cast<void*>(sample_ptr(out, n0));
-    check_cutlass(fprop(p, x.scalar_type() == at::kBFloat16, relu, stream, use_sm90a(x)), p);
+    check_cutlass(fprop(p, x.scalar_type() == at::kBFloat16, relu, stream, sm90a), p);
   }
+}
+
+// Whether the sm_90a kernel takes this conv, for every batch chunk run_conv will launch
+// (host-side checks only: CUTLASS's can_implement, TMA's alignment and extent limits).
+bool sm90a_takes(const at::Tensor& x, const at::Tensor& filter, const at::Tensor& bias,
+                 const at::Tensor& scale, const c10::optional<at::Tensor>& residual, const at::Tensor& out,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+#ifdef FUSEDRES_HAVE_SM90A
+  const int64_t N = x.size(0);
+  const int64_t chunk = batch_chunk({&x, &out}, filter);
+  FpropProblem p = conv_problem(x, filter, bias, out, stride, padding, dilation);
+  p.scale = scale.const_data_ptr<float>();
+  p.input = x.const_data_ptr();
+  p.output = const_cast<void*>(out.const_data_ptr());
+  p.residual = residual ? residual->const_data_ptr() : nullptr;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  for (const int64_t n : {std::min(chunk, N), N % chunk}) {
+    if (n == 0) continue;
+    p.N = static_cast<int>(n);
+    if (bf16 ? fprop_sm90_bf16_check(p, relu) : fprop_sm90_fp16_check(p, relu)) return false;
+  }
+  return true;
+#else
+  (void)x, (void)filter, (void)bias, (void)scale, (void)residual, (void)out, (void)stride, (void)padding,
+      (void)dilation, (void)relu;
+  return false;
+#endif
 }
 
 // The fused block tail: act(conv(y, filter) + conv1x1(x, ds_filter, ds_stride) + bias).
@@ -412,8 +461,20 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   if (x.size(0) == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   at::Tensor bias = new_bias(x, K);
+  if (use_sm90a(x)) {
+    // The sm_90a epilogue applies the BN affine to the fp32 accumulator: the filter as it is
+    // (KRSC), the fp32 scale and shift from one K-thread launch.
+    const at::Tensor filter = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor scale_v = new_bias(x, K);
+    if (sm90a_takes(x, filter, bias, scale_v, residual, out, stride, padding, dilation, relu)) {
+      affine_vectors(affine, scale_v, bias, stream);
+      run_conv(x, filter, bias, scale_v.const_data_ptr<float>(), residual, out, stride, padding, dilation, relu,
+               stream, /*sm90a=*/true);
+      return out;
+    }
+  }
   const at::Tensor filter = fold(weight, affine, bias, false, stream);
-  run_conv(x, filter, bias, residual, out, stride, padding, dilation, relu, stream);
+  run_conv(x, filter, bias, nullptr, residual, out, stride, padding, dilation, relu, stream, /*sm90a=*/false);
   return out;
 }
 

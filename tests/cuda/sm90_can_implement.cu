@@ -28,6 +28,7 @@ int main() {
     p.output = dummy;
     p.residual = dummy;
     p.bias = bias;
+    p.scale = bias;
     std::cout << verdict(fusedres::cuda::fprop_sm90_bf16_check(p, true)) << " | "
               << verdict(fusedres::cuda::fprop_sm90_bf16_check(p, false)) << " | "
               << verdict(fusedres::cuda::fprop_sm90_fp16_check(p, true)) << " | "
