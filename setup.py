@@ -163,12 +163,15 @@ def _cuda_extension():
     if sm90a:
         # CUTLASS 3.x's conv collectives include cutlass/util/packed_stride.hpp, which the
         # repository (and the nvidia-cutlass wheel) keeps under tools/util/include.
+        # (A CMake-installed CUTLASS has it in the include directory itself.)
         util = Path(cutlass).parent / "tools" / "util" / "include"
-        if not (util / "cutlass" / "util" / "packed_stride.hpp").is_file():
-            raise SystemExit(f"FUSEDRES_CUDA_ARCHS has 90a, but CUTLASS's tools/util/include is not next to "
-                             f"{cutlass} (the sm_90a kernels need cutlass/util/packed_stride.hpp)")
+        packed = Path("cutlass") / "util" / "packed_stride.hpp"
+        if not (util / packed).is_file() and not (Path(cutlass) / packed).is_file():
+            raise SystemExit(f"FUSEDRES_CUDA_ARCHS has 90a, but neither {cutlass} nor CUTLASS's tools/util/include "
+                             f"next to it has {packed} (the sm_90a kernels need it)")
         sources += ["csrc/cuda/fprop_sm90_bf16.cu", "csrc/cuda/fprop_sm90_fp16.cu"]
-        include_dirs.append(str(util))
+        if (util / packed).is_file():
+            include_dirs.append(str(util))
         defines.append("-DFUSEDRES_HAVE_SM90A")
     gencode = _gencode(archs)
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs(_GB_PER_JOB_SM90A if sm90a else _GB_PER_JOB)))

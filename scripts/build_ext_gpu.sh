@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build fusedres._C in place on the (offline) GPU machine, from the nvidia-cutlass wheel
 # carried in .whl/: install the wheel's headers into a scratch dir, point setup.py at them
-# (FUSEDRES_CUTLASS_DIR) and run an editable install with all cores, sm_90 only.
+# (FUSEDRES_CUTLASS_DIR) and run an editable install with all cores, for sm_90 (FUSEDRES_CUDA_ARCHS,
+# default 90; scripts/device_check.sh builds 90a).
 #
 #   bash scripts/build_ext_gpu.sh        # PYTHON, FUSEDRES_CUDA_ARCHS, MAX_JOBS, CUTLASS_SITE override
 #

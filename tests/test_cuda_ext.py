@@ -582,7 +582,7 @@ def test_epilogue_relu_keeps_nan_in_sass():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(os.environ.get("FUSEDRES_CUDA_SM90A") != "1",
+@pytest.mark.skipif(os.environ.get("FUSEDRES_CUDA_SM90A") not in ("1", "require"),
                     reason="the sm_90a kernels are opt-in (FUSEDRES_CUDA_SM90A=1, an extension built with 90a)")
 def test_sm90a_kernels_run_when_opted_in():
     """With FUSEDRES_CUDA_SM90A=1 on an sm_90 GPU (and the extension built with 90a), eval convs
@@ -601,7 +601,7 @@ def test_sm90a_kernels_run_when_opted_in():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(os.environ.get("FUSEDRES_CUDA_SM90A") != "1",
+@pytest.mark.skipif(os.environ.get("FUSEDRES_CUDA_SM90A") not in ("1", "require"),
                     reason="the sm_90a kernels are opt-in (FUSEDRES_CUDA_SM90A=1, an extension built with 90a)")
 def test_sm90a_small_bn_scale_keeps_fp16_precision():
     """On the sm_90a path the BN scale multiplies the fp32 accumulator, so a BN weight of 1e-4

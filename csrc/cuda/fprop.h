@@ -17,7 +17,7 @@ struct FpropProblem {
   const void* input;     // (N, H, W, C)  fp16 / bf16, 16-byte aligned
   const void* filter;    // (K, R, S, C)  same dtype, 16-byte aligned
   const float* bias;     // (K,)          fp32, 32-byte aligned
-  const float* scale = nullptr;  // (K,)   fp32, 32-byte aligned; sm_90a kernels only (else null)
+  const float* scale = nullptr;  // (K,)   fp32, 16-byte aligned; sm_90a kernels only (else null)
   const void* residual;  // (N, P, Q, K)  same dtype, or nullptr
   void* output;          // (N, P, Q, K)  same dtype
   int N, H, W, C, K, R, S, P, Q;

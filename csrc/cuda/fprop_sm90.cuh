@@ -10,11 +10,18 @@
 // reads no source).
 //
 // Only compiled when FUSEDRES_CUDA_ARCHS names 90a (setup.py), and only called when
-// FUSEDRES_CUDA_SM90A=1 on an sm_90 device (ops.cu): these kernels have not run on a GPU yet.
-// Compiled for other architectures, CUTLASS leaves the kernel body empty, and launch() says so.
+// FUSEDRES_CUDA_SM90A is set on an sm_90 device (ops.cu): these kernels have not run on a GPU yet.
+// Compiled for other architectures (setup.py's sm_80 and compute_90 passes), CUTLASS leaves the
+// kernel body empty (it prints an error on the device); ops.cu never launches them there.
+//
+// check_fprop must accept a problem before it runs: CUTLASS's can_implement does not look at the
+// pointers or the traversal strides, and with NDEBUG a TMA descriptor that cannot be encoded is
+// not reported (the kernel would launch with it and the host would see success).
 #pragma once
 
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "cute/tensor.hpp"
 #include "cutlass/kernel_hardware_info.hpp"  // before the conv builders, which use it undeclared
@@ -101,6 +108,17 @@ template <class T, bool Relu>
 FpropError check_fprop(const FpropProblem& p) {
   using K = KernelFor<T, Relu>;
   using Conv = typename K::Conv;
+  // TMA's limits that can_implement leaves out: 16-byte aligned global addresses, and im2col
+  // traversal strides of 1 to 8 (cuTensorMapEncodeIm2col).
+  for (const void* ptr : {p.input, p.filter, static_cast<const void*>(p.output), p.residual,
+                          static_cast<const void*>(p.scale), static_cast<const void*>(p.bias)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      return {"alignment", "TMA needs 16-byte aligned tensors"};
+    }
+  }
+  if (p.stride_h > 8 || p.stride_w > 8) {
+    return {"stride", "TMA im2col traverses with strides of at most 8"};
+  }
   const typename K::Problem shape = problem_shape<K>(p);
   if (shape.shape_C[1] != p.P || shape.shape_C[2] != p.Q) {
     return {"output shape", "the sm_90a kernel's P/Q differ from the caller's"};

@@ -270,16 +270,24 @@ void check_cutlass(const FpropError& err, const FpropProblem& p) {
 }
 
 // Whether this conv takes the sm_90a kernels (fprop_sm90.cuh): built in (FUSEDRES_CUDA_ARCHS
-// with 90a), asked for (FUSEDRES_CUDA_SM90A=1, read once: they have not run on a GPU yet, so
-// nothing selects them by default) and an sm_90 device (sm_90a SASS runs on compute
+// with 90a), asked for (FUSEDRES_CUDA_SM90A=1, or =require, which makes a conv they refuse an
+// error instead of a fall-back, for the device check; read once: they have not run on a GPU yet,
+// so nothing selects them by default) and an sm_90 device (sm_90a SASS runs on compute
 // capability 9.0 only).  The device's capability is looked up once per device.
+enum class Sm90a { kOff, kOn, kRequired };
+
+Sm90a sm90a_mode() {
+  static const Sm90a mode = [] {
+    const char* v = std::getenv("FUSEDRES_CUDA_SM90A");
+    const std::string s = v != nullptr ? v : "";
+    return s == "1" ? Sm90a::kOn : s == "require" ? Sm90a::kRequired : Sm90a::kOff;
+  }();
+  return mode;
+}
+
 bool use_sm90a(const at::Tensor& x) {
 #ifdef FUSEDRES_HAVE_SM90A
-  static const bool asked = [] {
-    const char* v = std::getenv("FUSEDRES_CUDA_SM90A");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  if (!asked) {
+  if (sm90a_mode() == Sm90a::kOff) {
     return false;
   }
   constexpr int kMaxDevices = 64;
@@ -296,9 +304,14 @@ bool use_sm90a(const at::Tensor& x) {
     known = (major == 9 && minor == 0) ? 1 : 2;
     is_sm90[dev].store(known, std::memory_order_relaxed);
   }
+  TORCH_CHECK(known == 1 || sm90a_mode() != Sm90a::kRequired,
+              "fusedres cuda: FUSEDRES_CUDA_SM90A=require, but device ", dev, " is not compute capability 9.0");
   return known == 1;
 #else
   (void)x;
+  TORCH_CHECK(sm90a_mode() != Sm90a::kRequired,
+              "fusedres cuda: FUSEDRES_CUDA_SM90A=require, but this build has no sm_90a kernels "
+              "(build with FUSEDRES_CUDA_ARCHS=\"80;90a\")");
   return false;
 #endif
 }
@@ -472,6 +485,10 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
                stream, /*sm90a=*/true);
       return out;
     }
+    TORCH_CHECK(sm90a_mode() != Sm90a::kRequired, "fusedres cuda: FUSEDRES_CUDA_SM90A=require, but the sm_90a ",
+                "kernel refuses this conv (N=", x.size(0), " C=", x.size(1), " H=", x.size(2), " W=", x.size(3),
+                " K=", K, " kernel ", weight.sizes().slice(2), " stride ", stride, " padding ", padding,
+                " dilation ", dilation, ")");
   }
   const at::Tensor filter = fold(weight, affine, bias, false, stream);
   run_conv(x, filter, bias, nullptr, residual, out, stride, padding, dilation, relu, stream, /*sm90a=*/false);
