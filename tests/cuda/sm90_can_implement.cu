@@ -1,4 +1,4 @@
-// Host-only driver for tests/test_cuda_ext.py: reads conv problems from stdin, one per line
+// Host-only driver for tests/test_sm90a_build.py: reads conv problems from stdin, one per line
 //   N H W C K R S pad_h pad_w stride_h stride_w dilation_h dilation_w P Q
 // and prints, per line, CUTLASS's host-side verdict for the four sm_90a kernels (bf16/fp16 x
 // ReLU/identity): "ok" or "step: status".  Linked against the kernels' object files; makes no
