@@ -92,11 +92,12 @@ def projection(ds):
 
 
 def _hooked(named) -> str | None:
-    """The name of the first of the ``(name, module)`` pairs, or of their submodules, carrying a hook."""
+    """The name of the first of the ``(name, module)`` pairs, or of their submodules, carrying a hook
+    or not called through its class's ``forward`` (see :func:`plain_call`)."""
     for name, sub in named:
         if sub is None:
             continue
-        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+        if not plain_call(sub):
             return name
         inner = _hooked(sub._modules.items()) if sub._modules else None
         if inner is not None:
@@ -147,7 +148,8 @@ def input_reason(named, x, convs=()) -> str | None:
     the weights of ``convs``.  Asked when a plan is made."""
     name = _hooked(named)
     if name is not None:
-        return f"its submodule {name!r} has hooks (forward/backward hooks or pre-hooks, spectral_norm, prune, ...)"
+        return (f"its submodule {name!r} has hooks (forward/backward hooks or pre-hooks, spectral_norm, prune, ...) "
+                "or a forward of its own (set on the instance, or Module.compile)")
     if x.dim() != 4:
         return f"the input is {x.dim()}-D, not an (N, C, H, W) batch"
     amp = autocast_dtype(x) is not None

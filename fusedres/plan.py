@@ -44,7 +44,8 @@ class Plan:
 
     ``run(module, x)`` computes it; ``watched``, ``modes`` and ``hooked`` are what :func:`watch`
     saw when the plan was made; ``route`` is ``"eval"``, ``"train"`` or ``"reference"``
-    (``reason`` says why).  A plan never holds its module (only the submodules), so the
+    (``reason`` says why) for a block or a stem, ``"trunk"`` for a model's stem and stages
+    as one run, or ``"blocks"`` (``run`` None) when they take their per-block plans.  A plan never holds its module (only the submodules), so the
     weak-keyed table can let the module go.
     """
 
@@ -77,9 +78,14 @@ def signature(module, x: torch.Tensor, roots) -> tuple | None:
     return (x.shape, x.stride(), x.dtype, dev, grad, amp, modes_active(), os.environ.get(ENV_VAR), module.backend)
 
 
+#: Where :func:`signature` keeps whether the call needs autograd.
+GRAD = 4
+
+
 def watch(roots) -> tuple[list, list, bool]:
     """The modules ``roots`` and all their submodules, their ``training`` flags, and whether any
-    carries a hook.  A BN switched to eval on its own (freezing BN for fine-tuning) changes the
+    carries a hook or is called through something other than its class's ``forward`` (one set on
+    the instance, or ``Module.compile``), which a fused forward would skip.  A BN switched to eval on its own (freezing BN for fine-tuning) changes the
     flags without going through the fused module's ``train()``, so they are part of what a
     plan checks."""
     found, modes, hooked = [], [], False
@@ -90,7 +96,8 @@ def watch(roots) -> tuple[list, list, bool]:
                 continue
             found.append(sub)
             modes.append(sub.training)
-            if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
+                    or "forward" in sub.__dict__ or getattr(sub, "_compiled_call_impl", None) is not None):
                 hooked = True
             if sub._modules:
                 stack.append(sub._modules.values())

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from timm.models import resnet as timm_resnet
 
-from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, run_stages, shortcut_of
+from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, run_trunk, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
 
@@ -118,11 +118,10 @@ class TimmResNet(_Planned, timm_resnet.ResNet):
         if stages is None:
             return super().forward_features(x)
         named = (("conv1", self.conv1), ("bn1", self.bn1), ("act1", self.act1), ("maxpool", self.maxpool))
-        x = fused_stem(self, named, stages, self.maxpool, x)
         layers = [self.layer1, self.layer2, self.layer3, self.layer4]
         if self.grad_checkpointing:
-            return timm_resnet.checkpoint_seq(layers, x, flatten=True)
-        return run_stages(layers, x)
+            return timm_resnet.checkpoint_seq(layers, fused_stem(self, named, stages, self.maxpool, x), flatten=True)
+        return run_trunk(self, named, stages, self.maxpool, layers, x)
 
     def _stem_stages(self):
         """``((conv, bn, act), ...)`` of the stem: ``conv1`` alone, or a deep stem's

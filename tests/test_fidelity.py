@@ -10,6 +10,7 @@ GPU), and ``torch``.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -362,6 +363,19 @@ def test_weight_cache_pins_the_storage():
     assert cache.get(w) is None
     cache.put(w, "new")
     assert cache.get(w) == "new" and cache.get(w, "other-tag") is None
+
+
+def test_weight_cache_forgets_a_freed_weight():
+    """Entries are keyed by the weight's id and dropped with the weight, so nothing outlives the
+    model and a later tensor that reuses the id finds nothing."""
+    cache = backends.WeightCache()
+    w, other = torch.nn.Parameter(torch.randn(4, 4)), torch.randn(4, 4)
+    cache.put(w, "value")
+    cache.put(other, "other")
+    assert len(cache) == 2
+    del w
+    gc.collect()
+    assert len(cache) == 1 and cache.get(other) == "other"
 
 
 # --------------------------------------------------------------------------- 4. forward AD

@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -130,6 +131,19 @@ def test_hooks_added_then_removed():
     assert used == {"cpu"} and seen == [1]
 
 
+def test_forward_set_on_a_submodule_runs_the_reference():
+    """A fused forward would skip a forward set on a conv instance; the block takes the reference."""
+    ref, fused = _pair()
+    x = _x()
+    _same(fused, ref, x)
+    calls = []
+    conv = fused.conv2
+    conv.forward = lambda t: calls.append(1) or nn.Conv2d.forward(conv, t)
+    with pytest.warns(RuntimeWarning, match="a forward of its own"):
+        _same(fused, ref, x)
+    assert calls == [1]
+
+
 def test_to_dtype_drops_plans():
     ref, fused = _pair()
     x = _x()
@@ -209,6 +223,126 @@ def test_stem_plan_follows_mode_and_weights():
         m.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         m.conv1.weight = nn.Parameter(torch.ones_like(m.conv1.weight) * 0.01)
     _same(fused, ref, x)
+
+
+# --------------------------------------------------------------------------- whole-model (trunk) plans
+
+
+def _models(seed=0):
+    """A small torchvision ResNet-18 and its converted deep copy."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    ref = randomize(torchvision.models.resnet18(num_classes=10), seed).eval()
+    return ref, fusedres.convert(copy.deepcopy(ref))
+
+
+def _trunk_routes(model):
+    return sorted(p.route for k, p in plan._PLANS.get(model, {}).items() if k[0] == "trunk")
+
+
+def test_model_runs_one_trunk_plan():
+    """An inference call plans the stem and stages once, as one run of the model: the blocks keep
+    no plans of their own, and the next call reuses it."""
+    ref, fused = _models()
+    x = torch.randn(2, 3, 32, 32)
+    _same(fused, ref, x)
+    assert _trunk_routes(fused) == ["trunk"]
+    first = next(p for k, p in plan._PLANS[fused].items() if k[0] == "trunk")
+    assert all(_plan_of(b) is None for b in fused.modules() if isinstance(b, tv.BasicBlock))
+    _same(fused, ref, torch.randn(2, 3, 32, 32))
+    assert next(p for k, p in plan._PLANS[fused].items() if k[0] == "trunk") is first
+
+
+def _revert_block(ref, fused, monkeypatch):
+    block = fusedres.revert(fused.layer2[0])
+    calls = []
+    forward = tv.BasicBlock.forward  # now the reverted block's own
+    monkeypatch.setattr(tv.BasicBlock, "forward", lambda self, x: calls.append(self is block) or forward(self, x))
+    return lambda used: calls.count(True) == 1
+
+
+def _forward_on_a_conv(ref, fused, monkeypatch):
+    calls = []
+    conv = fused.layer4[0].conv1
+    conv.forward = lambda x: calls.append(1) or nn.Conv2d.forward(conv, x)
+    return lambda used: calls == [1] and "reference" in used
+
+
+def _forward_on_instance(ref, fused, monkeypatch):
+    calls = []
+    block = fused.layer1[1]
+    block.forward = lambda x: calls.append(1) or type(block).forward(block, x)
+    return lambda used: calls == [1]
+
+
+def _block_backend(ref, fused, monkeypatch):
+    fused.layer3[1].backend = "torch"
+    return lambda used: used == {"cpu", "torch"}
+
+
+def _hook_on_a_conv(ref, fused, monkeypatch):
+    calls = []
+    fused.layer4[1].conv2.register_forward_hook(lambda *a: calls.append(1))
+    return lambda used: calls == [1] and "reference" in used
+
+
+def _block_in_train_mode(ref, fused, monkeypatch):
+    for m in (ref, fused):
+        m.layer1[1].train()  # batch statistics (and running-stat updates) in that block only
+    return lambda used: used == {"cpu", "train:torch"}
+
+
+def _replaced_weight(ref, fused, monkeypatch):
+    for m in (ref, fused):
+        torch.manual_seed(5)
+        m.layer2[1].conv1.weight = nn.Parameter(torch.randn_like(m.layer2[1].conv1.weight) * 0.05)
+    return lambda used: used == {"cpu"}
+
+
+def _replaced_activation(ref, fused, monkeypatch):
+    for m in (ref, fused):
+        m.layer3[0].relu = nn.ReLU6()  # same class of block, another layer: the reference runs
+    return lambda used: "reference" in used
+
+
+@pytest.mark.parametrize("change", [_revert_block, _forward_on_instance, _forward_on_a_conv, _block_backend,
+                                    _hook_on_a_conv, _block_in_train_mode, _replaced_weight, _replaced_activation])
+def test_trunk_plan_follows_changes_to_its_parts(change, monkeypatch):
+    """What a block's own plan would notice, the model's one plan notices too: every change made
+    after it was built takes effect on the next call, which matches torchvision."""
+    ref, fused = _models()
+    x = torch.randn(2, 3, 32, 32)
+    _same(fused, ref, x)
+    check = change(ref, fused, monkeypatch)
+    with backends.record() as used, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _same(fused, ref, x)
+    assert check(used), used
+    # and it keeps following: a second call after the change computes the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _same(fused, ref, x)
+
+
+def test_trunk_is_not_used_when_some_layers_need_gradients():
+    """layer1 frozen, the rest trainable, grad mode on: each block decides for itself (the frozen
+    ones may run inference-only kernels), and every gradient matches torchvision's."""
+    ref, fused = _models()
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, fused):
+        m.requires_grad_(False)
+    with torch.no_grad():
+        fused(x)  # a trunk plan made without autograd
+    for m in (ref, fused):
+        m.layer3.requires_grad_(True)
+        m.fc.requires_grad_(True)
+        m(x).square().sum().backward()
+    assert _trunk_routes(fused) == ["trunk"]
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
 # --------------------------------------------------------------------------- dispatch modes

@@ -23,13 +23,13 @@ import importlib
 import os
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import _len_torch_dispatch_stack
-from torch.utils.weak import WeakIdKeyDictionary
 
 #: Every backend name a user may ask for, in ``auto`` preference order per device.
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -191,27 +191,40 @@ class WeightCache:
     """
 
     def __init__(self) -> None:
-        self._entries = WeakIdKeyDictionary()
+        # id(weight) -> (weak reference to the weight, data_key, storage reference, {tag: value}):
+        # keyed by id, not by a WeakIdKeyDictionary, because the lookup runs for every conv of
+        # every eager call; the weak reference confirms the id still names the same tensor and
+        # its callback drops the entry with the weight
+        self._entries: dict[int, tuple] = {}
 
     def get(self, w: torch.Tensor, tag=None):
         """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``."""
         if w.is_inference():
             return None
-        entry = self._entries.get(w)
-        if entry is None or entry[0] != data_key(w):
+        entry = self._entries.get(id(w))
+        if entry is None or entry[0]() is not w or entry[1] != data_key(w):
             return None
-        return entry[2].get(tag)
+        return entry[3].get(tag)
 
     def put(self, w: torch.Tensor, value, tag=None):
         """Store ``value`` for ``w``'s current data under ``tag`` (values for older data are dropped); returns it."""
         if w.is_inference():
             return value
         key = data_key(w)
-        entry = self._entries.get(w)
-        if entry is None or entry[0] != key:
-            entry = self._entries[w] = (key, StorageWeakRef(w.untyped_storage()), {})
-        entry[2][tag] = value
+        entry = self._entries.get(id(w))
+        if entry is None or entry[0]() is not w or entry[1] != key:
+            entries, i = self._entries, id(w)
+
+            def drop(ref):
+                if entries.get(i, (None,))[0] is ref:
+                    del entries[i]
+
+            entry = self._entries[i] = (weakref.ref(w, drop), key, StorageWeakRef(w.untyped_storage()), {})
+        entry[3][tag] = value
         return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
