@@ -107,10 +107,12 @@ def _hooked(named) -> str | None:
 
 def plain_call(m) -> bool:
     """Whether calling the module ``m`` is exactly its class's ``forward``: no hooks of its own,
-    not compiled in place (``Module.compile``), no ``forward`` set on the instance.  (Global hooks
+    not compiled in place (``Module.compile``), no ``forward`` set on the instance (a
+    ``torch.jit.ScriptModule`` keeps its compiled forward there: that one is its own).  (Global hooks
     are :func:`call_reason`'s.)"""
     return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or getattr(m, "_compiled_call_impl", None) is not None or "forward" in m.__dict__)
+                or getattr(m, "_compiled_call_impl", None) is not None
+                or ("forward" in m.__dict__ and not isinstance(m, torch.jit.ScriptModule)))
 
 
 _fx_flag = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", None)

@@ -97,7 +97,8 @@ def watch(roots) -> tuple[list, list, bool]:
             found.append(sub)
             modes.append(sub.training)
             if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
-                    or "forward" in sub.__dict__ or getattr(sub, "_compiled_call_impl", None) is not None):
+                    or ("forward" in sub.__dict__ and not isinstance(sub, torch.jit.ScriptModule))
+                    or getattr(sub, "_compiled_call_impl", None) is not None):
                 hooked = True
             if sub._modules:
                 stack.append(sub._modules.values())

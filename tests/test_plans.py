@@ -6,6 +6,7 @@ next call against torchvision's block computing the same thing.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import pickle
@@ -306,8 +307,32 @@ def _replaced_activation(ref, fused, monkeypatch):
     return lambda used: "reference" in used
 
 
+def _parameter_dict_swapped(ref, fused, monkeypatch):
+    for m in (ref, fused):
+        conv = m.layer1[1].conv1
+        params = collections.OrderedDict(conv._parameters)
+        torch.manual_seed(6)
+        params["weight"] = nn.Parameter(torch.randn_like(conv.weight) * 0.05)
+        conv._parameters = params
+    return lambda used: used == {"cpu"}
+
+
+def _block_class_forward_patched(ref, fused, monkeypatch):
+    calls = []
+    forward = fusedres.modules.BasicBlock.forward
+    monkeypatch.setattr(fusedres.modules.BasicBlock, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    return lambda used: len(calls) == 8
+
+
+def _stem_pool_changed(ref, fused, monkeypatch):
+    for m in (ref, fused):
+        m.maxpool.stride = 1  # every block's input grows
+    return lambda used: used == {"cpu"}
+
+
 @pytest.mark.parametrize("change", [_revert_block, _forward_on_instance, _forward_on_a_conv, _block_backend,
-                                    _hook_on_a_conv, _block_in_train_mode, _replaced_weight, _replaced_activation])
+                                    _hook_on_a_conv, _block_in_train_mode, _replaced_weight, _replaced_activation,
+                                    _parameter_dict_swapped, _block_class_forward_patched, _stem_pool_changed])
 def test_trunk_plan_follows_changes_to_its_parts(change, monkeypatch):
     """What a block's own plan would notice, the model's one plan notices too: every change made
     after it was built takes effect on the next call, which matches torchvision."""
@@ -323,6 +348,49 @@ def test_trunk_plan_follows_changes_to_its_parts(change, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _same(fused, ref, x)
+
+
+def test_trunk_replans_only_the_block_that_changed(monkeypatch):
+    """A parameter replaced in the last block re-plans that block from its own input: the stem and
+    the blocks before it run once, as with per-block plans."""
+    ref, fused = _models()
+    x = torch.randn(2, 3, 32, 32)
+    _same(fused, ref, x)
+    pools = []
+    pool_forward = nn.MaxPool2d.forward
+    monkeypatch.setattr(nn.MaxPool2d, "forward", lambda self, t: pools.append(self is fused.maxpool) or pool_forward(self, t))
+    for m in (ref, fused):
+        torch.manual_seed(7)
+        m.layer4[1].conv2.weight = nn.Parameter(torch.randn_like(m.layer4[1].conv2.weight) * 0.05)
+    _same(fused, ref, x)
+    assert pools.count(True) == 1
+    assert _trunk_routes(fused) == ["trunk"]
+
+
+def test_trunk_stays_valid_at_batch_zero_after_the_pool_changes():
+    """An empty batch computes nothing, only shapes: those follow a changed stem pool too."""
+    ref, fused = _models()
+    x = torch.randn(0, 3, 32, 32)
+
+    def features(m):  # what the trunk computes: the model's forward up to the average pool
+        with torch.no_grad():
+            return m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+
+    with torch.no_grad():
+        assert fused._trunk(x).shape == features(ref).shape == (0, 512, 1, 1)
+        for m in (ref, fused):
+            m.maxpool.stride = 1
+        assert fused._trunk(x).shape == features(ref).shape == (0, 512, 2, 2)
+
+
+def test_scripted_submodules_are_plain_calls():
+    """torch.jit.script keeps the compiled forward in the instance dict: that is not a user override."""
+    from fusedres import patterns
+
+    assert patterns.plain_call(torch.jit.script(nn.ReLU()))
+    relu = nn.ReLU()
+    relu.forward = lambda t: t
+    assert not patterns.plain_call(relu)
 
 
 def test_trunk_is_not_used_when_some_layers_need_gradients():

@@ -217,7 +217,7 @@ class WeightCache:
 
             def drop(ref):
                 if entries.get(i, (None,))[0] is ref:
-                    del entries[i]
+                    entries.pop(i, None)
 
             entry = self._entries[i] = (weakref.ref(w, drop), key, StorageWeakRef(w.untyped_storage()), {})
         entry[3][tag] = value
