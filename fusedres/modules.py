@@ -20,7 +20,7 @@ Forward, decided per call (:mod:`fusedres.patterns`):
   downsample, a parametrized conv, SyncBatchNorm beside plain BN in one block, BNs of one
   block in different modes) and calls the fused kernels must not take: hooks on a submodule
   (which is also how ``spectral_norm``, the legacy ``weight_norm`` and ``prune`` make their
-  weights), ``torch.jit.trace`` / ONNX export, ``torch.fx`` tracing, ``torch.func``
+  weights) or a ``forward`` set on a submodule instance (or ``Module.compile`` on one), ``torch.jit.trace`` / ONNX export, ``torch.fx`` tracing, ``torch.func``
   transforms, forward-mode AD, and an input whose dtype or device does not match the weights
   (the reference then raises its own error, before any running statistic moves).
   ``torch.jit.script`` compiles the reference computation.

@@ -11,9 +11,11 @@ choice, the spec and the BN argument form are done once, so a call reads the lay
 tensors live and launches.
 
 A plan stays valid while the module's submodules are the same objects, in the same
-train/eval modes, carrying the same hooks (checked on every call, :func:`watch`), and while each layer's tensors and geometry
-are the same objects (checked by each step as it reads them; a replaced one raises
-:class:`Stale` and the plan is rebuilt).  Plans are dropped on ``train()`` / ``eval()``, on
+train/eval modes, carrying the same hooks and no ``forward`` set on an instance (checked on
+every call, :func:`watch`), and while each layer's tensors and geometry are the same objects
+(checked by each step as it reads them; a replaced one raises :class:`Stale` and the plan is
+rebuilt).  A converted model also plans its stem and stages together, as one plan keyed
+``("trunk", signature)`` (:func:`fusedres.modules.run_trunk`).  Plans are dropped on ``train()`` / ``eval()``, on
 ``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``), on :func:`fusedres.convert` /
 :func:`fusedres.revert`, and by :func:`fusedres.clear_caches`.  They live outside the module
 (a weak-keyed table), so copying, pickling or ``state_dict`` never sees them.  Under
