@@ -58,29 +58,36 @@ class Plan:
         self.watched, self.modes, self.hooked = seen
 
 
-def _requires_grad(roots) -> bool:
+def _grad_need(x: torch.Tensor, roots):
+    """False when the call needs no autograd, else which of ``x`` and the ``roots``' parameters
+    and buffers require grad (a tuple of flags): each fused call of a plan decides once whether
+    it runs with autograd from its own operands, so a plan made with one set of trainable
+    tensors must not serve another (unfreezing one conv of a block, or an input that starts
+    requiring grad, would otherwise keep an inference-only kernel on it)."""
+    if not torch.is_grad_enabled():
+        return False
+    flags = [x.requires_grad]
     for root in roots:
         for p in root.parameters():
-            if p.requires_grad:
-                return True
+            flags.append(p.requires_grad)
         for b in root.buffers():
-            if b.requires_grad:
-                return True
-    return False
+            flags.append(b.requires_grad)
+    return tuple(flags) if any(flags) else False
 
 
 def signature(module, x: torch.Tensor, roots) -> tuple | None:
     """What a plan for ``module``, covering the modules ``roots``, depends on in the call with input
-    ``x``; None under ``torch.compile``."""
+    ``x``; None under ``torch.compile``.  ``x``'s class is part of it: a tensor subclass must see
+    the fused ops through dispatch, a plain tensor need not."""
     if torch.compiler.is_compiling():
         return None
     dev = x.device
-    grad = torch.is_grad_enabled() and (x.requires_grad or _requires_grad(roots))
     amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
-    return (x.shape, x.stride(), x.dtype, dev, grad, amp, modes_active(), os.environ.get(ENV_VAR), module.backend)
+    return (x.shape, x.stride(), x.dtype, dev, _grad_need(x, roots), amp, modes_active(), os.environ.get(ENV_VAR),
+            module.backend, type(x))
 
 
-#: Where :func:`signature` keeps whether the call needs autograd.
+#: Where :func:`signature` keeps whether the call needs autograd (truthy) and for which tensors.
 GRAD = 4
 
 

@@ -378,6 +378,33 @@ def test_weight_cache_forgets_a_freed_weight():
     assert len(cache) == 1 and cache.get(other) == "other"
 
 
+def _shared_weights(m):
+    m.conv2.weight.share_memory_()  # an actor's view of a learner's weights
+    return lambda: m.conv2.weight.data.mul_(0.5)  # a write the version counter does not see, as another process's
+
+
+def _flat_weights(m):
+    params = [m.conv1.weight, m.conv2.weight]
+    flat = torch.nn.utils.parameters_to_vector(params)
+    torch.nn.utils.vector_to_parameters(flat, params)  # the parameters become views of ``flat``
+    return lambda: flat.mul_(0.5)  # bumps flat's counter, not the parameters'
+
+
+@pytest.mark.parametrize("alias", [_shared_weights, _flat_weights])
+def test_writes_the_version_counter_cannot_see(alias):
+    """Weights in shared memory or views of a flat buffer are never cached: a write through another
+    process or through the buffer shows on the next call, as in torchvision."""
+    ref = randomize(tv.BasicBlock(8, 8)).eval()
+    fused = fusedres.convert(copy.deepcopy(ref), backend="cpu")
+    x = torch.randn(2, 8, 9, 10)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        write_ref, write = alias(ref), alias(fused)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+        write_ref(), write()
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- 4. forward AD
 
 

@@ -170,6 +170,32 @@ def test_requires_grad_toggled_in_eval():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_plan_follows_which_tensors_need_grad():
+    """Each fused call decides once whether it needs autograd, from its own operands: a plan made
+    while one conv was trainable must not serve a call where the input, or another conv, is."""
+    ref, fused = _pair()
+    x = _x()
+    for m in (ref, fused):
+        m.requires_grad_(False)
+        m.conv2.weight.requires_grad_(True)
+    with torch.enable_grad():
+        fused(x).sum().backward()  # plans: conv1 inference-only, conv2 with autograd
+        ins = []
+        for m in (ref, fused):
+            xi = x.clone().requires_grad_()
+            m(xi).square().sum().backward()
+            ins.append(xi.grad)
+        torch.testing.assert_close(ins[1], ins[0], rtol=1e-4, atol=1e-4)
+        for m in (ref, fused):
+            m.zero_grad()
+            m.conv2.weight.requires_grad_(False)
+            m.conv1.weight.requires_grad_(True)
+            out = m(x)
+            assert out.requires_grad
+            out.square().sum().backward()
+        torch.testing.assert_close(fused.conv1.weight.grad, ref.conv1.weight.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_backend_and_environment_follow():
     ref, fused = _pair()
     x = _x()
@@ -381,6 +407,30 @@ def test_trunk_stays_valid_at_batch_zero_after_the_pool_changes():
         for m in (ref, fused):
             m.maxpool.stride = 1
         assert fused._trunk(x).shape == features(ref).shape == (0, 512, 2, 2)
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass that records the ops it sees."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(getattr(func, "__name__", func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_plan_made_for_a_plain_tensor_is_not_reused_for_a_subclass():
+    """A subclass input must see the fused ops (and no in-place write into its tensors): the
+    plan signature includes the input's class."""
+    ref, fused = _pair("bottleneck")
+    x = _x(16)
+    _same(fused, ref, x)  # a plan for a plain tensor: direct kernel calls, donation allowed
+    _Sub.seen = []
+    with torch.no_grad():
+        out = fused(x.as_subclass(_Sub))
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), ref(x), rtol=1e-4, atol=1e-4)
+    assert any("conv_bn_act_cpu" in name for name in _Sub.seen), _Sub.seen[:20]
 
 
 def test_scripted_submodules_are_plain_calls():

@@ -178,6 +178,30 @@ def data_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage()._cdata, t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t._version)
 
 
+_uncached_warned = False
+
+
+def _cacheable(w: torch.Tensor) -> bool:
+    """Whether every write to ``w``'s data shows in its version counter, so a derived tensor can
+    be cached against :func:`data_key`.  Not so for an inference tensor (no counter), a CPU
+    tensor in shared memory (another process may write it: an actor reading a learner's weights)
+    or a view into a larger storage (``vector_to_parameters`` makes the parameters views of one
+    flat buffer, whose own writes bump only the buffer's counter).  Those are folded again on
+    every call, announced once."""
+    if w.is_inference():
+        return False
+    storage = w.untyped_storage()
+    if storage.nbytes() == w.numel() * w.element_size() and not (w.device.type == "cpu" and storage.is_shared()):
+        return True
+    global _uncached_warned
+    if not _uncached_warned:
+        _uncached_warned = True
+        warnings.warn("fusedres: a conv weight is in shared memory or is a view into a larger buffer, so writes to it "
+                      "may not bump its version counter; its folded and re-laid-out copy is made again on every call "
+                      "(slower, never stale)", RuntimeWarning, stacklevel=3)
+    return False
+
+
 class WeightCache:
     """Per-weight derived tensors (folded, re-laid-out, reordered), valid while the weight's data is.
 
@@ -186,8 +210,9 @@ class WeightCache:
     swapped the data, the dtype changed) misses.  Each entry also holds a weak reference to
     the weight's storage, which pins the storage object's address (its ``_cdata``) while the
     entry lives, so a new storage can never be mistaken for the cached one, not even one
-    that the allocator placed at the same data pointer.  Inference tensors have no version
-    counter, so an in-place update of one cannot be seen: they are never cached.
+    that the allocator placed at the same data pointer.  Tensors some of whose writes the version
+    counter cannot see (inference tensors, shared memory, views into a larger buffer:
+    :func:`_cacheable`) are never cached.
     """
 
     def __init__(self) -> None:
@@ -199,7 +224,7 @@ class WeightCache:
 
     def get(self, w: torch.Tensor, tag=None):
         """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``."""
-        if w.is_inference():
+        if not _cacheable(w):
             return None
         entry = self._entries.get(id(w))
         if entry is None or entry[0]() is not w or entry[1] != data_key(w):
@@ -208,7 +233,7 @@ class WeightCache:
 
     def put(self, w: torch.Tensor, value, tag=None):
         """Store ``value`` for ``w``'s current data under ``tag`` (values for older data are dropped); returns it."""
-        if w.is_inference():
+        if not _cacheable(w):
             return value
         key = data_key(w)
         entry = self._entries.get(id(w))
