@@ -378,6 +378,38 @@ def test_weight_cache_forgets_a_freed_weight():
     assert len(cache) == 1 and cache.get(other) == "other"
 
 
+def _zero_variance(block):
+    block.bn1.eps = 0.0
+    block.bn1.running_var[3] = 0.0  # channel 3: x / sqrt(0)
+
+
+def _infinite_gamma(block):
+    block.bn2.weight.data[2] = float("inf")
+
+
+def _overflowing_fold(block):
+    block.bn1.weight.data[1] = 3e38  # finite scale, but scale * weight overflows fp32
+
+
+@pytest.mark.parametrize("degenerate", [_zero_variance, _infinite_gamma, _overflowing_fold])
+def test_degenerate_bn_gives_torchvisions_infinities(degenerate):
+    """A BN scale the fold cannot carry (infinite, or overflowing the filter) is applied to the
+    conv output instead, as torchvision does: +-inf stays +-inf where a folded filter's sum of
+    infinities would be NaN, and finite channels are unchanged."""
+    ref = randomize(tv.BasicBlock(8, 8)).eval()
+    with torch.no_grad():
+        degenerate(ref)
+    fused = fusedres.convert(copy.deepcopy(ref), backend="cpu")
+    x = torch.randn(2, 8, 9, 10)
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    assert not torch.isfinite(want).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)  # values near 1e34 after the overflow case: summation order shows
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-2, atol=1e-4)
+
+
 def _shared_weights(m):
     m.conv2.weight.share_memory_()  # an actor's view of a learner's weights
     return lambda: m.conv2.weight.data.mul_(0.5)  # a write the version counter does not see, as another process's

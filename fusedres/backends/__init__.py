@@ -223,8 +223,10 @@ class WeightCache:
         self._entries: dict[int, tuple] = {}
 
     def get(self, w: torch.Tensor, tag=None):
-        """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``."""
-        if not _cacheable(w):
+        """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``.
+        (Only :meth:`put` asks :func:`_cacheable`: a storage can't move to shared memory or be
+        aliased by a larger buffer without a new data pointer, which changes the stamp.)"""
+        if w.is_inference():
             return None
         entry = self._entries.get(id(w))
         if entry is None or entry[0]() is not w or entry[1] != data_key(w):

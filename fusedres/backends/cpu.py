@@ -74,7 +74,13 @@ def unsupported_reason(spec) -> str | None:
 
 
 class _Fold:
-    __slots__ = ("values", "weight", "bias", "packed")
+    """A cached fold: ``weight`` and ``bias`` for the oneDNN call.  ``affine`` is None, or, when
+    the fold cannot reproduce conv-then-BN (a non-finite BN scale: ``var + eps == 0`` or an
+    infinite gamma, or a folded weight that overflows), ``(scale, shift)`` to apply to the
+    output of the unscaled ``weight`` instead, as the reference does: there ``y * inf`` is
+    +-inf where a folded filter's sum of infinities would be NaN."""
+
+    __slots__ = ("values", "weight", "bias", "affine", "packed")
 
 
 # oneDNN picks a blocked weight layout per problem; the reorder costs about as much as the
@@ -115,9 +121,13 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
         t = t - stats[0].to(wide) * s
     entry = _Fold()
     entry.values = tuple(None if v is None else v.detach().clone() for v in vectors)
-    entry.weight = (weight.detach().to(wide) * s.view(-1, 1, 1, 1)).to(dtype).contiguous(
-        memory_format=torch.channels_last)
-    entry.bias = t.to(dtype).contiguous()
+    w = weight.detach().to(wide)
+    folded = (w * s.view(-1, 1, 1, 1)).to(dtype)
+    if bool(torch.isfinite(s).all()) and bool((torch.isfinite(folded) | ~torch.isfinite(w)).all()):
+        entry.weight, entry.bias, entry.affine = folded, t.to(dtype).contiguous(), None
+    else:  # degenerate BN: the affine on the output, as the reference
+        entry.weight, entry.bias, entry.affine = w.to(dtype), None, (s.view(1, -1, 1, 1), t.view(1, -1, 1, 1))
+    entry.weight = entry.weight.contiguous(memory_format=torch.channels_last)
     entry.packed = {}
     return _cache.put(weight, entry, (dtype, eps))
 
@@ -140,7 +150,12 @@ def _conv(x, fold: _Fold, stride, padding, dilation, groups, residual, relu):
     """One oneDNN convolution with the folded filter (reordered for ``x``'s shape, cached) and
     bias, the residual added as a post-op, then the ReLU."""
     x, w = _packed(x, fold, stride, padding, dilation, groups)
-    if residual is None:
+    if fold.affine is not None:
+        out = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
+        out.mul_(fold.affine[0]).add_(fold.affine[1])
+        if residual is not None:
+            out.add_(residual)
+    elif residual is None:
         out = torch.ops.mkldnn._convolution_pointwise(x, w, fold.bias, padding, stride, dilation, groups, "none",
                                                       [], "")
     else:
@@ -162,8 +177,12 @@ def _conv_into(acc, x, fold: _Fold, stride, padding, dilation, groups, relu):
     post-op's separate operand: ResNet-50 b8 381.5 against 388.8 ms (2 cores, interleaved
     medians of 10, 2026-11-30), bit-identical output."""
     x, w = _packed(x, fold, stride, padding, dilation, groups)
-    torch.ops.mkldnn._convolution_pointwise_.binary(acc, x, w, fold.bias, padding, stride, dilation, groups, "add",
-                                                    1.0, None, [], "")
+    if fold.affine is not None:
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
+        acc.add_(y.mul_(fold.affine[0]).add_(fold.affine[1]))
+    else:
+        torch.ops.mkldnn._convolution_pointwise_.binary(acc, x, w, fold.bias, padding, stride, dilation, groups,
+                                                        "add", 1.0, None, [], "")
     return acc.relu_() if relu else acc
 
 
