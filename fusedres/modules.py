@@ -705,10 +705,9 @@ def run_trunk(owner, named, stem_stages, pool, layers, x: torch.Tensor) -> torch
         return run_stages(layers, fused_stem(owner, named, stem_stages, pool, x))
     roots = [m for _, m in named]
     roots.extend(layers)
-    sig = plan.signature(owner, x, roots)
-    if sig[plan.GRAD]:  # each block's own plan knows which of its layers need autograd
+    if plan.needs_grad(x, roots):  # each block's own plan knows which of its layers need autograd
         return run_stages(layers, fused_stem(owner, named, stem_stages, pool, x))
-    key = ("trunk",) + sig
+    key = ("trunk",) + plan.signature(owner, x, roots)
     p = plan.lookup(owner, key, roots)
     if p is not None:
         if p.run is None:

@@ -87,8 +87,20 @@ def signature(module, x: torch.Tensor, roots) -> tuple | None:
             module.backend, type(x))
 
 
-#: Where :func:`signature` keeps whether the call needs autograd (truthy) and for which tensors.
-GRAD = 4
+def needs_grad(x: torch.Tensor, roots) -> bool:
+    """Whether the call needs autograd at all (stops at the first tensor that requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for root in roots:
+        for p in root.parameters():
+            if p.requires_grad:
+                return True
+        for b in root.buffers():
+            if b.requires_grad:
+                return True
+    return False
 
 
 def watch(roots) -> tuple[list, list, bool]:
