@@ -766,3 +766,25 @@ def test_tma_declines_what_it_cannot_compute(monkeypatch):
     x12 = _rand(2, 12, 5, 5, dtype=torch.bfloat16, channels_last=True)
     w12 = tl_launch.kernel_weight(_rand(8, 12, 1, 1, dtype=torch.bfloat16))
     assert not tl_launch.tma_eligible(x12, w12, None, out, (1, 1), (0, 0), (1, 1), 1)  # 12 channels: rows not 16 B
+
+
+def test_model_trunk_plan_on_triton():
+    """A converted model's one plan for its stem and stages (``fusedres.modules.run_trunk``) serves
+    the ``triton`` eval route too: the second call runs through it and matches torchvision (through
+    the interpreter without a GPU; on a GPU, the kernels themselves)."""
+    import copy
+
+    from fusedres import plan
+
+    torch.manual_seed(0)
+    ref = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=10).to(DEVICE).eval()
+    fused = fusedres.convert(copy.deepcopy(ref), backend="triton")
+    x = torch.randn(1, 3, 8, 8, device=DEVICE)
+    with torch.no_grad(), backends.record() as used:
+        first = fused(x)
+        assert [p.route for k, p in plan._PLANS[fused].items() if k[0] == "trunk"] == ["trunk"]
+        second = fused(x)  # through the trunk plan
+        want = ref(x)
+    assert used == {"triton"}
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-4)
