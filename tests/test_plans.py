@@ -626,15 +626,29 @@ def test_padding_mode_and_submodule_dtype_changes():
 
 
 def test_cpu_op_under_autocast_and_profiler():
-    """Under autocast the weights are cast before the registered op (which takes one dtype)."""
+    """Under autocast the registered op (what a profiler sees) takes the fp32 weight and folds it
+    once, as the eager call does: the same bf16 output bit for bit, and no fold per call (before,
+    the weight was cast to bf16 ahead of the op, so the fold rounded twice and missed its cache)."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("oneDNN has no bf16 on this CPU")
+    from fusedres.backends import cpu
+
     ref, fused = _pair("bottleneck")
     fused = fusedres.convert(fused, backend="cpu")
     x = _x(16)
+    prof = lambda: torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])  # noqa: E731
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = ref(x)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        eager = fused(x)
+        tag = (torch.bfloat16, fused.bn1.eps)
+        entry = cpu._cache.get(fused.conv1.weight, tag)
+        with prof() as p:
             got = fused(x)
+        with prof():
+            again = fused(x)
+    names = {e.name for e in p.events()}
+    assert "fusedres::conv_bn_act_cpu" in names  # the dispatched op ran, not the inlined call
     assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, eager) and torch.equal(again, eager)
+    assert entry is not None and cpu._cache.get(fused.conv1.weight, tag) is entry
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)

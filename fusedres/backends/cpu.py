@@ -227,6 +227,10 @@ def block_tail_impl(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, m
 # check their operands (eager and fake alike, ``op_checks``): they are public, and a compiled
 # graph calls them without ``fusedres.functional``.
 _DTYPES = (torch.float32, torch.bfloat16)
+# A bf16 call may pass the fp32 weight: under autocast the fold is made in fp32 from the master
+# weight and rounded once, whether or not the op is dispatched (a profiler or a mode watching
+# must not change the numerics, nor make every call fold again).
+_W_DTYPES = (torch.float32,)
 _require = op_checks.require("cpu")
 
 
@@ -237,7 +241,7 @@ def conv_bn_act_cpu(
     relu: bool,
 ) -> Tensor:
     op_checks.check_conv_bn_act(_require, _DTYPES, x, weight, scale, shift, residual, mean, var, stride, padding,
-                                dilation, groups)
+                                dilation, groups, w_dtypes=_W_DTYPES)
     return conv_bn_act_impl(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu)
 
 
@@ -250,7 +254,7 @@ def block_tail_cpu(
 ) -> Tensor:
     op_checks.check_block_tail(_require, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean,
                                var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
-                               stats_together=False)
+                               stats_together=False, w_dtypes=_W_DTYPES)
     return block_tail_impl(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean,
                            ds_var, ds_eps, stride, padding, dilation, groups, ds_stride, relu)
 
@@ -258,7 +262,7 @@ def block_tail_cpu(
 @conv_bn_act_cpu.register_fake
 def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
     out = op_checks.check_conv_bn_act(torch._check, _DTYPES, x, weight, scale, shift, residual, mean, var, stride,
-                                      padding, dilation, groups)
+                                      padding, dilation, groups, w_dtypes=_W_DTYPES)
     return x.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
@@ -267,7 +271,7 @@ def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps,
       stride, padding, dilation, groups, ds_stride, relu):
     out = op_checks.check_block_tail(torch._check, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale,
                                      ds_shift, mean, var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
-                                     stats_together=False)
+                                     stats_together=False, w_dtypes=_W_DTYPES)
     return y.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
@@ -279,7 +283,6 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
         return _conv(x, _folded(weight, scale, shift, stats, x.dtype), spec.stride, spec.padding, spec.dilation,
                      spec.groups, residual, spec.relu)
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
-    weight = weight.to(x.dtype)  # the op takes one dtype (a no-op outside autocast)
     return torch.ops.fusedres.conv_bn_act_cpu(x, weight, scale, shift, residual, mean, var, eps, spec.stride,
                                               spec.padding, spec.dilation, spec.groups, spec.relu)
 
@@ -287,11 +290,7 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
 def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
     mean, var, eps = stats if stats is not None else (None, None, 0.0)
     ds_mean, ds_var, ds_eps = ds_stats if ds_stats is not None else (None, None, 0.0)
-    if spec.dispatch:
-        op = torch.ops.fusedres.block_tail_cpu
-        weight, ds_weight = weight.to(y.dtype), ds_weight.to(y.dtype)  # one dtype (autocast)
-    else:
-        op = block_tail_impl
+    op = torch.ops.fusedres.block_tail_cpu if spec.dispatch else block_tail_impl
     return op(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
               spec.stride, spec.padding, spec.dilation, spec.groups, spec.ds_stride, spec.relu)
 

@@ -24,12 +24,17 @@ def require(backend: str):
     return check
 
 
-def check_conv(check, dtypes, x_name, x, w_name, weight, stride, padding, dilation, groups, stride_name="stride"):
+def check_conv(check, dtypes, x_name, x, w_name, weight, stride, padding, dilation, groups, stride_name="stride",
+               w_dtypes=()):
     """``x`` ``(N, C, H, W)``, ``weight`` ``(K, C / groups, KH, KW)`` of one dtype in ``dtypes`` on one
-    device, and the geometry; returns the output shape ``(N, K, OH, OW)``."""
+    device (or a weight in ``w_dtypes``: an op that casts the weight itself, such as the fp32 master
+    weight of an autocast call that the ``cpu`` fold rounds once), and the geometry; returns the
+    output shape ``(N, K, OH, OW)``."""
     xs, ws, dt = x.shape, weight.shape, x.dtype
-    check(len(xs) == 4 and len(ws) == 4 and dt in dtypes and weight.dtype == dt and weight.device == x.device,
-          lambda: f"{x_name} and {w_name} must be 4-D {_names(dtypes)} tensors of one dtype on one device, got "
+    check(len(xs) == 4 and len(ws) == 4 and dt in dtypes and (weight.dtype == dt or weight.dtype in w_dtypes)
+          and weight.device == x.device,
+          lambda: f"{x_name} and {w_name} must be 4-D {_names(dtypes)} tensors of one dtype on one device"
+                  + (f" ({w_name} may also be {_names(w_dtypes)})" if w_dtypes else "") + ", got "
                   f"{tuple(xs)} {dt} on {x.device} and {tuple(ws)} {weight.dtype} on {weight.device}")
     (n, c, h, w), (k, cg, kh, kw) = xs, ws
     check(groups >= 1 and k % groups == 0 and cg * groups == c,
@@ -59,9 +64,9 @@ def check_vectors(check, x, n, named, dtypes=None) -> None:
 
 
 def check_conv_bn_act(check, dtypes, x, weight, scale, shift, residual, mean, var, stride, padding, dilation,
-                      groups):
+                      groups, w_dtypes=()):
     """The operands of a ``conv_bn_act_<backend>`` op."""
-    out = check_conv(check, dtypes, "x", x, "weight", weight, stride, padding, dilation, groups)
+    out = check_conv(check, dtypes, "x", x, "weight", weight, stride, padding, dilation, groups, w_dtypes=w_dtypes)
     check_vectors(check, x, out[1], (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)))
     check((mean is None) == (var is None), lambda: "mean and var must be given together")
     if residual is not None:
@@ -72,11 +77,12 @@ def check_conv_bn_act(check, dtypes, x, weight, scale, shift, residual, mean, va
 
 
 def check_block_tail(check, dtypes, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean,
-                     ds_var, stride, padding, dilation, groups, ds_stride, stats_together=True):
+                     ds_var, stride, padding, dilation, groups, ds_stride, stats_together=True, w_dtypes=()):
     """The operands of a ``block_tail_<backend>`` op; ``stats_together``: the op takes both branches'
     BN statistics or neither (else each branch's pair on its own)."""
-    out = check_conv(check, dtypes, "y", y, "weight", weight, stride, padding, dilation, groups)
-    ds_out = check_conv(check, dtypes, "x", x, "ds_weight", ds_weight, ds_stride, (0, 0), (1, 1), 1, "ds_stride")
+    out = check_conv(check, dtypes, "y", y, "weight", weight, stride, padding, dilation, groups, w_dtypes=w_dtypes)
+    ds_out = check_conv(check, dtypes, "x", x, "ds_weight", ds_weight, ds_stride, (0, 0), (1, 1), 1, "ds_stride",
+                        w_dtypes=w_dtypes)
     check(x.dtype == y.dtype and x.device == y.device,
           lambda: f"x ({x.dtype} on {x.device}) must match y ({y.dtype} on {y.device})")
     check(ds_out == out and ds_weight.shape[2:] == (1, 1),
