@@ -477,26 +477,48 @@ class Bottleneck(_FusedBlockMixin, tv_resnet.Bottleneck):
 
 
 class _StemEvalRun:
-    """The eval stem: one fused op per conv + BN + ReLU, then the pool module."""
+    """The eval stem: one fused op per conv + BN + ReLU, then the pool module.
 
-    __slots__ = ("steps", "pool", "backend", "calls")
+    When the last conv's backend applies ReLU as a separate pass over its output
+    (``SEPARATE_RELU``: cpu, torch) and the pool is a plain ``nn.MaxPool2d``, the ReLU runs
+    after the pool instead, on a quarter of the elements: ``relu(max(w)) == max(relu(w))`` for
+    every window (ReLU is monotone, and max-pool and ReLU both keep NaN), so the values are
+    the same (up to the sign of a zero).  The pool has no hooks here (the plan watches it)."""
+
+    __slots__ = ("steps", "pool", "backend", "calls", "relu_after_pool")
 
     def __init__(self, stages, pool, backend):
         self.steps = [_Step(conv, bn) for conv, bn, _ in stages]
         self.pool, self.backend, self.calls = pool, backend, None
+        self.relu_after_pool = False
 
     def __call__(self, owner, x):
         x = x.contiguous(memory_format=torch.channels_last)
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         first = self.calls is None
         calls = [] if first else self.calls
+        last = len(self.steps) - 1
         for i, step in enumerate(self.steps):
             w, s, t, st = step.args(dt)
             if first:
-                calls.append(step.prepare(x, w, s, t, st, True, self.backend))
+                call = step.prepare(x, w, s, t, st, True, self.backend)
+                if i == last and _relu_commutes(call, self.pool):
+                    call = step.prepare(x, w, s, t, st, False, self.backend)
+                    self.relu_after_pool = True
+                calls.append(call)
             x = calls[i](x, w, s, t, None, st)
         self.calls = calls
-        return self.pool(x)
+        out = self.pool(x)
+        if not self.relu_after_pool:
+            return out
+        return torch.relu(out) if out.requires_grad else out.relu_()
+
+
+def _relu_commutes(call, pool) -> bool:
+    """Whether the stem's ReLU may run after ``pool`` instead of in ``call`` (see
+    :class:`_StemEvalRun`): the backend's ReLU is a separate pass, and the pool a plain max-pool."""
+    return (getattr(call.mod, "SEPARATE_RELU", False) and call.empty is None and type(pool) is nn.MaxPool2d
+            and not pool.return_indices)
 
 
 class _StemTrainRun:

@@ -115,6 +115,41 @@ def test_nan_pixel_gives_nan_logits():
     _same_nan_pattern(got, want)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_stem_relu_after_pool_keeps_values_nan_and_inf(backend):
+    """On backends whose ReLU is a separate pass, the eval stem runs it after the max-pool (on a
+    quarter of the elements): same values, NaN and +-inf as torchvision's relu-then-pool,
+    ceil_mode and a changed pool included; a pool module with a hook keeps the module call."""
+    from fusedres import plan as plan_mod
+    from fusedres.modules import _StemEvalRun
+
+    ref = _resnet18()
+    fused = _fused(ref, backend)
+    x = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(3))
+    x[0, 0, 7, 7] = float("nan")
+    x[1, 2, 3:5, 3:5] = float("inf")
+    x[1, 1, 20, 20] = -float("inf")
+
+    def stem(m, x):
+        return m.maxpool(m.relu(m.bn1(m.conv1(x))))
+
+    with torch.no_grad():
+        for ceil_mode in (False, True):
+            for m in (ref, fused):
+                m.maxpool.ceil_mode = ceil_mode
+            want, got = stem(ref, x), fused._stem(x)
+            assert want.isnan().any() and want.isinf().any()
+            _same_nan_pattern(got, want)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+        runs = [p.run for p in plan_mod._PLANS[fused].values() if isinstance(p.run, _StemEvalRun)]
+        assert runs and all(r.relu_after_pool for r in runs)
+        seen = []
+        fused.maxpool.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+        got = fused._stem(x)
+        _same_nan_pattern(got, stem(ref, x))
+        assert len(seen) == 1 and not (seen[0] < 0).any()  # the hook sees the ReLU's output, as in torchvision
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable")
 def test_triton_train_kernels_keep_nan():
     """The train-mode BN-apply kernel and the conv's BN prologue keep NaN (as torch.relu)."""

@@ -199,6 +199,10 @@ def conv_bn_act_into(acc, x, weight, scale, shift, spec, stats=None):
                       spec.dilation, spec.groups, spec.relu)
 
 
+#: ReLU is a separate in-place pass over the output (see ``_conv``), not an epilogue: the eval stem
+#: applies it after the max-pool instead, on a quarter of the elements (:mod:`fusedres.modules`).
+SEPARATE_RELU = True
+
 #: Takes an eval BatchNorm's running statistics and folds them into the cached filter itself.
 SUPPORTS_BN_STATS = True
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "torch"
+#: ReLU is a separate op on the output (the eval stem may run it after the max-pool instead).
+SEPARATE_RELU = True
 
 
 def is_available() -> bool:
