@@ -36,10 +36,13 @@ RECOMPUTE_MAX_REDUCTION = 512
 #: larger ones in channels_last.  oneDNN's channels_last training convolutions reorder the
 #: weights on every call, which dominates at small spatial sizes: on 2 cores (fp32, batch 8,
 #: 2026-11-30) a 1x1 2048->512 conv took 2.78 ms forward in channels_last against 0.57 in NCHW
-#: at 2x2 and 5.52 against 4.24 at 7x7, while at 56x56 channels_last is 1.4x (forward) to 4x
-#: (backward of a 1x1 256->64) faster; a Bottleneck train step at 8x8 was 8.8 ms in
-#: channels_last against 10.3 in NCHW.  CUDA always runs channels_last (the Triton kernels').
-CPU_CHANNELS_LAST_MIN_HW = 64
+#: at 2x2, while at 56x56 channels_last is 1.4x (forward) to 4x (backward of a 1x1 256->64)
+#: faster.  At 7x7 (ResNet-50's layer4 at 224x224) the single conv was faster in NCHW (4.24
+#: against 5.52 ms), but the whole step is not: the layout changes at the boundary (the layer's
+#: input, its gradient, NCHW-strided weight copies) cost more.  ResNet-50 train step, batch 8,
+#: 2 cores (AMD EPYC, interleaved medians of 7, 2026-12-02) with 64 / 16 positions: 898 / 815
+#: ms fp32, 500 / 480 ms under bf16 autocast.  CUDA always runs channels_last (the Triton kernels').
+CPU_CHANNELS_LAST_MIN_HW = 16
 
 #: The :data:`RECOMPUTE_MAX_REDUCTION` of channels_last CPU chains: 0, CPU chains save their
 #: last conv's output.  A CPU convolution is compute-bound, so a recompute costs its full
