@@ -625,6 +625,27 @@ def test_padding_mode_and_submodule_dtype_changes():
     assert str(got.value) == str(want.value)
 
 
+def test_cpu_op_fp32_residual_under_profiler_is_bit_identical():
+    """fp32: the dispatched op (what a profiler sees) adds the identity residual in a separate
+    pass, the eager call accumulates into the donated input; the same output bit for bit, NaN
+    and inf included, and both match torchvision."""
+    ref, fused = _pair("bottleneck")
+    fused = fusedres.convert(fused, backend="cpu")
+    x = _x(16)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 4, 5] = float("inf")
+    x[1, 3, 0, 0] = -float("inf")
+    with torch.no_grad():
+        want = ref(x)
+        eager = fused(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            got = fused(x)
+    assert "fusedres::conv_bn_act_cpu" in {e.name for e in p.events()}  # the dispatched op ran
+    assert want.isnan().any() and got.dtype == torch.float32
+    assert torch.equal(got.isnan(), eager.isnan()) and torch.equal(got.nan_to_num(), eager.nan_to_num())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_cpu_op_under_autocast_and_profiler():
     """Under autocast the registered op (what a profiler sees) takes the fp32 weight and folds it
     once, as the eager call does: the same bf16 output bit for bit, and no fold per call (before,
