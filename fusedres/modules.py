@@ -21,8 +21,9 @@ Forward, decided per call (:mod:`fusedres.patterns`):
   block in different modes) and calls the fused kernels must not take: hooks on a submodule
   (which is also how ``spectral_norm``, the legacy ``weight_norm`` and ``prune`` make their
   weights) or a ``forward`` set on a submodule instance (or ``Module.compile`` on one), ``torch.jit.trace`` / ONNX export, ``torch.fx`` tracing, ``torch.func``
-  transforms, forward-mode AD, and an input whose dtype or device does not match the weights
-  (the reference then raises its own error, before any running statistic moves).
+  transforms, forward-mode AD, and an input whose dtype or device does not match the weights,
+  or a BatchNorm moved on its own to another dtype or device (the reference then raises its
+  own error, before any running statistic moves).
   ``torch.jit.script`` compiles the reference computation.
 
 Under ``torch.autocast`` the fused ops cast as ``F.conv2d`` does, so a converted model's
@@ -163,6 +164,10 @@ class Anatomy(NamedTuple):
 
     def pairs(self) -> list:
         return [(s[0], s[1]) for s in self.stages] + [tuple(self.tail)]
+
+    def bns(self) -> list:
+        out = [s[1] for s in self.stages] + [self.tail[1]]
+        return out + ([self.shortcut[2]] if self.shortcut is not None else [])
 
 
 def shortcut_of(ds):
@@ -325,11 +330,24 @@ class _Planned:
         return self
 
 
+def _kinds(pairs) -> tuple:
+    """``(dtype, device)`` of every conv weight and BN tensor of ``(conv, bn)`` pairs (None for an
+    absent one): a layer moved on its own (``block.bn1.half()``) keeps its module and parameter
+    objects and does not drop the fused module's plans, so the train runs compare these on every
+    call; the new plan then sends a mismatch to the reference (:func:`fusedres.patterns.input_reason`),
+    whose BatchNorm raises, where the chain would have cast the tensors and computed."""
+    out = []
+    for conv, bn in pairs:
+        for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            out.append((t.dtype, t.device) if isinstance(t, torch.Tensor) else None)
+    return tuple(out)
+
+
 class _TrainRun:
     """The training forward of one block: one chain (:mod:`fusedres.training`), in the memory
     format chosen for the planned input shape (:func:`fusedres.training.train_memory_format`)."""
 
-    __slots__ = ("pairs", "proj", "inert", "layout", "recompute")
+    __slots__ = ("pairs", "proj", "inert", "layout", "recompute", "kinds")
 
     def __init__(self, a: Anatomy, x: torch.Tensor):
         self.pairs = a.pairs()
@@ -337,11 +355,14 @@ class _TrainRun:
         self.inert = _droppers(a)
         self.layout = train_memory_format(x, [conv for conv, _ in self.pairs])
         self.recompute = train_recompute_limit(x, self.layout)
+        self.kinds = _kinds(self.pairs + ([self.proj] if self.proj is not None else []))
 
     def __call__(self, module, x, donate=False):
         for m in self.inert:  # a drop probability raised since the plan was made (a schedule)
             if m.training and m.drop_prob:
                 raise Stale
+        if _kinds(self.pairs + ([self.proj] if self.proj is not None else [])) != self.kinds:
+            raise Stale
         return chain_forward(module, x.contiguous(memory_format=self.layout), self.pairs, downsample=self.proj,
                              identity=self.proj is None, recompute_max_reduction=self.recompute)
 
@@ -396,7 +417,7 @@ class _FusedBlockMixin(_Planned):
     def _make_plan(self, x: torch.Tensor) -> Plan:
         seen = plan.watch(self._modules.values())
         a = self._anatomy()
-        why = P.input_reason(self._modules.items(), x, a.convs())
+        why = P.input_reason(self._modules.items(), x, a.convs(), a.bns())
         if why is None:
             why = _eval_reason(a)
             if why is None:
@@ -525,10 +546,11 @@ class _StemTrainRun:
     """The training stem: one chain, with the pool when it is a plain ``nn.MaxPool2d`` (its input
     and indices are then recomputed in backward instead of stored)."""
 
-    __slots__ = ("pairs", "pool", "plain_pool", "layout", "recompute")
+    __slots__ = ("pairs", "pool", "plain_pool", "layout", "recompute", "kinds")
 
     def __init__(self, stages, pool, x):
         self.pairs = [(conv, bn) for conv, bn, _ in stages]
+        self.kinds = _kinds(self.pairs)
         self.pool = pool
         self.plain_pool = type(pool) is nn.MaxPool2d and not pool.return_indices
         # channels_last (at the stem's sizes: the fast layout of the Triton kernels, of oneDNN's
@@ -538,6 +560,8 @@ class _StemTrainRun:
         self.recompute = train_recompute_limit(x, self.layout)
 
     def __call__(self, owner, x):
+        if _kinds(self.pairs) != self.kinds:  # a layer moved on its own (see _kinds)
+            raise Stale
         x = chain_forward(owner, x.contiguous(memory_format=self.layout), self.pairs,
                           pool=self.pool if self.plain_pool else None, recompute_max_reduction=self.recompute)
         return x if self.plain_pool else self.pool(x)
@@ -583,7 +607,7 @@ def fused_stem(owner, named, stages, pool, x: torch.Tensor) -> torch.Tensor:
 
 def _stem_plan(owner, named, roots, stages, pool, x) -> Plan:
     seen = plan.watch(roots)
-    why = P.input_reason(named, x, [s[0] for s in stages])
+    why = P.input_reason(named, x, [s[0] for s in stages], [s[1] for s in stages])
     if why is None:
         a = Anatomy(tuple((c, b, act, ()) for c, b, act in stages[:-1]), stages[-1][:2], None, None, None,
                     stages[-1][2])

@@ -14,8 +14,8 @@ are: the call is being traced or transformed (``torch.jit.trace`` and ONNX expor
 registered.  :func:`input_reason` adds what a plan (:mod:`fusedres.plan`) decides once per
 input signature: a submodule carries hooks (forward/backward hooks and pre-hooks, which is
 also how ``spectral_norm``, the legacy ``weight_norm`` and ``torch.nn.utils.prune`` produce
-their weights), or the input's dtype or device does not match the weights (so the error is
-the reference's own, raised before any state changes).  The layer predicates (:func:`fusable_conv`, :func:`foldable_bn`,
+their weights), or the input's dtype or device does not match the weights or a BatchNorm's
+tensors (so the error is the reference's own, raised before any state changes).  The layer predicates (:func:`fusable_conv`, :func:`foldable_bn`,
 :func:`batch_stat_bn`, ...) say which layers each fused forward takes; :func:`layer_reason`
 names the first layer that keeps a block on the reference forward.
 
@@ -143,11 +143,14 @@ def call_reason(x) -> str | None:
     return None
 
 
-def input_reason(named, x, convs=()) -> str | None:
+def input_reason(named, x, convs=(), bns=()) -> str | None:
     """Why a fused forward over the ``(name, module)`` pairs ``named`` (a block's submodules, or
     the stem's layers) must run the reference forward for an input like ``x``, or None: a
-    submodule carries hooks, the input is not a batch, or its dtype or device does not match
-    the weights of ``convs``.  Asked when a plan is made."""
+    submodule carries hooks, the input is not a batch, its dtype or device does not match
+    the weights of ``convs``, or a BatchNorm of ``bns`` holds a tensor that is neither fp32 nor
+    in the compute dtype (``x``'s, or autocast's), or lives on another device (a BN moved on its
+    own: torch's BatchNorm then raises or computes in its own way, and so does the reference).
+    Asked when a plan is made."""
     name = _hooked(named)
     if name is not None:
         return (f"its submodule {name!r} has hooks (forward/backward hooks or pre-hooks, spectral_norm, prune, ...) "
@@ -162,6 +165,13 @@ def input_reason(named, x, convs=()) -> str | None:
         if w.device != x.device or (w.dtype != x.dtype and not (amp and w.dtype in _AUTOCAST_DTYPES)):
             return (f"the input ({x.dtype} on {x.device}) does not match the weights ({w.dtype} on {w.device}): "
                     "the reference raises its own error")
+    compute = autocast_dtype(x) or x.dtype
+    for bn in bns:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, name, None)
+            if isinstance(t, torch.Tensor) and (t.device != x.device or t.dtype not in (torch.float32, compute)):
+                return (f"a BatchNorm's {name} ({t.dtype} on {t.device}) is neither float32 nor the compute dtype "
+                        f"({compute} on {x.device}): the reference does what torch's BatchNorm does with it")
     return None
 
 

@@ -115,6 +115,50 @@ def test_nan_pixel_gives_nan_logits():
     _same_nan_pattern(got, want)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("where", ["stem", "block", "downsample", "conv"])
+def test_bn_moved_alone_to_bf16_raises_like_torchvision(where, train):
+    """A BatchNorm (or a conv) moved on its own to bf16 under an fp32 input, after plans were
+    made: torch raises, and so does the converted model, the same error, with no running
+    statistic moved (the plan is stale and the new one sends it to the reference forward; the
+    eval ops raised a TypeError of their own, the train chain cast the tensors and computed)."""
+    ref = _resnet18().train(train)
+    fused = _fused(ref).train(train)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref(x), fused(x)  # plans exist (and in train mode both moved their running statistics)
+    pick = {"stem": lambda m: m.bn1, "block": lambda m: m.layer1[0].bn2,
+            "downsample": lambda m: m.layer2[0].downsample[1], "conv": lambda m: m.layer1[1].conv1}[where]
+    errors, moved = [], []
+    for m in (ref, fused):
+        pick(m).to(torch.bfloat16)
+        before = [b.clone() for b in m.buffers()]
+        with pytest.raises(RuntimeError) as info, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m(x)
+        errors.append(str(info.value))
+        moved.append([not torch.equal(a, b) for a, b in zip(before, m.buffers())])
+    assert errors[0] == errors[1]
+    # the same running statistics moved before the error (in train mode those of the layers that
+    # ran before the failing one, as in torchvision; none in eval)
+    assert moved[0] == moved[1] and (train or not any(moved[0]))
+
+
+def test_bf16_model_with_fp32_bns_stays_fused():
+    """bf16 activations with fp32 BatchNorms (torch's mixed-dtype BN) are not sent to the reference."""
+    ref = _resnet18().bfloat16()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.float()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got, want = fused(x), ref(x)
+    assert not [w for w in seen if "BatchNorm's" in str(w.message)]
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.1, atol=0.1)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_stem_relu_after_pool_keeps_values_nan_and_inf(backend):
     """On backends whose ReLU is a separate pass, the eval stem runs it after the max-pool (on a
