@@ -144,3 +144,46 @@ def test_compile_reduce_overhead_no_recompiles():
         truth = copy.deepcopy(ref).double()(x.double())
         assert_within_budget(outs[-1], ref(x), truth, torch.bfloat16)
     assert dyn.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend"))])
+@pytest.mark.parametrize("case", ["fp16-model-fp32-bn", "fp16-model", "bf16-autocast"])
+def test_plan_bn_dtype_checks_keep_common_setups_fused(backend, case):
+    """The plan's BatchNorm dtype/device check (patterns.input_reason) sends nothing of the usual
+    GPU setups to the reference: a .half() model with fp32 BNs, a plain .half() model, an fp32
+    model under bf16 autocast all run the fused backend."""
+    ref = _model("resnet18")
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    if case != "bf16-autocast":
+        ref = ref.half()
+        x = x.half()
+        if case == "fp16-model-fp32-bn":
+            for m in ref.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.float()
+    fused = fusedres.convert(copy.deepcopy(ref), backend=backend)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=case == "bf16-autocast")
+    with torch.inference_mode(), amp, fusedres.backends.record() as used:
+        out = fused(x)
+    with torch.inference_mode(), amp:
+        want = ref(x)
+    assert used == {backend}
+    torch.testing.assert_close(out.float(), want.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bn_left_on_cpu_raises_like_torchvision(train):
+    """A BatchNorm left on the CPU under a CUDA model: torch raises, and so does the converted
+    model, the same error (also after plans were made)."""
+    ref = _model("resnet18").train(train)
+    fused = fusedres.convert(copy.deepcopy(ref)).train(train)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        ref(x), fused(x)
+    errors = []
+    for m in (ref, fused):
+        m.layer1[0].bn2.cpu()
+        with pytest.raises(RuntimeError) as info, torch.no_grad():
+            m(x)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
