@@ -19,9 +19,11 @@
 #   bench-compile  torch.compile (default mode) on the block and model rows (--suite gpu-compile)
 #   smoke-tma      (after smoke-cuda) the opt-in TMA kernel of 1x1 convs, its numerics
 #   smoke-hoisted  the opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): the cuda-marked Triton tests
+#   smoke-splitk   the opt-in split-K path (FUSEDRES_TRITON_SPLITK=1): converted models against torchvision
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
 #   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
 #   bench-hoisted  every block with FUSEDRES_TRITON_HOISTED=1 (eager, fusedres-triton)
+#   bench-splitk   ResNet-50 and -18 at batch 1 and 64 with FUSEDRES_TRITON_SPLITK=1 (eager, fusedres-triton)
 #   bench-sm90a    every block with FUSEDRES_CUDA_SM90A=1 (eager, cudnn-fused, fusedres-cuda)
 #   check          fusedres check (inference) and check-train (one training step)
 #   tests-full     every cuda-marked test
@@ -144,6 +146,16 @@ else
 fi
 FUSEDRES_TRITON_HOISTED=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-hoisted 60 $PY -m pytest -q -rfE -p no:cacheprovider \
   "${HOISTED_TESTS[@]}"
+# The opt-in split-K path (FUSEDRES_TRITON_SPLITK=1): its first numerics through whole converted models
+# (its per-conv tests, test_split_k_small_layers, already ran in smoke-triton; a dry run on the CPU runs
+# the interpreter tests instead).
+if [ "$DRY" = 1 ]; then
+  SPLITK_TESTS=(tests/test_triton.py -k "split_k and 3x3")
+else
+  SPLITK_TESTS=(-m cuda tests/test_gpu_models.py -k "triton and not compile and not graph")
+fi
+FUSEDRES_TRITON_SPLITK=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-splitk 45 $PY -m pytest -q -rfE -p no:cacheprovider \
+  "${SPLITK_TESTS[@]}"
 
 bench bench-blocks 140 gpu-blocks --time-budget "$(secs 110)"
 bench bench-models 60 gpu-models --time-budget "$(secs 40)"
@@ -158,6 +170,10 @@ FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks
 FUSEDRES_TRITON_HOISTED=1 step bench-hoisted 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_HOISTED=1" \
   --json "$OUTDIR/results/gpu-blocks-hoisted.json" --summary "$OUTDIR/bench-hoisted.summary"
+# Split-K against the one-pass kernel (bench-models' fusedres-triton rows) where it applies: small batches.
+FUSEDRES_TRITON_SPLITK=1 step bench-splitk 50 $PY -m fusedres bench --suite gpu-models --batch 1,64 \
+  --contenders eager,fusedres-triton --time-budget "$(secs 35)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_SPLITK=1" \
+  --json "$OUTDIR/results/gpu-models-splitk.json" --summary "$OUTDIR/bench-splitk.summary"
 # The sm_90a kernels against the CUTLASS 2.x ones (bench-blocks) on every block, into its own file.
 FUSEDRES_CUDA_SM90A=1 step bench-sm90a 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,cudnn-fused,fusedres-cuda --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_CUDA_SM90A=1" \

@@ -95,10 +95,13 @@ CONV_CASES = {
 }
 
 
-def _conv_case_matches_fp64(spec, dtype, channels_last):
-    """Launch the kernel on one ``CONV_CASES``-style problem and check it against fp64."""
+def _conv_case_matches_fp64(spec, dtype, channels_last, split_k=None, x_fill=None):
+    """Launch the kernel on one ``CONV_CASES``-style problem and check it against fp64 (``split_k``:
+    forced to the launcher; ``x_fill``: edits ``x`` in place first, e.g. NaN/inf into it)."""
     n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = spec
     x = _rand(n, c, h, w, dtype=dtype, channels_last=channels_last)
+    if x_fill is not None:
+        x_fill(x)
     wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
     scale, shift = _affine(k)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
@@ -115,7 +118,15 @@ def _conv_case_matches_fp64(spec, dtype, channels_last):
     p = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
     out = _poisoned((n, k, oh, ow), dtype, channels_last)
     tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out,
-                     p(stride), p(padding), p(dilation), groups, relu)
+                     p(stride), p(padding), p(dilation), groups, relu, split_k=split_k)
+    if x_fill is not None:  # non-finite input: the same NaN/inf pattern as the reference, same finite values
+        same_nan = torch.isnan(out) == torch.isnan(ref64)
+        assert same_nan.all(), f"{(~same_nan).sum().item()} elements differ in NaN-ness from the reference"
+        fin = torch.isfinite(ref64)
+        assert torch.equal(torch.isinf(out), torch.isinf(ref64)) and torch.equal(out[~fin & ~torch.isnan(out)],
+                                                                                 ref64[~fin & ~torch.isnan(out)].to(dtype))
+        torch.testing.assert_close(out[fin].double(), ref64[fin], rtol=REL_BOUND[dtype] * 10, atol=ATOL[dtype] * 10)
+        return
     _check(out, ref64, same, dtype)
 
 
@@ -142,7 +153,7 @@ def _spy_kernel(monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def run(*args, **kw):
-                seen.append({f: kw.get(f) for f in ("HOISTED", "EVEN_K", "PROLOGUE_BN", "EMIT_STATS")})
+                seen.append({f: kw.get(f) for f in ("HOISTED", "EVEN_K", "PROLOGUE_BN", "EMIT_STATS", "SPLIT_K")})
                 return real[grid](*args, **kw)
             return run
 
@@ -179,7 +190,99 @@ def test_default_launch_passes_no_hoisted_flag(monkeypatch):
     wt = _rand(8, 8, 3, 3, dtype=torch.float32)
     out = _poisoned((1, 8, 4, 4), torch.float32, True)
     tl_launch.launch(x, tl_launch.kernel_weight(wt), *_affine(8), None, out, (1, 1), (1, 1), (1, 1), 1, True)
-    assert seen == [{"HOISTED": None, "EVEN_K": None, "PROLOGUE_BN": False, "EMIT_STATS": False}]
+    assert seen == [{"HOISTED": None, "EVEN_K": None, "PROLOGUE_BN": False, "EMIT_STATS": False, "SPLIT_K": None}]
+
+
+# --------------------------------------------------------------------------- split-K (opt-in)
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("split", [3, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_split_k_matches_fp64(case, dtype, split, monkeypatch):
+    """The opt-in split-K pair (partials, then the epilogue kernel): every conv case against fp64,
+    channels_last (NCHW in the next test); 16 splits leave some splits with no step at all (these
+    problems have 1-28 steps), whose zero partials must not change the sum.  Two launches: the
+    partial kernel with only ``SPLIT_K`` among the epilogue flags, then the epilogue."""
+    seen = _spy_kernel(monkeypatch)
+    _conv_case_matches_fp64(CONV_CASES[case], dtype, True, split_k=split)
+    assert seen == [{"HOISTED": None, "EVEN_K": None, "PROLOGUE_BN": False, "EMIT_STATS": False, "SPLIT_K": True}]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("case", ["3x3", "1x1", "groups4", "asym"])
+def test_split_k_nchw_matches_fp64(case):
+    _conv_case_matches_fp64(CONV_CASES[case], torch.float32, False, split_k=2)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernels: GPU runs set the switches themselves")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES) + list(EVEN_CASES))
+def test_split_k_with_hoisted_loop_matches_fp64(case, dtype, monkeypatch):
+    """Both opt-ins: each split starts the hoisted loop's counters and offsets at its first step."""
+    monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
+    seen = _spy_kernel(monkeypatch)
+    _conv_case_matches_fp64({**CONV_CASES, **EVEN_CASES}[case], dtype, True, split_k=3)
+    assert [(s["HOISTED"], s["SPLIT_K"]) for s in seen] == [(True, True)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["3x3", "1x1"])
+def test_split_k_keeps_nan_and_inf(case, dtype):
+    """NaN and +-inf inputs: the split sum and the epilogue's ReLU give the reference's NaN/inf pattern."""
+    def fill(x):
+        x[0, 0, 1, 1] = float("nan")
+        x[-1, 1, 2, 2] = float("inf")
+        x[-1, 2, 0, 0] = -float("inf")
+    _conv_case_matches_fp64(CONV_CASES[case], dtype, True, split_k=3, x_fill=fill)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["3x3", "groups4"])
+def test_split_k_bn_stats_epilogue_matches_fp64(case, dtype):
+    """The epilogue kernel folds an eval BN's statistics itself (BN_STATS), as the one-pass kernel."""
+    n, c, k, h, w, ks, stride, padding, dilation, groups, has_res, relu = CONV_CASES[case]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c // groups, ks, ks, dtype=dtype) / math.sqrt(c // groups * ks * ks)
+    gamma, beta, mean, var = _bn_params(k, dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    s64, b64 = _fold64(gamma, beta, mean, var, 1e-3)
+    oh, ow = fusedres.conv_bn_act(x[:1].double(), wt.double(), s64, b64, backend="torch", **kwargs).shape[2:]
+    res = _rand(n, k, oh, ow, dtype=dtype, channels_last=False)
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), s64, b64, residual=res.double(), backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, gamma, beta, residual=res, running_mean=mean,
+                                                           running_var=var, eps=1e-3, backend="torch", **kwargs))
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(x, tl_launch.kernel_weight(wt), gamma, beta, res, out, (stride,) * 2, (padding,) * 2,
+                     (dilation,) * 2, groups, relu, bn_stats=(mean, var, 1e-3), split_k=4)
+    _check(out, ref64, same, dtype)
+
+
+def test_split_k_factor():
+    """Splits only when the tiles leave more than half the SMs idle, and never below the minimum
+    steps per split or above the maximum."""
+    f, lo, hi = tl_launch.split_k_factor, tl_launch.SPLIT_K_MIN_STEPS, tl_launch.SPLIT_K_MAX
+    assert f(tiles=132, steps=72, sms=132) == 1
+    assert f(tiles=100, steps=72, sms=132) == 1  # a second wave would be as ragged
+    assert f(tiles=60, steps=72, sms=132) == 2
+    assert f(tiles=4, steps=72, sms=132) == min(hi, 72 // lo)  # ResNet-50's 7x7 3x3 conv at batch 1
+    assert f(tiles=4, steps=9, sms=132) == 9 // lo
+    assert f(tiles=4, steps=lo - 1, sms=132) == 1
+    assert f(tiles=1, steps=10 ** 6, sms=132) == hi
+    assert f(tiles=0, steps=72, sms=132) == 1 and f(tiles=4, steps=0, sms=132) == 1
+
+
+def test_split_k_argument_errors():
+    x = _rand(1, 8, 4, 4, dtype=torch.float32, channels_last=True)
+    wt = tl_launch.kernel_weight(_rand(8, 8, 1, 1, dtype=torch.float32))
+    out = _poisoned((1, 8, 4, 4), torch.float32, True)
+    with pytest.raises(ValueError, match="split_k=0"):
+        tl_launch.launch(x, wt, *_affine(8), None, out, (1, 1), (0, 0), (1, 1), 1, True, split_k=0)
+    with pytest.raises(ValueError, match="split_k=2.*downsample"):
+        tl_launch.launch(x, wt, *_affine(8), None, out, (1, 1), (0, 0), (1, 1), 1, True, split_k=2,
+                         ds=(x, wt, *_affine(8), (1, 1)))
 
 
 # (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, dilation, groups, ds_stride, relu): BasicBlock

@@ -39,10 +39,14 @@ def test_aot_compile_sm80_sm90_no_spills(tmp_path):
     assert {r["arch"] for r in rows} == {80, 90}
     assert all(r["ok"] and r["regs"] > 0 for r in rows)
     # The main loop of every tensor-core kernel is found in its SASS (issue pressure per MMA).
-    tc = [r for r in rows if "ieee" not in r["variant"]]
+    tc = [r for r in rows if "ieee" not in r["variant"] and "splitk-epilogue" not in r["variant"]]
     assert all(r["mainloop_mma"] and r["mainloop_instrs"] > r["mainloop_mma"] for r in tc), \
         [r["variant"] for r in tc if not r["mainloop_mma"]]
     assert "main-loop instructions per MMA" in proc.stdout
+    # The opt-in split-K pair (launch.SPLIT_K_ENABLED, sm_90+) is compiled: partials and epilogue.
+    names = {r["variant"] for r in rows if r["arch"] == 90}
+    assert {"bf16-k3@splitk", "bf16-k3@hoist@splitk", "fp32-ieee-k3@splitk",
+            "bf16-splitk-epilogue+res+relu+bn", "fp32-splitk-epilogue+affine"} <= names
 
 
 def test_mainloop_finds_the_innermost_mma_loop():

@@ -107,6 +107,28 @@ def test_resnet_conv_shapes(case, dtype, cl):
     _check(out, ref64, same, dtype)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ["r18-l3-3x3+res", "r18-l4-3x3+res", "r50-l3-1x1+res", "r50-l4-1x1"])
+def test_split_k_small_layers(case, dtype, n, monkeypatch):
+    """The opt-in split-K path (FUSEDRES_TRITON_SPLITK=1) on the layers it is for: 14x14 and 7x7 at
+    batch 1 and 2 leave most SMs idle, so the launcher's own heuristic splits them (all but the
+    256-channel 1x1, whose 4 reduction steps are too few to split); numerics as the one-pass
+    kernel's (the untuned default tile, as the other tests here)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("split-K is taken on sm_90+ only")
+    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
+    splits = []
+    real = tl_launch._launch_split_k
+    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
+    out, ref64, same = _run_conv(case, dtype, True, n=n)
+    _check(out, ref64, same, dtype)
+    if case == "r50-l3-1x1+res":
+        assert splits == []
+    else:
+        assert len(splits) == 1 and splits[0] > 1, splits
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", ["r18-l2", "r50-l2", "r50-l1-s1"])
 def test_resnet_block_tails(case, dtype):

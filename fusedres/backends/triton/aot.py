@@ -12,7 +12,8 @@ that arch, plus every surviving config for the heaviest variants (3x3 block tail
 both accumulators, bf16 and fp32; 3x3 train conv with prologue and statistics, bf16 and
 fp32-IEEE).  The opt-in ``HOISTED`` main loop (``FUSEDRES_TRITON_HOISTED=1``) is compiled too
 (:func:`hoisted_variants`, names ending ``@hoist``), and its eval kernels get their own median
-line.  ``--all-configs`` compiles every surviving config for every variant (slow).
+line; so are the opt-in split-K partial kernels (:func:`split_k_variants`, ``@splitk``) and their
+epilogue kernel (``splitk-epilogue``), for sm_90 (where the launcher takes them).  ``--all-configs`` compiles every surviving config for every variant (slow).
 
 The signature mirrors what the JIT sees on the channels_last fast path: the unit strides
 (channel stride of activations, output-channel stride of the re-laid-out weight) are the
@@ -78,6 +79,8 @@ class Variant:
     padded: bool | None = None
     #: The opt-in ``HOISTED`` main loop: ``""`` (off), ``"even"`` (with ``EVEN_K``) or ``"ragged"``.
     hoisted: str = ""
+    #: The opt-in split-K partial kernel (``SPLIT_K``: main loop over a share of the steps, raw store).
+    split_k: bool = False
 
     @property
     def is_padded(self) -> bool:
@@ -91,7 +94,7 @@ class Variant:
                                         ("+stats", self.emit_stats), ("+bn", self.bn_stats)) if on)
         extra = ("" if self.layout == "cl" else f"@{self.layout}") + (
             "" if self.padded is None else ("@pad" if self.padded else "@nopad")) + (
-            {"": "", "even": "@hoist", "ragged": "@hoist-ragged"}[self.hoisted])
+            {"": "", "even": "@hoist", "ragged": "@hoist-ragged"}[self.hoisted]) + ("@splitk" if self.split_k else "")
         return f"{self.dtype}{prec}-k{self.kh}{flags}{extra}"
 
 
@@ -123,6 +126,24 @@ def hoisted_variants() -> list[Variant]:
     out += [replace(v, hoisted="ragged") for v in variants()
             if v.name in {"bf16-k3+res+relu+bn", "bf16-k1+relu+bn", "bf16-k3+pro+stats", "bf16-k3+ds+relu"}]
     return out
+
+
+def split_k_variants() -> list[Variant]:
+    """The opt-in split-K partial kernel (``launch.SPLIT_K_ENABLED``), as the launcher runs it: no
+    epilogue flag (the epilogue kernel applies them), per filter size and dtype, and with the hoisted
+    loop."""
+    out = [Variant(dt, prec, kh, False, False, False, split_k=True)
+           for (dt, prec), kh in itertools.product((("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"),
+                                                     ("fp32", "ieee")), (1, 3, 7))]
+    out += [Variant("bf16", "tf32", kh, False, False, False, hoisted=h, split_k=True)
+            for kh, h in ((1, "even"), (3, "even"), (3, "ragged"))]
+    out.append(Variant("bf16", "tf32", 3, False, False, False, layout="nchw", split_k=True))
+    return out
+
+
+#: The split-K epilogue kernel's variants: (residual, ReLU, BN statistics), per dtype.
+SPLIT_K_EPILOGUES = {"affine": (False, False, False), "relu+bn": (False, True, True),
+                     "res+relu": (True, True, False), "res+relu+bn": (True, True, True)}
 
 
 def extra_variants() -> list[Variant]:
@@ -168,6 +189,8 @@ def _signature_and_constants(kernel, v: Variant, cfg):
     )
     if v.hoisted:
         constants.update(HOISTED=True, EVEN_K=v.hoisted == "even")
+    if v.split_k:
+        constants.update(SPLIT_K=True)
     return sig, constants, attrs
 
 
@@ -337,6 +360,12 @@ def plan(archs, all_configs: bool):
             configs = kept(v, arch)
             every = all_configs or v.name in {"bf16-k3+res+relu+bn@hoist", "bf16-k3+pro+stats@hoist"}
             jobs.extend((arch, v, c) for c in (configs if every else configs[:1]))
+        if arch >= 90:  # opt-in split-K (sm_90+ only): every tile for bf16 3x3, the heaviest eval loop
+            for v in split_k_variants():
+                configs = kept(v, arch)
+                every = all_configs or v.name == "bf16-k3@splitk"
+                jobs.extend((arch, v, c) for c in (configs if every else configs[:1]))
+            jobs.extend(("splitk-epilogue", arch, dt, name) for dt in ("bf16", "fp32") for name in SPLIT_K_EPILOGUES)
         if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
             tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
                                  smem_limit=SMEM_LIMIT[arch])[0]
@@ -377,10 +406,15 @@ def main(argv=None) -> int:
         for label, hoist in (("eval kernels", False), ("opt-in hoisted-loop eval kernels", True)):
             per = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
                          if r.arch == arch and r.mainloop_mma and "+stats" not in r.variant
-                         and "tma" not in r.variant and ("@hoist" in r.variant) == hoist)
+                         and "tma" not in r.variant and "splitk" not in r.variant and ("@hoist" in r.variant) == hoist)
             if per:
                 print(f"aot: sm{arch} {label}: median {per[len(per) // 2]:.1f} main-loop instructions per MMA "
                       f"(min {per[0]:.1f}, max {per[-1]:.1f}, {len(per)} kernels)")
+        split = sorted(r.mainloop_instrs / r.mainloop_mma for r in results
+                       if r.arch == arch and "@splitk" in r.variant and r.mainloop_mma)
+        if split:
+            print(f"aot: sm{arch} opt-in split-K partial kernels: median {split[len(split) // 2]:.1f} main-loop "
+                  f"instructions per MMA ({len(split)} kernels)")
         tma = [r.mainloop_instrs / r.mainloop_mma for r in results if r.arch == arch and "tma" in r.variant
                and r.mainloop_mma]
         if tma:
@@ -394,7 +428,56 @@ def main(argv=None) -> int:
 def _compile_job(job):
     if job[0] == "tma":
         return compile_tma(*job[1:])
+    if job[0] == "splitk-epilogue":
+        return compile_split_k_epilogue(*job[1:])
     return compile_one(*job)
+
+
+def compile_split_k_epilogue(arch: int, dtype: str, name: str) -> Result:
+    """Compile :func:`_split_k_epilogue_kernel` for ``arch`` at the launcher's tile
+    (``launch.SPLIT_K_EPILOGUE_TILE``), channels_last output and residual."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .kernels import _split_k_epilogue_kernel as kernel
+    from .launch import SPLIT_K_EPILOGUE_TILE
+
+    has_res, relu, bn = SPLIT_K_EPILOGUES[name]
+    bm, bn_, warps = SPLIT_K_EPILOGUE_TILE
+    act = "*" + _TRITON_DTYPE[dtype]
+    sig, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
+        if arg == "ws_ptr":
+            sig[arg] = "*fp32"
+        elif arg.endswith("_ptr"):
+            sig[arg] = act if (bn or arg in ("res_ptr", "out_ptr")) else "*fp32"
+        elif arg == "eps":
+            sig[arg] = "fp32"
+        elif arg in ("src", "soc"):
+            sig[arg] = "constexpr"
+        elif kernel.params[i].is_constexpr:
+            sig[arg] = "constexpr"
+        else:
+            sig[arg] = "i32"
+        if arg.endswith("_ptr"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    constants = dict(src=1, soc=1, HAS_RESIDUAL=has_res, RELU=relu, BN_STATS=bn, BLOCK_M=bm, BLOCK_N=bn_)
+    variant = f"{dtype}-splitk-epilogue+{name}"
+    cfg_name = f"{bm}x{bn_}-w{warps}"
+    t0 = time.perf_counter()
+    try:
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        usage = _ptxas_usage(ck.asm["ptx"], arch)
+    except Exception as exc:
+        return Result(arch, variant, cfg_name, False, seconds=time.perf_counter() - t0,
+                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    spill = usage["spill_stores"] + usage["spill_loads"]
+    shared = int(ck.metadata.shared)
+    problems = ([f"{spill} bytes of register spills"] if spill else []) + (
+        [f"shared memory {shared} B > {SMEM_LIMIT[arch]} B"] if shared > SMEM_LIMIT[arch] else [])
+    return Result(arch, variant, cfg_name, not problems, usage["regs"], spill, shared, time.perf_counter() - t0,
+                  "; ".join(problems))
 
 
 #: The opt-in TMA GEMM kernel of 1x1 convs (sm_90 only): its epilogue variants, eval.

@@ -159,9 +159,16 @@ def _conv_bn_act_fwd_kernel(
     PROLOGUE_BN: tl.constexpr, EMIT_STATS: tl.constexpr, BN_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HOISTED: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    HOISTED: tl.constexpr = False, EVEN_K: tl.constexpr = False, SPLIT_K: tl.constexpr = False,
 ):
-    """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring."""
+    """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring.
+
+    ``SPLIT_K`` (opt-in, eval only: no residual, downsample, ReLU, BN, prologue or statistics flag
+    is read): program ``program_id(2)`` of ``num_programs(2)`` runs its contiguous share of the
+    reduction steps and stores its raw fp32 partial tile to ``stat_sum_ptr``, a row-major
+    ``[num_programs(2), M, C_out]`` workspace; :func:`_split_k_epilogue_kernel` then sums the
+    partials in split order and applies the epilogue.
+    """
     g = tl.program_id(1)
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -189,6 +196,13 @@ def _conv_bn_act_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(CG, BLOCK_K)
+    if SPLIT_K:  # this program's contiguous share [s_lo, s_hi) of the KH * KW * c_blocks steps
+        per = tl.cdiv(KH * KW * c_blocks, tl.num_programs(2))
+        s_lo = tl.program_id(2) * per
+        s_hi = tl.minimum(s_lo + per, KH * KW * c_blocks)
+    else:
+        s_lo = 0
+        s_hi = KH * KW * c_blocks
     if HOISTED:
         # The same loop with its address math hoisted: the tap (kh, kw) and the channel block c0
         # advance as counters (no integer division per step), and the A and B pointer tiles of
@@ -211,7 +225,14 @@ def _conv_bn_act_fwd_kernel(
         b_dc = BLOCK_K * swc
         b_dw = sww - c_back * swc
         b_dh = swh - (KW - 1) * sww - c_back * swc
-        for step in range(KH * KW * c_blocks):
+        if SPLIT_K:  # the counters and offsets of step s_lo (the offsets are linear in kh, kw, c0)
+            tap0 = s_lo // c_blocks
+            c0 = (s_lo - tap0 * c_blocks) * BLOCK_K
+            kh = tap0 // KW
+            kw = tap0 - kh * KW
+            a_off = (kh * dil_h) * sxh64 + (kw * dil_w) * sxw64 + c0 * sxc64
+            b_off = kh * swh + kw * sww + c0 * swc
+        for step in range(s_lo, s_hi):
             if PADDED:  # 0 <= ih < H as one unsigned compare (a negative ih wraps above H)
                 ih = (ih0 + kh * dil_h).to(tl.uint32, bitcast=True)
                 iw = (iw0 + kw * dil_w).to(tl.uint32, bitcast=True)
@@ -244,7 +265,7 @@ def _conv_bn_act_fwd_kernel(
             a_off += tl.where(next_row, a_dh, tl.where(next_tap, a_dw, a_dc))
             b_off += tl.where(next_row, b_dh, tl.where(next_tap, b_dw, b_dc))
     else:
-        for step in range(KH * KW * c_blocks):
+        for step in range(s_lo, s_hi):
             tap = step // c_blocks
             c0 = (step - tap * c_blocks) * BLOCK_K
             kh = tap // KW
@@ -279,6 +300,11 @@ def _conv_bn_act_fwd_kernel(
             if DOT_UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if SPLIT_K:  # the raw partial tile; the epilogue runs in _split_k_epilogue_kernel
+        ws_row = (tl.program_id(2).to(tl.int64) * M + offs_m.to(tl.int64)) * (KG * tl.num_programs(1))
+        tl.store(stat_sum_ptr + ws_row[:, None] + k_out[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        return
 
     if EMIT_STATS:
         # Train mode: out is the raw conv output and this tile's per-channel statistics go to
@@ -376,3 +402,45 @@ def _conv1x1_tma_fwd_kernel(
     if RELU:  # NaN stays NaN, as in torch.relu
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     o_desc.store([m0, n0], z.to(o_desc.dtype))
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+    ws_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, res_ptr, out_ptr,
+    M, K, OH, OW, SPLITS,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The epilogue of a split-K conv (``SPLIT_K`` in :func:`_conv_bn_act_fwd_kernel`) for one
+    ``BLOCK_M x BLOCK_N`` tile: ``acc`` is the sum of the ``SPLITS`` fp32 partial tiles of the
+    ``[SPLITS, M, K]`` workspace, added in split order (deterministic), then the same epilogue as
+    the one-pass kernel: the affine or the eval BN statistics, the residual, the NaN-propagating
+    ReLU, one rounding on the store.  ``K`` is every output channel (all groups)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < K
+    mask = m_ok[:, None] & n_ok[None, :]
+    m64 = offs_m.to(tl.int64)
+    ws = ws_ptr + m64[:, None] * K + offs_n[None, :]
+    acc = tl.load(ws, mask=mask, other=0.0)
+    split_stride = M.to(tl.int64) * K
+    for s in range(1, SPLITS):
+        acc += tl.load(ws + s * split_stride, mask=mask, other=0.0)
+    scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, n_ok, BN_STATS)
+    z = acc * scale[None, :] + shift[None, :]
+    ohw = OH * OW
+    nb = m64 // ohw
+    rem = m64 - nb * ohw
+    oh = rem // OW
+    ow = rem - oh * OW
+    n64 = offs_n.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_row = nb * srn + oh * srh + ow * srw
+        z += tl.load(res_ptr + r_row[:, None] + (n64 * src)[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RELU:  # NaN stays NaN, as in torch.relu
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    o_row = nb * son + oh * soh + ow * sow
+    tl.store(out_ptr + o_row[:, None] + (n64 * soc)[None, :], z.to(out_ptr.dtype.element_ty), mask=mask)

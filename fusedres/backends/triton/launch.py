@@ -41,7 +41,7 @@ import torch
 import triton
 
 from .. import WeightCache, cudnn_conv_tf32
-from .kernels import _conv1x1_tma_fwd_kernel, _conv_bn_act_fwd_kernel
+from .kernels import _conv1x1_tma_fwd_kernel, _conv_bn_act_fwd_kernel, _split_k_epilogue_kernel
 
 try:  # host-side TMA descriptors (Triton 3.4+)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -293,6 +293,7 @@ def launch(
     ds: tuple | None = None,
     config: TileConfig | None = None,
     bn_stats: tuple | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Run the fused conv into ``out`` ``(N, C_out, OH, OW)`` (any strides) and return it.
 
@@ -302,13 +303,16 @@ def launch(
     appended when ``ds`` is given): ``scale``/``shift`` (and ``ds_scale``/``ds_shift``) are
     then an eval BatchNorm's weight and bias, normalised in the kernel's epilogue
     (``BN_STATS``).  ``config`` forces a tile (no autotuning).  With :data:`TMA_ENABLED`, an
-    eligible 1x1 conv (:func:`tma_eligible`) runs the TMA GEMM kernel instead.
+    eligible 1x1 conv (:func:`tma_eligible`) runs the TMA GEMM kernel instead.  ``split_k``
+    splits the reduction that many ways (no downsample; ``1``: never); ``None`` leaves it to
+    :func:`split_k_factor` when :data:`SPLIT_K_ENABLED`, else one pass.
     """
-    if TMA_ENABLED and ds is None and tma_eligible(x, w_t, residual, out, stride, padding, dilation, groups):
+    if TMA_ENABLED and ds is None and split_k is None and tma_eligible(x, w_t, residual, out, stride, padding,
+                                                                         dilation, groups):
         _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config)
         return out
     _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config,
-            bn_stats=bn_stats)
+            bn_stats=bn_stats, split_k=split_k)
     return out
 
 
@@ -328,6 +332,74 @@ def launch(
 HOISTED_ENABLED = os.environ.get("FUSEDRES_TRITON_HOISTED") == "1"
 #: Every BLOCK_K a tile may use divides this, so ``C_in/groups % _MAX_BLOCK_K == 0`` is EVEN_K for all.
 _MAX_BLOCK_K = max(c.block_k for c in (*GPU_CONFIGS, *FMA_CONFIGS, INTERPRET_CONFIG))
+
+
+# --------------------------------------------------------------------------- split-K (opt-in)
+#
+# A conv with fewer output tiles than the GPU has SMs leaves SMs idle however fast each tile runs:
+# ResNet-50's 7x7 layer at batch 1 has 4 tiles of 128x128 for 132 SMs, each streaming a 4.7 MB
+# filter.  Split-K gives each tile's reduction (KH * KW * ceil(C_in/groups / BLOCK_K) steps) to
+# several programs, each storing an fp32 partial tile; a second kernel sums them in split order
+# (deterministic) and applies the epilogue.  Taken only with FUSEDRES_TRITON_SPLITK=1 until a GPU run
+# has verified and measured it (numerics through the interpreter and the sm_90 compilation are
+# checked on the CPU); eval convs without the fused downsample only, on sm_90+ only: compiled for
+# sm_80 by Triton 3.6 (the GPU machine's), three of the partial kernel's tiles spilled 12-24 bytes
+# (128x64x64/8 warps, 64x64x64/4, 64x256x32/8; none under Triton 3.8).
+
+SPLIT_K_ENABLED = os.environ.get("FUSEDRES_TRITON_SPLITK") == "1"
+#: At most this many splits, each of at least this many BLOCK_K-wide reduction steps.
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_STEPS = 4
+#: The epilogue kernel's tile (BLOCK_M, BLOCK_N) and warps: an elementwise pass over the workspace.  At
+#: 32x32 with 4 warps it needs 90-96 registers on sm_80/sm_90; 64x64 spilled 400 B with 4 warps and
+#: took 184-200 registers with 8 (aot report, Triton 3.8: its 2-D 64-bit pointers dominate).
+SPLIT_K_EPILOGUE_TILE = (32, 32, 4)
+#: Where the main kernel takes its split-K workspace: the statistics pointer (unused in eval).
+_WS_ARG = _conv_bn_act_fwd_kernel.arg_names.index("stat_sum_ptr")
+
+
+def split_k_factor(tiles: int, steps: int, sms: int) -> int:
+    """How many ways to split a conv's reduction: enough programs to fill ``sms`` SMs when its
+    ``tiles`` output tiles (all groups) alone would not, at most :data:`SPLIT_K_MAX`, and no split
+    shorter than :data:`SPLIT_K_MIN_STEPS` of its ``steps`` reduction steps.  1: no split (a
+    problem with more than half as many tiles as SMs would only add the workspace round trip)."""
+    if tiles <= 0 or steps <= 0:
+        return 1
+    return max(1, min(SPLIT_K_MAX, sms // tiles, steps // SPLIT_K_MIN_STEPS))
+
+
+_split_sms: dict[int, int] = {}
+
+
+def _split_k_sms(device: torch.device) -> int:
+    """The SMs :func:`split_k_factor` may fill on ``device``: its SM count on sm_90+, else 0 (no split)."""
+    n = _split_sms.get(device.index)
+    if n is None:
+        props = torch.cuda.get_device_properties(device)
+        n = _split_sms[device.index] = props.multi_processor_count if props.major >= 9 else 0
+    return n
+
+
+def _launch_split_k(args, flags, config, split, grid_mn, groups, out, residual, epilogue) -> None:
+    """The split-K pair: ``split`` partial programs per output tile into an fp32 workspace, then
+    :func:`_split_k_epilogue_kernel`.  ``args``/``flags`` are the one-pass kernel's (:func:`_launch`),
+    ``epilogue`` its ``(scale, shift, mean, var, eps)``."""
+    n, k, oh, ow = out.shape
+    m = n * oh * ow
+    ws = torch.empty((split, m, k), device=out.device, dtype=torch.float32)
+    args = args[:_WS_ARG] + (ws,) + args[_WS_ARG + 1:]
+    # The partial kernel stops before the epilogue: one compiled variant serves every epilogue.
+    pflags = dict(flags, HAS_RESIDUAL=False, RELU=False, BN_STATS=False, SPLIT_K=True)
+    opts = {} if interpreting() else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    _conv_bn_act_fwd_kernel[(grid_mn, groups, split)](*args, **pflags, **config.kwargs(), **opts)
+    scale, shift, mean, var, eps = epilogue
+    bm, bn, warps = SPLIT_K_EPILOGUE_TILE
+    _split_k_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+        ws, scale, shift, mean, var, float(eps), residual if residual is not None else out, out,
+        m, k, oh, ow, split, *_strides4(residual), *out.stride(),
+        HAS_RESIDUAL=residual is not None, RELU=flags["RELU"], BN_STATS=flags["BN_STATS"],
+        BLOCK_M=bm, BLOCK_N=bn, **({} if interpreting() else dict(num_warps=warps)),
+    )
 
 
 # --------------------------------------------------------------------------- TMA (opt-in)
@@ -584,7 +656,7 @@ def size_limit_reason(rows: int, weight_numel: int, per_image) -> str | None:
 
 def _launch(
     x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu,
-    ds=None, prologue=None, stats=None, config=None, bn_stats=None,
+    ds=None, prologue=None, stats=None, config=None, bn_stats=None, split_k=None,
 ) -> int:
     """Launch the kernel (see :func:`launch`); return the ``BLOCK_M`` it ran with.
 
@@ -603,6 +675,9 @@ def _launch(
         raise ValueError(reason)
     if stats is not None and (residual is not None or ds is not None or relu or bn_stats is not None):
         raise ValueError("the statistics mode stores the raw conv output: no residual, downsample, relu or BN")
+    splittable = ds is None and prologue is None and stats is None
+    if split_k is not None and (split_k < 1 or (split_k > 1 and not splittable)):
+        raise ValueError(f"split_k={split_k}: must be >= 1, and 1 with a downsample, a BN prologue or statistics")
     kg = k // groups
     # The kernel reads every per-channel vector (scale, shift, BN statistics) at unit stride:
     # a strided 1-D view (a column of a 2-D tensor, an expand()ed scalar) is copied first.
@@ -657,8 +732,12 @@ def _launch(
         config = INTERPRET_CONFIG
     if out.numel() == 0:
         return config.block_m if config is not None else _MIN_BLOCK_M
+    epilogue = (scale, shift, mean, var, eps)
     if x.device.type != "cuda":  # the interpreter, on CPU tensors
-        _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
+        if split_k is not None and split_k > 1:
+            _launch_split_k(args, flags, config, split_k, grid(config.kwargs())[0], groups, out, residual, epilogue)
+        else:
+            _conv_bn_act_fwd_kernel[grid](*args, **flags, **config.kwargs())
         return config.block_m
     key = None
     if config is None:
@@ -689,6 +768,13 @@ def _launch(
             _autotuned_kernel[grid](*args, **flags)
             # The tile the autotuner ran with (its cached choice for this key).
             config = _tile_cache[key] = _tile_of(_autotuned_kernel.best_config)
+            return config.block_m
+        split = split_k if split_k is not None else 1
+        if split_k is None and SPLIT_K_ENABLED and splittable:
+            tiles = grid(config.kwargs())[0] * groups
+            split = split_k_factor(tiles, kh * kw * triton.cdiv(cg, config.block_k), _split_k_sms(x.device))
+        if split > 1:
+            _launch_split_k(args, flags, config, split, grid(config.kwargs())[0], groups, out, residual, epilogue)
             return config.block_m
         _conv_bn_act_fwd_kernel[grid](
             *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
