@@ -148,7 +148,7 @@ def _launch_micro() -> dict:
 
     # Through launch()'s tile cache (the autotuner ran on the first call only).
     res["launch_cached_tile_us"] = per_call(lambda: L.launch(x, wt, s, b, None, out, (1, 1), (1, 1), (1, 1), 1, True))
-    cfg = L.GPU_CONFIGS[3]
+    cfg = L.TileConfig(128, 64, 64, 4, 4)
     res["launch_fixed_config_us"] = per_call(
         lambda: L.launch(x, wt, s, b, None, out, (1, 1), (1, 1), (1, 1), 1, True, config=cfg))
     res["empty_like_us"] = per_call(lambda: torch.empty_like(x))

@@ -83,9 +83,16 @@ class TileConfig:
 #: with 8 warps and 128x128 with 4 warps (128 each) spilled on sm_80/sm_90 (aot report).
 #: 128x128x64 with 8 warps is the classic Hopper/Ampere GEMM tile; 64-wide N tiles serve
 #: 64-channel layers; 256-wide N the 256..2048-channel 1x1 convs; BLOCK_K=16 the 3-channel
-#: stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.
+#: stem; 16/32-wide N tiles ResNeXt's 4..32 channels per group.  The same 128x128x64 tile with a
+#: 4-stage ring (128 KB of shared memory at 16 bits; fp32 operands do not fit and are pruned) gives
+#: the autotuner a deeper pipeline for the long reductions of the 3x3 and 1x1 convs with 256+ input
+#: channels; it is second so that the untuned default stays the 3-stage tile.  Every variant that
+#: keeps it (157 with all tiles: eval, train, hoisted, split-K) compiled for sm_80 and sm_90 with
+#: 0 spills under Triton 3.6 and 3.8 (aot report; sm_90 128 KB of shared memory).  Not yet timed on
+#: a GPU: the autotuner takes it only where it measures faster.
 GPU_CONFIGS = (
     TileConfig(128, 128, 64, 3, 8),
+    TileConfig(128, 128, 64, 4, 8),
     TileConfig(128, 64, 64, 3, 8),
     TileConfig(64, 128, 64, 3, 8),
     TileConfig(128, 64, 64, 4, 4),
@@ -344,7 +351,8 @@ _MAX_BLOCK_K = max(c.block_k for c in (*GPU_CONFIGS, *FMA_CONFIGS, INTERPRET_CON
 # has verified and measured it (numerics through the interpreter and the sm_90 compilation are
 # checked on the CPU); eval convs without the fused downsample only, on sm_90+ only: compiled for
 # sm_80 by Triton 3.6 (the GPU machine's), three of the partial kernel's tiles spilled 12-24 bytes
-# (128x64x64/8 warps, 64x64x64/4, 64x256x32/8; none under Triton 3.8).
+# (128x64x64/8 warps, 64x64x64/4, 64x256x32/8; none under Triton 3.8).  With FUSEDRES_TRITON_TMA=1
+# as well, the 1x1 convs the TMA kernel takes are not split.
 
 SPLIT_K_ENABLED = os.environ.get("FUSEDRES_TRITON_SPLITK") == "1"
 #: At most this many splits, each of at least this many BLOCK_K-wide reduction steps.
