@@ -152,7 +152,7 @@ FUSEDRES_TRITON_HOISTED=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-hoisted 60 $PY -
 if [ "$DRY" = 1 ]; then
   SPLITK_TESTS=(tests/test_triton.py -k "split_k and 3x3")
 else
-  SPLITK_TESTS=(-m cuda tests/test_gpu_models.py -k "triton and not compile and not graph")
+  SPLITK_TESTS=(-m cuda tests/test_gpu_models.py -k "triton and (resnet50 or nan_pixel or autocast_fp32 or cuda_graphs)")
 fi
 FUSEDRES_TRITON_SPLITK=1 FUSEDRES_TRITON_AUTOTUNE=0 step smoke-splitk 45 $PY -m pytest -q -rfE -p no:cacheprovider \
   "${SPLITK_TESTS[@]}"

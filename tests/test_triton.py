@@ -202,7 +202,7 @@ def test_default_launch_passes_no_hoisted_flag(monkeypatch):
 def test_split_k_matches_fp64(case, dtype, split, monkeypatch):
     """The opt-in split-K pair (partials, then the epilogue kernel): every conv case against fp64,
     channels_last (NCHW in the next test); 16 splits leave some splits with no step at all (these
-    problems have 1-28 steps), whose zero partials must not change the sum.  Two launches: the
+    problems have 1-49 steps at the interpreter's tile), whose zero partials must not change the sum.  Two launches: the
     partial kernel with only ``SPLIT_K`` among the epilogue flags, then the epilogue."""
     seen = _spy_kernel(monkeypatch)
     _conv_case_matches_fp64(CONV_CASES[case], dtype, True, split_k=split)
@@ -216,13 +216,16 @@ def test_split_k_nchw_matches_fp64(case):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernels: GPU runs set the switches themselves")
+@pytest.mark.parametrize("split", [3, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CONV_CASES) + list(EVEN_CASES))
-def test_split_k_with_hoisted_loop_matches_fp64(case, dtype, monkeypatch):
-    """Both opt-ins: each split starts the hoisted loop's counters and offsets at its first step."""
+def test_split_k_with_hoisted_loop_matches_fp64(case, dtype, split, monkeypatch):
+    """Both opt-ins: each split starts the hoisted loop's counters and offsets at its first step
+    (5 splits start mid-row of taps, e.g. the dilated 3x3's 9 steps at taps 0, 2, 4, 6, 8; the
+    ragged-channel cases mid-tap)."""
     monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
     seen = _spy_kernel(monkeypatch)
-    _conv_case_matches_fp64({**CONV_CASES, **EVEN_CASES}[case], dtype, True, split_k=3)
+    _conv_case_matches_fp64({**CONV_CASES, **EVEN_CASES}[case], dtype, True, split_k=split)
     assert [(s["HOISTED"], s["SPLIT_K"]) for s in seen] == [(True, True)]
 
 
@@ -261,17 +264,24 @@ def test_split_k_bn_stats_epilogue_matches_fp64(case, dtype):
 
 
 def test_split_k_factor():
-    """Splits only when the tiles leave more than half the SMs idle, and never below the minimum
-    steps per split or above the maximum."""
+    """Splits only when the tiles leave more than half the SMs idle, at most the maximum, at most
+    steps // SPLIT_K_MIN_STEPS, and never so many that a program gets no step."""
     f, lo, hi = tl_launch.split_k_factor, tl_launch.SPLIT_K_MIN_STEPS, tl_launch.SPLIT_K_MAX
+    assert (lo, hi) == (4, 16)
     assert f(tiles=132, steps=72, sms=132) == 1
     assert f(tiles=100, steps=72, sms=132) == 1  # a second wave would be as ragged
     assert f(tiles=60, steps=72, sms=132) == 2
-    assert f(tiles=4, steps=72, sms=132) == min(hi, 72 // lo)  # ResNet-50's 7x7 3x3 conv at batch 1
-    assert f(tiles=4, steps=9, sms=132) == 9 // lo
+    # ResNet-50's 7x7 3x3 conv at batch 1: 16 would give 15 shares of 5 steps and an empty one
+    assert f(tiles=4, steps=72, sms=132) == 15
+    assert f(tiles=4, steps=9, sms=132) == 2
     assert f(tiles=4, steps=lo - 1, sms=132) == 1
     assert f(tiles=1, steps=10 ** 6, sms=132) == hi
     assert f(tiles=0, steps=72, sms=132) == 1 and f(tiles=4, steps=0, sms=132) == 1
+    for tiles in range(1, 140):  # no empty split, and never more than asked
+        for steps in range(1, 200, 7):
+            split = f(tiles=tiles, steps=steps, sms=132)
+            per = -(-steps // split)
+            assert 1 <= split <= hi and (split - 1) * per < steps
 
 
 def test_split_k_argument_errors():

@@ -366,6 +366,9 @@ def plan(archs, all_configs: bool):
                 every = all_configs or v.name == "bf16-k3@splitk"
                 jobs.extend((arch, v, c) for c in (configs if every else configs[:1]))
             jobs.extend(("splitk-epilogue", arch, dt, name) for dt in ("bf16", "fp32") for name in SPLIT_K_EPILOGUES)
+            # one output pixel (a ResNet's 7x7 layer at 32x32 input, batch 1): the JIT passes M = OH = OW = 1
+            # as constants, which the kernel must take as plain ints
+            jobs.append(("splitk-epilogue", arch, "bf16", "res+relu+bn", True))
         if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
             tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
                                  smem_limit=SMEM_LIMIT[arch])[0]
@@ -433,9 +436,10 @@ def _compile_job(job):
     return compile_one(*job)
 
 
-def compile_split_k_epilogue(arch: int, dtype: str, name: str) -> Result:
+def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool = False) -> Result:
     """Compile :func:`_split_k_epilogue_kernel` for ``arch`` at the launcher's tile
-    (``launch.SPLIT_K_EPILOGUE_TILE``), channels_last output and residual."""
+    (``launch.SPLIT_K_EPILOGUE_TILE``), channels_last output and residual (``one_pixel``: ``M``,
+    ``OH`` and ``OW`` the constant 1, as the JIT specialises them)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -453,7 +457,7 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str) -> Result:
             sig[arg] = act if (bn or arg in ("res_ptr", "out_ptr")) else "*fp32"
         elif arg == "eps":
             sig[arg] = "fp32"
-        elif arg in ("src", "soc"):
+        elif arg in ("src", "soc") or (one_pixel and arg in ("M", "OH", "OW")):
             sig[arg] = "constexpr"
         elif kernel.params[i].is_constexpr:
             sig[arg] = "constexpr"
@@ -462,7 +466,9 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str) -> Result:
         if arg.endswith("_ptr"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     constants = dict(src=1, soc=1, HAS_RESIDUAL=has_res, RELU=relu, BN_STATS=bn, BLOCK_M=bm, BLOCK_N=bn_)
-    variant = f"{dtype}-splitk-epilogue+{name}"
+    if one_pixel:
+        constants.update(M=1, OH=1, OW=1)
+    variant = f"{dtype}-splitk-epilogue+{name}" + ("@1px" if one_pixel else "")
     cfg_name = f"{bm}x{bn_}-w{warps}"
     t0 = time.perf_counter()
     try:

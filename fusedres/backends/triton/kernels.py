@@ -426,7 +426,8 @@ def _split_k_epilogue_kernel(
     m64 = offs_m.to(tl.int64)
     ws = ws_ptr + m64[:, None] * K + offs_n[None, :]
     acc = tl.load(ws, mask=mask, other=0.0)
-    split_stride = M.to(tl.int64) * K
+    # int64 through a 0-d tensor: M (or K) equal to 1 reaches the kernel as a constant int
+    split_stride = (tl.full((), 0, tl.int64) + M) * K
     for s in range(1, SPLITS):
         acc += tl.load(ws + s * split_stride, mask=mask, other=0.0)
     scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, n_ok, BN_STATS)

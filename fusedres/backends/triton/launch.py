@@ -314,8 +314,8 @@ def launch(
     splits the reduction that many ways (no downsample; ``1``: never); ``None`` leaves it to
     :func:`split_k_factor` when :data:`SPLIT_K_ENABLED`, else one pass.
     """
-    if TMA_ENABLED and ds is None and split_k is None and tma_eligible(x, w_t, residual, out, stride, padding,
-                                                                         dilation, groups):
+    if TMA_ENABLED and ds is None and split_k in (None, 1) and tma_eligible(x, w_t, residual, out, stride,
+                                                                             padding, dilation, groups):
         _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config)
         return out
     _launch(x, w_t, scale, shift, residual, out, stride, padding, dilation, groups, relu, ds=ds, config=config,
@@ -368,12 +368,15 @@ _WS_ARG = _conv_bn_act_fwd_kernel.arg_names.index("stat_sum_ptr")
 
 def split_k_factor(tiles: int, steps: int, sms: int) -> int:
     """How many ways to split a conv's reduction: enough programs to fill ``sms`` SMs when its
-    ``tiles`` output tiles (all groups) alone would not, at most :data:`SPLIT_K_MAX`, and no split
-    shorter than :data:`SPLIT_K_MIN_STEPS` of its ``steps`` reduction steps.  1: no split (a
-    problem with more than half as many tiles as SMs would only add the workspace round trip)."""
+    ``tiles`` output tiles (all groups) alone would not, at most :data:`SPLIT_K_MAX`, and at most
+    ``steps // SPLIT_K_MIN_STEPS`` of them for its ``steps`` reduction steps.  The kernel gives each
+    split ``ceil(steps / split)`` steps (the last one the rest), so the count is then lowered to
+    the fewest splits with that share: no program is left without a step.  1: no split (a problem
+    with more than half as many tiles as SMs would only add the workspace round trip)."""
     if tiles <= 0 or steps <= 0:
         return 1
-    return max(1, min(SPLIT_K_MAX, sms // tiles, steps // SPLIT_K_MIN_STEPS))
+    split = max(1, min(SPLIT_K_MAX, sms // tiles, steps // SPLIT_K_MIN_STEPS))
+    return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
 _split_sms: dict[int, int] = {}
@@ -772,17 +775,22 @@ def _launch(
     # guard costs host time on every call).
     guard = torch.cuda.device(x.device) if x.device.index != torch.cuda.current_device() else nullcontext()
     with guard:
+        tuned_out = False
         if config is None:
             _autotuned_kernel[grid](*args, **flags)
             # The tile the autotuner ran with (its cached choice for this key).
             config = _tile_cache[key] = _tile_of(_autotuned_kernel.best_config)
-            return config.block_m
+            tuned_out = True
         split = split_k if split_k is not None else 1
         if split_k is None and SPLIT_K_ENABLED and splittable:
             tiles = grid(config.kwargs())[0] * groups
             split = split_k_factor(tiles, kh * kw * triton.cdiv(cg, config.block_k), _split_k_sms(x.device))
         if split > 1:
+            # after autotuning too (its one-pass output is overwritten): every call of a problem,
+            # the first included, gives the same split result
             _launch_split_k(args, flags, config, split, grid(config.kwargs())[0], groups, out, residual, epilogue)
+            return config.block_m
+        if tuned_out:
             return config.block_m
         _conv_bn_act_fwd_kernel[grid](
             *args, **flags, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
