@@ -79,6 +79,11 @@ def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups,
             f"channel mismatch: {x_name} has {x.shape[1]} channels but {w_name} expects "
             f"{w.shape[1] * groups} ({w.shape[1]} per group x {groups} groups)"
         )
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        # torch: conv2d raises for no output channel, and gives an (N, 0, H, W) tensor (which no BN
+        # after it accepts) for no input channel; a fused kernel would return relu(shift) instead
+        raise ValueError(f"{w_name} {tuple(w.shape)} has no {'output' if w.shape[0] == 0 else 'input'} channel: "
+                         f"a conv + BN needs at least one of each")
     for n, v in ((s_name, scale), (b_name, shift)):
         _check_channel_vector(n, v, w.shape[0], x_name, x)
 

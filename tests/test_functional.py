@@ -99,6 +99,24 @@ def test_empty_batch():
     assert out.shape == (0, 16, 11, 9)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+def test_zero_channels_raise(backend):
+    """No output channel (torch's conv2d raises) or no input channel (torch gives an (N, 0, H, W)
+    tensor that no BN accepts): a clear error, not a kernel's relu(shift) or a oneDNN failure.
+    The ops check it too (a compiled graph calls them without fusedres.functional)."""
+    if backend != "auto" and not backends.is_available(backend):
+        pytest.skip(f"{backend} unavailable")
+    x, wt = torch.randn(2, 0, 5, 5), torch.randn(6, 0, 3, 3)
+    with pytest.raises(ValueError, match="has no input channel"):
+        fusedres.conv_bn_act(x, wt, torch.ones(6), torch.full((6,), 3.0), padding=1, backend=backend)
+    with pytest.raises(ValueError, match="has no output channel"):
+        fusedres.conv_bn_act(torch.randn(2, 4, 5, 5), torch.randn(0, 4, 3, 3), torch.ones(0), torch.ones(0),
+                             padding=1, backend=backend)
+    with pytest.raises(ValueError, match="has no output or no input channel"):
+        torch.ops.fusedres.conv_bn_act_cpu(x, wt, torch.ones(6), torch.ones(6), None, None, None, 1e-5, [1, 1],
+                                           [1, 1], [1, 1], 1, True)
+
+
 def test_bad_inputs_name_the_argument():
     x, wt, scale, shift, res, kw = _case(*CONV_CASES[1])
     with pytest.raises(ValueError, match="x must be 4-D"):
