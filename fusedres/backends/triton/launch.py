@@ -344,8 +344,8 @@ _MAX_BLOCK_K = max(c.block_k for c in (*GPU_CONFIGS, *FMA_CONFIGS, INTERPRET_CON
 # --------------------------------------------------------------------------- split-K (opt-in)
 #
 # A conv with fewer output tiles than the GPU has SMs leaves SMs idle however fast each tile runs:
-# ResNet-50's 7x7 layer at batch 1 has 4 tiles of 128x128 for 132 SMs, each streaming a 4.7 MB
-# filter.  Split-K gives each tile's reduction (KH * KW * ceil(C_in/groups / BLOCK_K) steps) to
+# ResNet-50's 7x7 3x3 conv at batch 1 has 4 output tiles (64x128) for 132 SMs, each streaming a quarter
+# of the 4.7 MB filter.  Split-K gives each tile's reduction (KH * KW * ceil(C_in/groups / BLOCK_K) steps) to
 # several programs, each storing an fp32 partial tile; a second kernel sums them in split order
 # (deterministic) and applies the epilogue.  Taken only with FUSEDRES_TRITON_SPLITK=1 until a GPU run
 # has verified and measured it (numerics through the interpreter and the sm_90 compilation are
