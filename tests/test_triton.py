@@ -290,9 +290,9 @@ def test_split_k_argument_errors():
     out = _poisoned((1, 8, 4, 4), torch.float32, True)
     with pytest.raises(ValueError, match="split_k=0"):
         tl_launch.launch(x, wt, *_affine(8), None, out, (1, 1), (0, 0), (1, 1), 1, True, split_k=0)
-    with pytest.raises(ValueError, match="split_k=2.*downsample"):
-        tl_launch.launch(x, wt, *_affine(8), None, out, (1, 1), (0, 0), (1, 1), 1, True, split_k=2,
-                         ds=(x, wt, *_affine(8), (1, 1)))
+    with pytest.raises(ValueError, match="split_k=2.*prologue"):  # train mode is never split
+        tl_launch._launch(x, wt, *_affine(8), None, out, (1, 1), (0, 0), (1, 1), 1, True, prologue=_affine(8),
+                          split_k=2)
 
 
 # (N, C_mid, C_in, K, H_in, W_in, kernel, stride, padding, dilation, groups, ds_stride, relu): BasicBlock
@@ -310,7 +310,7 @@ TAIL_CASES = {
 @pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(TAIL_CASES))
-def test_block_tail_matches_fp64(case, dtype, channels_last):
+def test_block_tail_matches_fp64(case, dtype, channels_last, split_k=None):
     n, cm, cin, k, h, w, ks, stride, padding, dilation, groups, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=channels_last)
@@ -324,7 +324,7 @@ def test_block_tail_matches_fp64(case, dtype, channels_last):
     same = _torch_same_dtype(lambda: fusedres.block_tail(y, wt, s, b, x, wd, sd, bd, backend="torch", **kwargs))
     out = _poisoned((n, k, oh, ow), dtype, channels_last)
     tl_launch.launch(y, tl_launch.kernel_weight(wt), s, b, None, out, (stride,) * 2, (padding,) * 2, (dilation,) * 2,
-                     groups, relu, ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2))
+                     groups, relu, ds=(x, tl_launch.kernel_weight(wd), sd, bd, (ds_stride,) * 2), split_k=split_k)
     _check(out, ref64, same, dtype)
 
 
@@ -901,3 +901,41 @@ def test_model_trunk_plan_on_triton():
     assert used == {"triton"}
     torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("split", [3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(TAIL_CASES))
+def test_split_k_block_tail_matches_fp64(case, dtype, split, monkeypatch):
+    """The block tail split: the main and the downsample GEMM each split the same number of ways (16
+    leaves empty shares of both), both sums and affines in the epilogue kernel, NCHW and
+    channels_last alike."""
+    seen = _spy_kernel(monkeypatch)
+    test_block_tail_matches_fp64(case, dtype, split == 3, split_k=split)
+    assert [s["SPLIT_K"] for s in seen] == [True]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_k_block_tail_bn_stats_matches_fp64(dtype):
+    """Both branches' eval BN statistics (their own eps) folded by the epilogue kernel."""
+    n, cm, cin, k, h, w, ks, stride, padding, _, _, ds_stride, relu = TAIL_CASES["basic-s2"]
+    oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
+    y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
+    x = _rand(n, cin, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
+    wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
+    bn, ds_bn = _bn_params(k, dtype), _bn_params(k, torch.float32)
+    (s64, b64), (sd64, bd64) = _fold64(*bn, 1e-5), _fold64(*ds_bn, 1e-3)
+    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
+    ref64 = fusedres.block_tail(y.double(), wt.double(), s64, b64, x.double(), wd.double(), sd64, bd64,
+                                backend="torch", **kwargs)
+    same = _torch_same_dtype(lambda: fusedres.block_tail(
+        y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="torch", running_mean=bn[2], running_var=bn[3],
+        eps=1e-5, ds_running_mean=ds_bn[2], ds_running_var=ds_bn[3], ds_eps=1e-3, **kwargs))
+    out = _poisoned((n, k, oh, ow), dtype, True)
+    tl_launch.launch(y, tl_launch.kernel_weight(wt), bn[0], bn[1], None, out, (stride,) * 2, (padding,) * 2, (1, 1),
+                     1, relu, ds=(x, tl_launch.kernel_weight(wd), ds_bn[0], ds_bn[1], (ds_stride,) * 2),
+                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3), split_k=4)
+    _check(out, ref64, same, dtype)

@@ -46,7 +46,8 @@ def test_aot_compile_sm80_sm90_no_spills(tmp_path):
     # The opt-in split-K pair (launch.SPLIT_K_ENABLED, sm_90+) is compiled: partials and epilogue.
     names = {r["variant"] for r in rows if r["arch"] == 90}
     assert {"bf16-k3@splitk", "bf16-k3@hoist@splitk", "fp32-ieee-k3@splitk",
-            "bf16-splitk-epilogue+res+relu+bn", "fp32-splitk-epilogue+affine", "bf16-splitk-epilogue+res+relu+bn@1px"} <= names
+            "bf16-splitk-epilogue+res+relu+bn", "fp32-splitk-epilogue+affine", "bf16-splitk-epilogue+res+relu+bn@1px",
+            "bf16-k3+ds@splitk", "bf16-splitk-epilogue+ds+relu+bn"} <= names
 
 
 def test_mainloop_finds_the_innermost_mma_loop():

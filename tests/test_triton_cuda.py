@@ -130,6 +130,29 @@ def test_split_k_small_layers(case, dtype, n, monkeypatch):
         assert len(splits) == 1 and splits[0] > 1, splits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_split_k_block_tail(dtype, monkeypatch):
+    """ResNet-50's layer4 block tail at batch 1 (1x1 512 -> 2048 with the strided 1024 -> 2048
+    downsample, 7x7): 16 tiles for the SMs, so the heuristic splits both GEMMs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("split-K is taken on sm_90+ only")
+    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
+    splits = []
+    real = tl_launch._launch_split_k
+    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
+    y, x = _rand(1, 512, 7, 7, dtype=dtype), _rand(1, 1024, 14, 14, dtype=dtype)
+    w = _rand(2048, 512, 1, 1, dtype=dtype, scale=1 / math.sqrt(512))
+    wd = _rand(2048, 1024, 1, 1, dtype=dtype, scale=1 / math.sqrt(1024))
+    (s, b), (sd, bd) = _affine(2048), _affine(2048)
+    ref64 = fusedres.block_tail(*(t.double() for t in (y, w, s, b, x, wd, sd, bd)), backend="torch", ds_stride=2)
+    same = fusedres.block_tail(y, w, s, b, x, wd, sd, bd, backend="torch", ds_stride=2)
+    out = _poisoned((1, 2048, 7, 7), dtype, True)
+    tl_launch.launch(y, tl_launch.kernel_weight(w), s, b, None, out, (1, 1), (0, 0), (1, 1), 1, True,
+                     ds=(x, tl_launch.kernel_weight(wd), sd, bd, (2, 2)))
+    _check(out, ref64, same, dtype)
+    assert len(splits) == 1 and splits[0] > 1, splits
+
+
 def test_split_k_first_autotuned_call_equals_later_calls(monkeypatch):
     """With autotuning on, a problem's first call tunes the one-pass kernel, then still runs the
     split pair: every call, the first included, gives the same (split) result bit for bit."""

@@ -137,13 +137,17 @@ def split_k_variants() -> list[Variant]:
                                                      ("fp32", "ieee")), (1, 3, 7))]
     out += [Variant("bf16", "tf32", kh, False, False, False, hoisted=h, split_k=True)
             for kh, h in ((1, "even"), (3, "even"), (3, "ragged"))]
+    # the block tail: the downsample GEMM's share after the main one's (its accumulator not live at once)
+    out += [Variant(dt, prec, kh, False, True, False, split_k=True)
+            for dt, prec, kh in (("bf16", "tf32", 1), ("bf16", "tf32", 3), ("fp32", "tf32", 3), ("fp32", "ieee", 3))]
     out.append(Variant("bf16", "tf32", 3, False, False, False, layout="nchw", split_k=True))
     return out
 
 
-#: The split-K epilogue kernel's variants: (residual, ReLU, BN statistics), per dtype.
-SPLIT_K_EPILOGUES = {"affine": (False, False, False), "relu+bn": (False, True, True),
-                     "res+relu": (True, True, False), "res+relu+bn": (True, True, True)}
+#: The split-K epilogue kernel's variants: (residual, downsample, ReLU, BN statistics), per dtype.
+SPLIT_K_EPILOGUES = {"affine": (False, False, False, False), "relu+bn": (False, False, True, True),
+                     "res+relu": (True, False, True, False), "res+relu+bn": (True, False, True, True),
+                     "ds+relu": (False, True, True, False), "ds+relu+bn": (False, True, True, True)}
 
 
 def extra_variants() -> list[Variant]:
@@ -446,7 +450,7 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool =
     from .kernels import _split_k_epilogue_kernel as kernel
     from .launch import SPLIT_K_EPILOGUE_TILE
 
-    has_res, relu, bn = SPLIT_K_EPILOGUES[name]
+    has_res, has_ds, relu, bn = SPLIT_K_EPILOGUES[name]
     bm, bn_, warps = SPLIT_K_EPILOGUE_TILE
     act = "*" + _TRITON_DTYPE[dtype]
     sig, attrs = {}, {}
@@ -455,7 +459,7 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool =
             sig[arg] = "*fp32"
         elif arg.endswith("_ptr"):
             sig[arg] = act if (bn or arg in ("res_ptr", "out_ptr")) else "*fp32"
-        elif arg == "eps":
+        elif arg in ("eps", "ds_eps"):
             sig[arg] = "fp32"
         elif arg in ("src", "soc") or (one_pixel and arg in ("M", "OH", "OW")):
             sig[arg] = "constexpr"
@@ -465,7 +469,8 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool =
             sig[arg] = "i32"
         if arg.endswith("_ptr"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    constants = dict(src=1, soc=1, HAS_RESIDUAL=has_res, RELU=relu, BN_STATS=bn, BLOCK_M=bm, BLOCK_N=bn_)
+    constants = dict(src=1, soc=1, HAS_RESIDUAL=has_res, HAS_DOWNSAMPLE=has_ds, RELU=relu, BN_STATS=bn, BLOCK_M=bm,
+                     BLOCK_N=bn_)
     if one_pixel:
         constants.update(M=1, OH=1, OW=1)
     variant = f"{dtype}-splitk-epilogue+{name}" + ("@1px" if one_pixel else "")

@@ -163,11 +163,12 @@ def _conv_bn_act_fwd_kernel(
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out`` for group ``program_id(1)``; see the module docstring.
 
-    ``SPLIT_K`` (opt-in, eval only: no residual, downsample, ReLU, BN, prologue or statistics flag
-    is read): program ``program_id(2)`` of ``num_programs(2)`` runs its contiguous share of the
-    reduction steps and stores its raw fp32 partial tile to ``stat_sum_ptr``, a row-major
-    ``[num_programs(2), M, C_out]`` workspace; :func:`_split_k_epilogue_kernel` then sums the
-    partials in split order and applies the epilogue.
+    ``SPLIT_K`` (opt-in, eval only: no residual, ReLU, BN, prologue or statistics flag is read):
+    program ``program_id(2)`` of ``num_programs(2)`` runs its contiguous share of the reduction
+    steps and stores its raw fp32 partial tile to ``stat_sum_ptr``, a row-major
+    ``[num_programs(2), M, C_out]`` workspace (with ``HAS_DOWNSAMPLE`` also its share of the
+    downsample GEMM, into slices ``[num_programs(2), 2 * num_programs(2))``);
+    :func:`_split_k_epilogue_kernel` then sums the partials in split order and applies the epilogue.
     """
     g = tl.program_id(1)
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N, GROUP_M)
@@ -302,8 +303,31 @@ def _conv_bn_act_fwd_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if SPLIT_K:  # the raw partial tile; the epilogue runs in _split_k_epilogue_kernel
-        ws_row = (tl.program_id(2).to(tl.int64) * M + offs_m.to(tl.int64)) * (KG * tl.num_programs(1))
+        split = tl.program_id(2)
+        ws_row = (split.to(tl.int64) * M + offs_m.to(tl.int64)) * (KG * tl.num_programs(1))
         tl.store(stat_sum_ptr + ws_row[:, None] + k_out[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        if HAS_DOWNSAMPLE:
+            # This program's share of the downsample GEMM's ceil(CD / BLOCK_K) steps (the same number of
+            # splits), into workspace slices [splits, 2 * splits); the loop is the one-pass kernel's below.
+            d_per = tl.cdiv(tl.cdiv(CD, BLOCK_K), tl.num_programs(2))
+            d_lo = split * d_per
+            d_hi = tl.minimum(d_lo + d_per, tl.cdiv(CD, BLOCK_K))
+            xd_row = nb64 * sdn + (oh64 * ds_sh) * sdh + (ow64 * ds_sw) * sdw
+            wd_col = k_out * swdk
+            acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for d_step in range(d_lo, d_hi):
+                cc = d_step * BLOCK_K + offs_k
+                c_ok = cc < CD
+                a = tl.load(xd_ptr + xd_row[:, None] + (cc * sdc)[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                b = tl.load(wd_ptr + (cc * swdc)[:, None] + wd_col[None, :], mask=c_ok[:, None] & n_ok[None, :],
+                            other=0.0)
+                if DOT_UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc_d = tl.dot(a, b, acc_d, input_precision=DOT_PRECISION)
+            wsd_row = ((split + tl.num_programs(2)).to(tl.int64) * M + offs_m.to(tl.int64)) * (
+                KG * tl.num_programs(1))
+            tl.store(stat_sum_ptr + wsd_row[:, None] + k_out[None, :], acc_d, mask=m_ok[:, None] & n_ok[None, :])
         return
 
     if EMIT_STATS:
@@ -407,17 +431,20 @@ def _conv1x1_tma_fwd_kernel(
 @triton.jit
 def _split_k_epilogue_kernel(
     ws_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, res_ptr, out_ptr,
+    ds_scale_ptr, ds_shift_ptr, ds_mean_ptr, ds_var_ptr, ds_eps,
     M, K, OH, OW, SPLITS,
     srn, src, srh, srw,
     son, soc, soh, sow,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_DOWNSAMPLE: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The epilogue of a split-K conv (``SPLIT_K`` in :func:`_conv_bn_act_fwd_kernel`) for one
     ``BLOCK_M x BLOCK_N`` tile: ``acc`` is the sum of the ``SPLITS`` fp32 partial tiles of the
     ``[SPLITS, M, K]`` workspace, added in split order (deterministic), then the same epilogue as
     the one-pass kernel: the affine or the eval BN statistics, the residual, the NaN-propagating
-    ReLU, one rounding on the store.  ``K`` is every output channel (all groups)."""
+    ReLU, one rounding on the store.  ``K`` is every output channel (all groups).  With
+    ``HAS_DOWNSAMPLE`` the workspace is ``[2 * SPLITS, M, K]``: the main GEMM's partials, then the
+    downsample GEMM's, each summed in split order and given its own affine (or BN statistics)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -432,6 +459,13 @@ def _split_k_epilogue_kernel(
         acc += tl.load(ws + s * split_stride, mask=mask, other=0.0)
     scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, n_ok, BN_STATS)
     z = acc * scale[None, :] + shift[None, :]
+    if HAS_DOWNSAMPLE:
+        acc_d = tl.load(ws + SPLITS * split_stride, mask=mask, other=0.0)
+        for s in range(SPLITS + 1, 2 * SPLITS):
+            acc_d += tl.load(ws + s * split_stride, mask=mask, other=0.0)
+        ds_scale, ds_shift = _affine(ds_scale_ptr, ds_shift_ptr, ds_mean_ptr, ds_var_ptr, ds_eps, offs_n, n_ok,
+                                     BN_STATS)
+        z += acc_d * ds_scale[None, :] + ds_shift[None, :]
     ohw = OH * OW
     nb = m64 // ohw
     rem = m64 - nb * ohw

@@ -311,7 +311,7 @@ def launch(
     then an eval BatchNorm's weight and bias, normalised in the kernel's epilogue
     (``BN_STATS``).  ``config`` forces a tile (no autotuning).  With :data:`TMA_ENABLED`, an
     eligible 1x1 conv (:func:`tma_eligible`) runs the TMA GEMM kernel instead.  ``split_k``
-    splits the reduction that many ways (no downsample; ``1``: never); ``None`` leaves it to
+    splits the reduction (and the downsample's) that many ways (``1``: never); ``None`` leaves it to
     :func:`split_k_factor` when :data:`SPLIT_K_ENABLED`, else one pass.
     """
     if TMA_ENABLED and ds is None and split_k in (None, 1) and tma_eligible(x, w_t, residual, out, stride,
@@ -349,7 +349,7 @@ _MAX_BLOCK_K = max(c.block_k for c in (*GPU_CONFIGS, *FMA_CONFIGS, INTERPRET_CON
 # several programs, each storing an fp32 partial tile; a second kernel sums them in split order
 # (deterministic) and applies the epilogue.  Taken only with FUSEDRES_TRITON_SPLITK=1 until a GPU run
 # has verified and measured it (numerics through the interpreter and the sm_90 compilation are
-# checked on the CPU); eval convs without the fused downsample only, on sm_90+ only: compiled for
+# checked on the CPU); eval convs (the fused downsample split the same number of ways), on sm_90+ only: compiled for
 # sm_80 by Triton 3.6 (the GPU machine's), three of the partial kernel's tiles spilled 12-24 bytes
 # (128x64x64/8 warps, 64x64x64/4, 64x256x32/8; none under Triton 3.8).  With FUSEDRES_TRITON_TMA=1
 # as well, the 1x1 convs the TMA kernel takes are not split.
@@ -394,21 +394,23 @@ def _split_k_sms(device: torch.device) -> int:
 def _launch_split_k(args, flags, config, split, grid_mn, groups, out, residual, epilogue) -> None:
     """The split-K pair: ``split`` partial programs per output tile into an fp32 workspace, then
     :func:`_split_k_epilogue_kernel`.  ``args``/``flags`` are the one-pass kernel's (:func:`_launch`),
-    ``epilogue`` its ``(scale, shift, mean, var, eps)``."""
+    ``epilogue`` its ``(scale, shift, mean, var, eps)`` and the downsample's five, or None."""
     n, k, oh, ow = out.shape
     m = n * oh * ow
-    ws = torch.empty((split, m, k), device=out.device, dtype=torch.float32)
+    has_ds = flags["HAS_DOWNSAMPLE"]
+    ws = torch.empty((2 * split if has_ds else split, m, k), device=out.device, dtype=torch.float32)
     args = args[:_WS_ARG] + (ws,) + args[_WS_ARG + 1:]
     # The partial kernel stops before the epilogue: one compiled variant serves every epilogue.
     pflags = dict(flags, HAS_RESIDUAL=False, RELU=False, BN_STATS=False, SPLIT_K=True)
     opts = {} if interpreting() else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     _conv_bn_act_fwd_kernel[(grid_mn, groups, split)](*args, **pflags, **config.kwargs(), **opts)
-    scale, shift, mean, var, eps = epilogue
+    scale, shift, mean, var, eps, ds_scale, ds_shift, ds_mean, ds_var, ds_eps = epilogue
     bm, bn, warps = SPLIT_K_EPILOGUE_TILE
     _split_k_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
         ws, scale, shift, mean, var, float(eps), residual if residual is not None else out, out,
+        ds_scale, ds_shift, ds_mean, ds_var, float(ds_eps),
         m, k, oh, ow, split, *_strides4(residual), *out.stride(),
-        HAS_RESIDUAL=residual is not None, RELU=flags["RELU"], BN_STATS=flags["BN_STATS"],
+        HAS_RESIDUAL=residual is not None, HAS_DOWNSAMPLE=has_ds, RELU=flags["RELU"], BN_STATS=flags["BN_STATS"],
         BLOCK_M=bm, BLOCK_N=bn, **({} if interpreting() else dict(num_warps=warps)),
     )
 
@@ -686,9 +688,9 @@ def _launch(
         raise ValueError(reason)
     if stats is not None and (residual is not None or ds is not None or relu or bn_stats is not None):
         raise ValueError("the statistics mode stores the raw conv output: no residual, downsample, relu or BN")
-    splittable = ds is None and prologue is None and stats is None
+    splittable = prologue is None and stats is None
     if split_k is not None and (split_k < 1 or (split_k > 1 and not splittable)):
-        raise ValueError(f"split_k={split_k}: must be >= 1, and 1 with a downsample, a BN prologue or statistics")
+        raise ValueError(f"split_k={split_k}: must be >= 1, and 1 with a BN prologue or statistics (train mode)")
     kg = k // groups
     # The kernel reads every per-channel vector (scale, shift, BN statistics) at unit stride:
     # a strided 1-D view (a column of a 2-D tensor, an expand()ed scalar) is copied first.
@@ -743,7 +745,7 @@ def _launch(
         config = INTERPRET_CONFIG
     if out.numel() == 0:
         return config.block_m if config is not None else _MIN_BLOCK_M
-    epilogue = (scale, shift, mean, var, eps)
+    epilogue = (scale, shift, mean, var, eps, ds_scale, ds_shift, ds_mean, ds_var, ds_eps)
     if x.device.type != "cuda":  # the interpreter, on CPU tensors
         if split_k is not None and split_k > 1:
             _launch_split_k(args, flags, config, split_k, grid(config.kwargs())[0], groups, out, residual, epilogue)
@@ -784,7 +786,8 @@ def _launch(
         split = split_k if split_k is not None else 1
         if split_k is None and SPLIT_K_ENABLED and splittable:
             tiles = grid(config.kwargs())[0] * groups
-            split = split_k_factor(tiles, kh * kw * triton.cdiv(cg, config.block_k), _split_k_sms(x.device))
+            steps = kh * kw * triton.cdiv(cg, config.block_k) + triton.cdiv(cd, config.block_k)
+            split = split_k_factor(tiles, steps, _split_k_sms(x.device))
         if split > 1:
             # after autotuning too (its one-pass output is overwritten): every call of a problem,
             # the first included, gives the same split result
