@@ -904,16 +904,27 @@ def test_model_trunk_plan_on_triton():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
-@pytest.mark.parametrize("split", [3, 16])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("split", [2, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(TAIL_CASES))
-def test_split_k_block_tail_matches_fp64(case, dtype, split, monkeypatch):
-    """The block tail split: the main and the downsample GEMM each split the same number of ways (16
-    leaves empty shares of both), both sums and affines in the epilogue kernel, NCHW and
-    channels_last alike."""
+def test_split_k_block_tail_matches_fp64(case, dtype, split, channels_last, monkeypatch):
+    """The block tail split: the main and the downsample GEMM's steps as one range shared out (2 and
+    3 splits put a share across the two GEMMs; 16 leaves empty shares), both sums and affines in the
+    epilogue kernel."""
     seen = _spy_kernel(monkeypatch)
-    test_block_tail_matches_fp64(case, dtype, split == 3, split_k=split)
+    test_block_tail_matches_fp64(case, dtype, channels_last, split_k=split)
     assert [s["SPLIT_K"] for s in seen] == [True]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernels: GPU runs set the switches themselves")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(TAIL_CASES))
+def test_split_k_block_tail_with_hoisted_loop_matches_fp64(case, dtype, monkeypatch):
+    monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
+    seen = _spy_kernel(monkeypatch)
+    test_block_tail_matches_fp64(case, dtype, True, split_k=3)
+    assert [(s["HOISTED"], s["SPLIT_K"]) for s in seen] == [(True, True)]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")

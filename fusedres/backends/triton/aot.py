@@ -139,7 +139,10 @@ def split_k_variants() -> list[Variant]:
             for kh, h in ((1, "even"), (3, "even"), (3, "ragged"))]
     # the block tail: the downsample GEMM's share after the main one's (its accumulator not live at once)
     out += [Variant(dt, prec, kh, False, True, False, split_k=True)
-            for dt, prec, kh in (("bf16", "tf32", 1), ("bf16", "tf32", 3), ("fp32", "tf32", 3), ("fp32", "ieee", 3))]
+            for dt, prec, kh in (("bf16", "tf32", 1), ("bf16", "tf32", 3), ("fp16", "tf32", 1), ("fp32", "tf32", 3),
+                                 ("fp32", "ieee", 3))]
+    out += [Variant("bf16", "tf32", kh, False, True, False, hoisted="even", split_k=True) for kh in (1, 3)]
+    out.append(Variant("bf16", "tf32", 3, False, True, False, layout="nchw", split_k=True))
     out.append(Variant("bf16", "tf32", 3, False, False, False, layout="nchw", split_k=True))
     return out
 
@@ -147,7 +150,8 @@ def split_k_variants() -> list[Variant]:
 #: The split-K epilogue kernel's variants: (residual, downsample, ReLU, BN statistics), per dtype.
 SPLIT_K_EPILOGUES = {"affine": (False, False, False, False), "relu+bn": (False, False, True, True),
                      "res+relu": (True, False, True, False), "res+relu+bn": (True, False, True, True),
-                     "ds+relu": (False, True, True, False), "ds+relu+bn": (False, True, True, True)}
+                     "ds": (False, True, False, False), "ds+relu": (False, True, True, False),
+                     "ds+relu+bn": (False, True, True, True)}
 
 
 def extra_variants() -> list[Variant]:
@@ -372,7 +376,7 @@ def plan(archs, all_configs: bool):
             jobs.extend(("splitk-epilogue", arch, dt, name) for dt in ("bf16", "fp32") for name in SPLIT_K_EPILOGUES)
             # one output pixel (a ResNet's 7x7 layer at 32x32 input, batch 1): the JIT passes M = OH = OW = 1
             # as constants, which the kernel must take as plain ints
-            jobs.append(("splitk-epilogue", arch, "bf16", "res+relu+bn", True))
+            jobs.extend(("splitk-epilogue", arch, "bf16", name, True) for name in ("res+relu+bn", "ds+relu+bn"))
         if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
             tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
                                  smem_limit=SMEM_LIMIT[arch])[0]

@@ -197,10 +197,19 @@ def _conv_bn_act_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(CG, BLOCK_K)
-    if SPLIT_K:  # this program's contiguous share [s_lo, s_hi) of the KH * KW * c_blocks steps
-        per = tl.cdiv(KH * KW * c_blocks, tl.num_programs(2))
-        s_lo = tl.program_id(2) * per
-        s_hi = tl.minimum(s_lo + per, KH * KW * c_blocks)
+    if SPLIT_K:
+        # This program's contiguous share [lo, hi) of all the reduction steps: the main GEMM's
+        # KH * KW * c_blocks, then (HAS_DOWNSAMPLE) the downsample GEMM's ceil(CD / BLOCK_K), so the
+        # programs get equal work whatever the two lengths; [s_lo, s_hi) is its part of the main loop.
+        n_main = KH * KW * c_blocks
+        n_all = n_main
+        if HAS_DOWNSAMPLE:
+            n_all = n_main + tl.cdiv(CD, BLOCK_K)
+        per = tl.cdiv(n_all, tl.num_programs(2))
+        lo = tl.program_id(2) * per
+        hi = tl.minimum(lo + per, n_all)
+        s_lo = tl.minimum(lo, n_main)
+        s_hi = tl.minimum(hi, n_main)
     else:
         s_lo = 0
         s_hi = KH * KW * c_blocks
@@ -307,11 +316,10 @@ def _conv_bn_act_fwd_kernel(
         ws_row = (split.to(tl.int64) * M + offs_m.to(tl.int64)) * (KG * tl.num_programs(1))
         tl.store(stat_sum_ptr + ws_row[:, None] + k_out[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         if HAS_DOWNSAMPLE:
-            # This program's share of the downsample GEMM's ceil(CD / BLOCK_K) steps (the same number of
-            # splits), into workspace slices [splits, 2 * splits); the loop is the one-pass kernel's below.
-            d_per = tl.cdiv(tl.cdiv(CD, BLOCK_K), tl.num_programs(2))
-            d_lo = split * d_per
-            d_hi = tl.minimum(d_lo + d_per, tl.cdiv(CD, BLOCK_K))
+            # This program's part of the downsample GEMM's steps (its share [lo, hi) past the main
+            # GEMM's), into workspace slices [splits, 2 * splits); the loop is the one-pass kernel's below.
+            d_lo = tl.maximum(lo, n_main) - n_main
+            d_hi = tl.maximum(hi, n_main) - n_main
             xd_row = nb64 * sdn + (oh64 * ds_sh) * sdh + (ow64 * ds_sw) * sdw
             wd_col = k_out * swdk
             acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -349,7 +349,7 @@ _MAX_BLOCK_K = max(c.block_k for c in (*GPU_CONFIGS, *FMA_CONFIGS, INTERPRET_CON
 # several programs, each storing an fp32 partial tile; a second kernel sums them in split order
 # (deterministic) and applies the epilogue.  Taken only with FUSEDRES_TRITON_SPLITK=1 until a GPU run
 # has verified and measured it (numerics through the interpreter and the sm_90 compilation are
-# checked on the CPU); eval convs (the fused downsample split the same number of ways), on sm_90+ only: compiled for
+# checked on the CPU); eval convs (a block tail's downsample GEMM in the same step range), on sm_90+ only: compiled for
 # sm_80 by Triton 3.6 (the GPU machine's), three of the partial kernel's tiles spilled 12-24 bytes
 # (128x64x64/8 warps, 64x64x64/4, 64x256x32/8; none under Triton 3.8).  With FUSEDRES_TRITON_TMA=1
 # as well, the 1x1 convs the TMA kernel takes are not split.
