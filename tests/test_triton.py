@@ -368,9 +368,12 @@ def test_conv_bn_stats_epilogue_matches_fp64(case, dtype, param_dtype):
     torch.testing.assert_close(via_api, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split_k", [None, 4], ids=["one-pass", "split4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["basic-s2", "bottleneck-s2-norelu"])
-def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
+def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype, split_k):
+    """Both branches' eval BN statistics (their own eps) folded in the epilogue; ``split4``: by the
+    opt-in split-K epilogue kernel."""
     n, cm, cin, k, h, w, ks, stride, padding, _, _, ds_stride, relu = TAIL_CASES[case]
     oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
     y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
@@ -389,8 +392,10 @@ def test_block_tail_bn_stats_epilogue_matches_fp64(case, dtype):
     out = _poisoned((n, k, oh, ow), dtype, True)
     tl_launch.launch(y, tl_launch.kernel_weight(wt), bn[0], bn[1], None, out, (stride,) * 2, (padding,) * 2, (1, 1),
                      1, relu, ds=(x, tl_launch.kernel_weight(wd), ds_bn[0], ds_bn[1], (ds_stride,) * 2),
-                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3))
+                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3), split_k=split_k)
     _check(out, ref64, same, dtype)
+    if split_k is not None:
+        return
     # The public op routes both branches' statistics to the kernel and gives the same result.
     via_api = fusedres.block_tail(y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="triton", **stats, **kwargs)
     torch.testing.assert_close(via_api, out, rtol=0, atol=0)
@@ -925,28 +930,3 @@ def test_split_k_block_tail_with_hoisted_loop_matches_fp64(case, dtype, monkeypa
     seen = _spy_kernel(monkeypatch)
     test_block_tail_matches_fp64(case, dtype, True, split_k=3)
     assert [(s["HOISTED"], s["SPLIT_K"]) for s in seen] == [(True, True)]
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_SPLITK=1 themselves")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_split_k_block_tail_bn_stats_matches_fp64(dtype):
-    """Both branches' eval BN statistics (their own eps) folded by the epilogue kernel."""
-    n, cm, cin, k, h, w, ks, stride, padding, _, _, ds_stride, relu = TAIL_CASES["basic-s2"]
-    oh, ow = (h - 1) // ds_stride + 1, (w - 1) // ds_stride + 1
-    y = _rand(n, cm, oh, ow, dtype=dtype, channels_last=True)
-    x = _rand(n, cin, h, w, dtype=dtype, channels_last=True)
-    wt = _rand(k, cm, ks, ks, dtype=dtype) / math.sqrt(cm * ks * ks)
-    wd = _rand(k, cin, 1, 1, dtype=dtype) / math.sqrt(cin)
-    bn, ds_bn = _bn_params(k, dtype), _bn_params(k, torch.float32)
-    (s64, b64), (sd64, bd64) = _fold64(*bn, 1e-5), _fold64(*ds_bn, 1e-3)
-    kwargs = dict(stride=stride, padding=padding, ds_stride=ds_stride, relu=relu)
-    ref64 = fusedres.block_tail(y.double(), wt.double(), s64, b64, x.double(), wd.double(), sd64, bd64,
-                                backend="torch", **kwargs)
-    same = _torch_same_dtype(lambda: fusedres.block_tail(
-        y, wt, bn[0], bn[1], x, wd, ds_bn[0], ds_bn[1], backend="torch", running_mean=bn[2], running_var=bn[3],
-        eps=1e-5, ds_running_mean=ds_bn[2], ds_running_var=ds_bn[3], ds_eps=1e-3, **kwargs))
-    out = _poisoned((n, k, oh, ow), dtype, True)
-    tl_launch.launch(y, tl_launch.kernel_weight(wt), bn[0], bn[1], None, out, (stride,) * 2, (padding,) * 2, (1, 1),
-                     1, relu, ds=(x, tl_launch.kernel_weight(wd), ds_bn[0], ds_bn[1], (ds_stride,) * 2),
-                     bn_stats=(bn[2], bn[3], 1e-5, ds_bn[2], ds_bn[3], 1e-3), split_k=4)
-    _check(out, ref64, same, dtype)

@@ -107,6 +107,18 @@ def test_resnet_conv_shapes(case, dtype, cl):
     _check(out, ref64, same, dtype)
 
 
+def _split_k_on(monkeypatch):
+    """Turn the opt-in split-K path on (sm_90+, else skip); returns the list that records the split
+    count of every split launch."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("split-K is taken on sm_90+ only")
+    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
+    splits = []
+    real = tl_launch._launch_split_k
+    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
+    return splits
+
+
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", ["r18-l3-3x3+res", "r18-l4-3x3+res", "r50-l3-1x1+res", "r50-l4-1x1"])
@@ -116,12 +128,7 @@ def test_split_k_small_layers(case, dtype, n, monkeypatch):
     256-channel 1x1 in bf16, whose 4 reduction steps of 64 channels are too few to split; IEEE fp32
     tiles are 16 channels deep); numerics as the one-pass kernel's (the untuned default tile, as the
     other tests here)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("split-K is taken on sm_90+ only")
-    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
-    splits = []
-    real = tl_launch._launch_split_k
-    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
+    splits = _split_k_on(monkeypatch)
     out, ref64, same = _run_conv(case, dtype, True, n=n)
     _check(out, ref64, same, dtype)
     if case == "r50-l3-1x1+res" and dtype == torch.bfloat16:
@@ -134,12 +141,7 @@ def test_split_k_small_layers(case, dtype, n, monkeypatch):
 def test_split_k_block_tail(dtype, monkeypatch):
     """ResNet-50's layer4 block tail at batch 1 (1x1 512 -> 2048 with the strided 1024 -> 2048
     downsample, 7x7): 16 tiles for the SMs, so the heuristic splits both GEMMs."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("split-K is taken on sm_90+ only")
-    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
-    splits = []
-    real = tl_launch._launch_split_k
-    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
+    splits = _split_k_on(monkeypatch)
     y, x = _rand(1, 512, 7, 7, dtype=dtype), _rand(1, 1024, 14, 14, dtype=dtype)
     w = _rand(2048, 512, 1, 1, dtype=dtype, scale=1 / math.sqrt(512))
     wd = _rand(2048, 1024, 1, 1, dtype=dtype, scale=1 / math.sqrt(1024))
@@ -156,15 +158,10 @@ def test_split_k_block_tail(dtype, monkeypatch):
 def test_split_k_first_autotuned_call_equals_later_calls(monkeypatch):
     """With autotuning on, a problem's first call tunes the one-pass kernel, then still runs the
     split pair: every call, the first included, gives the same (split) result bit for bit."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("split-K is taken on sm_90+ only")
+    splits = _split_k_on(monkeypatch)
     monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "1")
-    monkeypatch.setattr(tl_launch, "SPLIT_K_ENABLED", True)
     monkeypatch.setattr(tl_launch, "_tile_cache", {})
     monkeypatch.setattr(tl_launch, "shipped_tile", lambda *args: None)  # tune, whatever tiles.json holds
-    splits = []
-    real = tl_launch._launch_split_k
-    monkeypatch.setattr(tl_launch, "_launch_split_k", lambda *a: (splits.append(a[3]), real(*a)))
     torch.manual_seed(0)
     first, ref64, same = _run_conv("r18-l4-3x3+res", torch.bfloat16, True, n=1)
     torch.manual_seed(0)

@@ -448,9 +448,6 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool =
     """Compile :func:`_split_k_epilogue_kernel` for ``arch`` at the launcher's tile
     (``launch.SPLIT_K_EPILOGUE_TILE``), channels_last output and residual (``one_pixel``: ``M``,
     ``OH`` and ``OW`` the constant 1, as the JIT specialises them)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from .kernels import _split_k_epilogue_kernel as kernel
     from .launch import SPLIT_K_EPILOGUE_TILE
 
@@ -479,20 +476,8 @@ def compile_split_k_epilogue(arch: int, dtype: str, name: str, one_pixel: bool =
         constants.update(M=1, OH=1, OW=1)
     variant = f"{dtype}-splitk-epilogue+{name}" + ("@1px" if one_pixel else "")
     cfg_name = f"{bm}x{bn_}-w{warps}"
-    t0 = time.perf_counter()
-    try:
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        usage = _ptxas_usage(ck.asm["ptx"], arch)
-    except Exception as exc:
-        return Result(arch, variant, cfg_name, False, seconds=time.perf_counter() - t0,
-                      error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    spill = usage["spill_stores"] + usage["spill_loads"]
-    shared = int(ck.metadata.shared)
-    problems = ([f"{spill} bytes of register spills"] if spill else []) + (
-        [f"shared memory {shared} B > {SMEM_LIMIT[arch]} B"] if shared > SMEM_LIMIT[arch] else [])
-    return Result(arch, variant, cfg_name, not problems, usage["regs"], spill, shared, time.perf_counter() - t0,
-                  "; ".join(problems))
+    return _compile_report(arch, variant, cfg_name, kernel, sig, constants, attrs, {"num_warps": warps},
+                           mainloop_too=False)
 
 
 #: The opt-in TMA GEMM kernel of 1x1 convs (sm_90 only): its epilogue variants, eval.
@@ -502,14 +487,10 @@ TMA_VARIANTS = {"affine": (False, False, False), "res+relu": (True, True, False)
 
 def compile_tma(arch: int, dtype: str, name: str, cfg) -> Result:
     """Compile :func:`_conv1x1_tma_fwd_kernel` for ``arch`` (tensor descriptors of ``cfg``'s tile)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from .kernels import _conv1x1_tma_fwd_kernel as kernel
 
     has_res, relu, bn = TMA_VARIANTS[name]
     cfg_name = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}-s{cfg.num_stages}-w{cfg.num_warps}"
-    t0 = time.perf_counter()
     act = _TRITON_DTYPE[dtype]
     sig = {
         "a_desc": f"tensordesc<{act}[{cfg.block_m}, {cfg.block_k}]>",
@@ -525,12 +506,23 @@ def compile_tma(arch: int, dtype: str, name: str, cfg) -> Result:
         sig[c] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
     variant = f"{dtype}-tma1x1+{name}"
+    return _compile_report(arch, variant, cfg_name, kernel, sig, constants, attrs,
+                           {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def _compile_report(arch, variant, cfg_name, kernel, sig, constants, attrs, options, mainloop_too=True) -> Result:
+    """Compile one signature of ``kernel`` for ``arch`` and report it (:class:`Result`: registers, spills,
+    shared memory, and with ``mainloop_too`` the main loop's SASS counts); a compile error, a spill or
+    shared memory above the arch's limit fails it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
     try:
         src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         usage = _ptxas_usage(ck.asm["ptx"], arch)
-        loop = mainloop(_sass(ck.asm["cubin"]))
+        loop = mainloop(_sass(ck.asm["cubin"])) if mainloop_too else None
     except Exception as exc:
         return Result(arch, variant, cfg_name, False, seconds=time.perf_counter() - t0,
                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
