@@ -529,3 +529,35 @@ def test_bn_backward_takes_a_gradient_in_another_layout(dtype):
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("params_cl", [False, True], ids=["nchw-params", "cl-params"])
+def test_weight_grads_come_in_the_weights_layout(autocast, params_cl):
+    """The chain hands back each weight's gradient in the weight's own memory format, so
+    ``AccumulateGrad`` stores it as is.  The CPU chains run channels_last, where the conv backward
+    gives channels_last weight gradients; an NCHW model's 3x3 weights would otherwise be re-laid
+    out by ``AccumulateGrad`` in fp32 on every step.  Values are checked by the tests above."""
+    ref, cin = make_block("bottleneck-down")
+    fused = fusedres.convert(copy.deepcopy(ref)).train()
+    if params_cl:
+        fused = fused.to(memory_format=torch.channels_last)
+    seen = {}
+    for n, p in fused.named_parameters():
+        if p.dim() == 4:
+            p.register_hook(lambda g, n=n: seen.__setitem__(n, _layout(g)))
+    x = _inputs((2, cin, 12, 11), True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fused(x)
+    assert chain_nodes(out) == 1
+    out.float().sum().backward()
+    convs = {n: p for n, p in fused.named_parameters() if p.dim() == 4}
+    assert set(seen) == set(convs)
+    assert any(p.shape[-1] > 1 for p in convs.values())  # a 3x3 weight, whose two layouts differ
+    for n, p in convs.items():
+        assert seen[n] == _layout(p) == _layout(p.grad), n
+
+
+def _layout(t):
+    """The strides that matter (AccumulateGrad's layout contract ignores those of size-1 dims)."""
+    return tuple(s for s, d in zip(t.stride(), t.shape) if d != 1)

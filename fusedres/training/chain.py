@@ -282,11 +282,29 @@ class ChainTrain(torch.autograd.Function):
             for off in (0, 1, 2):
                 if not need[3 + 3 * j + off]:
                     grads[3 * j + off] = None
-        grads = [
-            g.to(p.dtype) if g is not None and p is not None and g.dtype != p.dtype else g
-            for g, p in zip(grads, _interleave(ws, gammas, betas))
-        ]
+        grads = [_like(g, p) for g, p in zip(grads, _interleave(ws, gammas, betas))]
         return (None, None, gx if need[2] else None, *grads)
+
+
+def _like(g, p):
+    """The gradient ``g`` of ``p`` in ``p``'s dtype and memory format.
+
+    The conv backward gives a channels_last weight gradient for channels_last activations (the
+    CPU chains run channels_last), and a weight stored contiguous (an NCHW model) would then have
+    ``AccumulateGrad`` make a layout-changing fp32 copy on every step (or add across layouts into
+    an existing ``.grad``): re-laying it out here, before autocast's cast back to fp32, moves half
+    the bytes under bf16 and leaves nothing for ``AccumulateGrad`` to copy."""
+    if g is None or p is None:
+        return g
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    if g.dim() == 4 and not g.is_contiguous():
+        if p.is_contiguous():
+            g = g.contiguous()
+        elif p.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous(
+                memory_format=torch.channels_last):
+            g = g.contiguous(memory_format=torch.channels_last)
+    return g
 
 
 def _interleave(ws, gammas, betas):
