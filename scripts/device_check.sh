@@ -17,11 +17,12 @@
 #   bench-models   ResNet-50 and -18 at batch 256, 64 and 1, the same contenders (--suite gpu-models)
 #   bench-train    one training step of ResNet-50: eager, compile, fusedres; img/s and peak memory
 #   bench-compile  torch.compile (default mode) on the block and model rows (--suite gpu-compile)
-#   smoke-tma      (after smoke-cuda) the opt-in TMA kernel of 1x1 convs, its numerics
+#   smoke-tma      (after smoke-cuda) the opt-in TMA kernel of 1x1 convs and its persistent form, their numerics
 #   smoke-hoisted  the opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): the cuda-marked Triton tests
 #   smoke-splitk   the opt-in split-K path (FUSEDRES_TRITON_SPLITK=1): converted models against torchvision
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
 #   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
+#   bench-persistent  the same with FUSEDRES_TRITON_PERSISTENT=1 too (the persistent TMA kernel)
 #   bench-hoisted  every block with FUSEDRES_TRITON_HOISTED=1 (eager, fusedres-triton)
 #   bench-splitk   ResNet-50 and -18 at batch 1 and 64 with FUSEDRES_TRITON_SPLITK=1 (eager, fusedres-triton)
 #   bench-sm90a    every block with FUSEDRES_CUDA_SM90A=1 (eager, cudnn-fused, fusedres-cuda)
@@ -166,6 +167,11 @@ bench bench-max 60 gpu-max --time-budget "$(secs 45)"
 FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks --only "bottleneck_*" \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_TMA=1" \
   --json "$OUTDIR/results/gpu-blocks-tma.json" --summary "$OUTDIR/bench-tma.summary"
+# The persistent TMA kernel against bench-tma's one tile per program, on the same blocks.
+FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1 step bench-persistent 50 $PY -m fusedres bench --suite gpu-blocks \
+  --only "bottleneck_*" --contenders eager,fusedres-triton --time-budget "$(secs 35)" "${BENCH[@]}" \
+  --notes "FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1" \
+  --json "$OUTDIR/results/gpu-blocks-persistent.json" --summary "$OUTDIR/bench-persistent.summary"
 # The hoisted main loop against the default one on every block, into its own file.
 FUSEDRES_TRITON_HOISTED=1 step bench-hoisted 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_HOISTED=1" \

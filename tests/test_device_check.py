@@ -16,7 +16,8 @@ from fusedres.bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("build", "smoke-triton", "smoke-cuda", "smoke-sm90a", "smoke-tma", "smoke-hoisted", "smoke-splitk",
-         "bench-blocks", "bench-models", "bench-train", "bench-compile", "bench-max", "bench-tma", "bench-hoisted",
+         "bench-blocks", "bench-models", "bench-train", "bench-compile", "bench-max", "bench-tma", "bench-persistent",
+         "bench-hoisted",
          "bench-splitk", "bench-sm90a", "check",
          "check-train", "tests-full", "train-memory")
 
@@ -38,6 +39,7 @@ def test_device_check_dry_run(tmp_path):
         report.validate(res)
         assert any(r["status"] == "ok" for r in res["rows"]), suite
     for name in ("check.json", "check_train.json", "train_memory.json", "gpu-blocks-tma.json",
-                 "gpu-blocks-hoisted.json", "gpu-models-splitk.json", "gpu-blocks-sm90a.json"):
+                 "gpu-blocks-persistent.json", "gpu-blocks-hoisted.json", "gpu-models-splitk.json",
+                 "gpu-blocks-sm90a.json"):
         assert json.loads((results / name).read_text())
     assert "DRY RUN" in (tmp_path / "env.txt").read_text()

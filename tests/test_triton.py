@@ -869,6 +869,75 @@ def test_tma_1x1_matches_fp64(dtype, mode, monkeypatch):
     _check(out, ref64, same, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["affine", "bn+res+relu"])
+@pytest.mark.parametrize("sms", [1, 3, 5])
+def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, sms, monkeypatch):
+    """The persistent TMA kernel (FUSEDRES_TRITON_PERSISTENT=1): ``sms`` programs loop over the
+    6 ragged tiles of a 126 x 136 GEMM over 40 channels (2 x 3 tiles of 64x64; one program takes
+    all of them, 3 programs 2 each, 5 programs 2/1/1/1/1) and give exactly the one-tile-per-program
+    kernel's output, which is also checked against float64."""
+    monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
+    monkeypatch.setattr(tl_launch, "PERSISTENT_PROGRAMS", sms)
+    launched = []
+    kernel = tl_launch._conv1x1_tma_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launched.append((grid, kw["NUM_SMS"]))
+                return kernel[grid](*args, **kw)
+            return run
+
+    monkeypatch.setattr(tl_launch, "_conv1x1_tma_fwd_kernel", Spy())
+    n, c, k, h, w = 2, 40, 136, 9, 7  # M = 126 rows, 136 channels: ragged against 64x64 tiles
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
+    scale, shift = _affine(k)
+    stats = (torch.rand(k, device=DEVICE) * 0.2, torch.rand(k, device=DEVICE) + 0.5, 1e-5) if "bn" in mode else None
+    res = _rand(n, k, h, w, dtype=dtype, channels_last=True) if "res" in mode else None
+    relu = "relu" in mode
+    outs = []
+    for persistent in (False, True):
+        monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", persistent)
+        out = _poisoned((n, k, h, w), dtype, True)
+        tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu,
+                         bn_stats=stats, config=tl_launch.TileConfig(64, 64, 64, 3, 4))
+        outs.append(out)
+    assert launched == [((6,), 0), ((sms,), sms)]
+    assert torch.equal(outs[0], outs[1])
+    kw = {} if stats is None else dict(running_mean=stats[0], running_var=stats[1], eps=stats[2])
+    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), relu=relu,
+                                 residual=None if res is None else res.double(), backend="torch",
+                                 **{a: (b.double() if torch.is_tensor(b) else b) for a, b in kw.items()})
+    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
+                                                           backend="torch", **kw))
+    _check(outs[1], ref64, same, dtype)
+
+
+def test_tma_persistent_only_with_more_tiles_than_sms(monkeypatch):
+    """With no more tiles than SMs the persistent launch would be the same schedule: one tile each."""
+    monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
+    monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", True)
+    monkeypatch.setattr(tl_launch, "PERSISTENT_PROGRAMS", 6)  # the 6 tiles of this 126 x 136 GEMM
+    grids = []
+    kernel = tl_launch._conv1x1_tma_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tl_launch, "_conv1x1_tma_fwd_kernel", Spy())
+    x = _rand(2, 40, 9, 7, dtype=torch.bfloat16, channels_last=True)
+    wt = tl_launch.kernel_weight(_rand(136, 40, 1, 1, dtype=torch.bfloat16))
+    out = _poisoned((2, 136, 9, 7), torch.bfloat16, True)
+    scale, shift = _affine(136)
+    tl_launch.launch(x, wt, scale, shift, None, out, (1, 1), (0, 0), (1, 1), 1, True,
+                     config=tl_launch.TileConfig(64, 64, 64, 3, 4))
+    assert grids == [(6,)]
+
+
 def test_tma_declines_what_it_cannot_compute(monkeypatch):
     monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
     x = _rand(2, 16, 5, 5, dtype=torch.bfloat16, channels_last=True)

@@ -48,6 +48,8 @@ def test_aot_compile_sm80_sm90_no_spills(tmp_path):
     assert {"bf16-k3@splitk", "bf16-k3@hoist@splitk", "fp32-ieee-k3@splitk",
             "bf16-splitk-epilogue+res+relu+bn", "fp32-splitk-epilogue+affine", "bf16-splitk-epilogue+res+relu+bn@1px",
             "bf16-k3+ds@splitk", "bf16-splitk-epilogue+ds+relu+bn"} <= names
+    # So are the opt-in TMA 1x1 kernel (launch.TMA_ENABLED) and its persistent form.
+    assert {"bf16-tma1x1+res+relu+bn", "bf16-tma1x1+res+relu+bn@persist", "bf16-tma1x1+affine@persist"} <= names
 
 
 def test_mainloop_finds_the_innermost_mma_loop():

@@ -381,6 +381,8 @@ def plan(archs, all_configs: bool):
             tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
                                  smem_limit=SMEM_LIMIT[arch])[0]
             jobs.extend(("tma", arch, "bf16", name, tile) for name in TMA_VARIANTS)
+            # and its opt-in persistent form (launch.PERSISTENT_ENABLED)
+            jobs.extend(("tma", arch, "bf16", name, tile, True) for name in TMA_VARIANTS)
     return jobs
 
 
@@ -427,9 +429,13 @@ def main(argv=None) -> int:
             print(f"aot: sm{arch} opt-in split-K partial kernels: median {split[len(split) // 2]:.1f} main-loop "
                   f"instructions per MMA ({len(split)} kernels)")
         tma = [r.mainloop_instrs / r.mainloop_mma for r in results if r.arch == arch and "tma" in r.variant
-               and r.mainloop_mma]
+               and "@persist" not in r.variant and r.mainloop_mma]
         if tma:
             print(f"aot: sm{arch} opt-in TMA 1x1 kernels: {min(tma):.1f}-{max(tma):.1f} main-loop instructions per MMA")
+        persist = [r.mainloop_instrs for r in results if r.arch == arch and "@persist" in r.variant and r.mainloop_mma]
+        if persist:  # the tile loop flattened with the reduction loop: one loop, epilogue included
+            print(f"aot: sm{arch} opt-in persistent TMA 1x1 kernels: {min(persist)}-{max(persist)} instructions in the "
+                  f"flattened tile loop (epilogue included, run once per tile)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
@@ -485,8 +491,13 @@ TMA_VARIANTS = {"affine": (False, False, False), "res+relu": (True, True, False)
                 "relu+bn": (False, True, True)}
 
 
-def compile_tma(arch: int, dtype: str, name: str, cfg) -> Result:
-    """Compile :func:`_conv1x1_tma_fwd_kernel` for ``arch`` (tensor descriptors of ``cfg``'s tile)."""
+#: The SM count the persistent TMA kernel is compiled for in the report (an H100's or an H200's).
+PERSISTENT_SMS = 132
+
+
+def compile_tma(arch: int, dtype: str, name: str, cfg, persistent: bool = False) -> Result:
+    """Compile :func:`_conv1x1_tma_fwd_kernel` for ``arch`` (tensor descriptors of ``cfg``'s tile);
+    ``persistent``: its persistent form, for an H100/H200's 132 SMs (``NUM_SMS``)."""
     from .kernels import _conv1x1_tma_fwd_kernel as kernel
 
     has_res, relu, bn = TMA_VARIANTS[name]
@@ -501,11 +512,11 @@ def compile_tma(arch: int, dtype: str, name: str, cfg) -> Result:
         "o_desc": f"tensordesc<{act}[{cfg.block_m}, {cfg.block_n}]>", "M": "i32", "N": "i32", "K": "i32",
     }
     constants = dict(HAS_RESIDUAL=has_res, RELU=relu, BN_STATS=bn, DOT_PRECISION="tf32", DOT_UPCAST=False,
-                     **cfg.kwargs())
+                     **cfg.kwargs(), NUM_SMS=PERSISTENT_SMS if persistent else 0)
     for c in constants:
         sig[c] = "constexpr"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
-    variant = f"{dtype}-tma1x1+{name}"
+    variant = f"{dtype}-tma1x1+{name}" + ("@persist" if persistent else "")
     return _compile_report(arch, variant, cfg_name, kernel, sig, constants, attrs,
                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 

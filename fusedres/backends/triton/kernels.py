@@ -394,12 +394,43 @@ def _conv_bn_act_fwd_kernel(
 
 
 @triton.jit
+def _tma_tile_acc(a_desc, b_desc, m0, n0, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """The fp32 accumulator of the output tile at ``(m0, n0)``: its whole reduction, by TMA."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([m0, k0])
+        b = b_desc.load([k0, n0])
+        if DOT_UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_tile_epilogue(acc, m0, n0, N, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, r_desc, o_desc,
+                       HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """The one-pass epilogue of the output tile at ``(m0, n0)``: the affine or the eval BN statistics,
+    the residual, the NaN-propagating ReLU, one rounding on the store."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, offs_n < N, BN_STATS)
+    z = acc * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        z += r_desc.load([m0, n0]).to(tl.float32)
+    if RELU:  # NaN stays NaN, as in torch.relu
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    o_desc.store([m0, n0], z.to(o_desc.dtype))
+
+
+@triton.jit
 def _conv1x1_tma_fwd_kernel(
     a_desc, b_desc, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, r_desc, o_desc,
     M, N, K,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, BN_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr = 0,
 ):
     """A 1x1, stride-1, unpadded, ungrouped conv over channels_last tensors as the plain GEMM it is,
     with both operands brought in by the TMA copy engine (tensor descriptors) on sm_90.
@@ -413,27 +444,34 @@ def _conv1x1_tma_fwd_kernel(
     every tile moves by TMA, so the main loop is the copy issue, the barrier wait and the MMAs,
     and the epilogue holds no 2-D offset tensor (which spilled at 128x128 tiles with 8 warps).
     Opt-in (``FUSEDRES_TRITON_TMA=1``, see ``launch.tma_eligible``) until a GPU run has verified it.
+
+    ``NUM_SMS`` > 0 makes it persistent (opt-in, ``FUSEDRES_TRITON_PERSISTENT=1``): a grid of
+    ``NUM_SMS`` programs, program ``p`` computing tiles ``p, p + NUM_SMS, ...`` in the same grouped
+    order, each exactly as the one-tile-per-program launch computes it.  The tile loop is flattened
+    with the reduction loop (``tl.range(flatten=True)``), so the software pipeliner can issue the
+    next tile's first loads while this tile's epilogue runs: a 1x1 conv over 64 or 128 channels
+    has one or two reduction steps per tile, and without that overlap each program waits out its
+    loads, its MMAs and its epilogue in turn.  The epilogue's tile index is a second counter, as in
+    Triton's persistent matmul tutorial, so that the epilogue does not depend on values the
+    pipeliner moves ahead.
     """
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = a_desc.load([m0, k0])
-        b = b_desc.load([k0, n0])
-        if DOT_UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    scale, shift = _affine(scale_ptr, shift_ptr, mean_ptr, var_ptr, eps, offs_n, offs_n < N, BN_STATS)
-    z = acc * scale[None, :] + shift[None, :]
-    if HAS_RESIDUAL:
-        z += r_desc.load([m0, n0]).to(tl.float32)
-    if RELU:  # NaN stays NaN, as in torch.relu
-        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    o_desc.store([m0, n0], z.to(o_desc.dtype))
+    if NUM_SMS > 0:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        tile_c = tl.program_id(0) - NUM_SMS
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+            pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _tma_tile_acc(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                DOT_PRECISION, DOT_UPCAST)
+            tile_c += NUM_SMS
+            pid_m, pid_n = _tile_ids(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _tma_tile_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, scale_ptr, shift_ptr, mean_ptr, var_ptr,
+                               eps, r_desc, o_desc, HAS_RESIDUAL, RELU, BN_STATS, BLOCK_N)
+    else:
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tma_tile_acc(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                            DOT_PRECISION, DOT_UPCAST)
+        _tma_tile_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps,
+                           r_desc, o_desc, HAS_RESIDUAL, RELU, BN_STATS, BLOCK_N)
 
 
 @triton.jit

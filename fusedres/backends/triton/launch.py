@@ -379,15 +379,16 @@ def split_k_factor(tiles: int, steps: int, sms: int) -> int:
     return triton.cdiv(steps, triton.cdiv(steps, split))
 
 
-_split_sms: dict[int, int] = {}
+_sm90_sms: dict[int, int] = {}
 
 
 def _split_k_sms(device: torch.device) -> int:
-    """The SMs :func:`split_k_factor` may fill on ``device``: its SM count on sm_90+, else 0 (no split)."""
-    n = _split_sms.get(device.index)
+    """``device``'s SM count on sm_90+, else 0: the SMs :func:`split_k_factor` may fill (0: no split),
+    and the programs of a persistent TMA launch (which needs sm_90)."""
+    n = _sm90_sms.get(device.index)
     if n is None:
         props = torch.cuda.get_device_properties(device)
-        n = _split_sms[device.index] = props.multi_processor_count if props.major >= 9 else 0
+        n = _sm90_sms[device.index] = props.multi_processor_count if props.major >= 9 else 0
     return n
 
 
@@ -425,6 +426,12 @@ def _launch_split_k(args, flags, config, split, grid_mn, groups, out, residual, 
 # checked on the CPU).
 
 TMA_ENABLED = os.environ.get("FUSEDRES_TRITON_TMA") == "1"
+# With it, FUSEDRES_TRITON_PERSISTENT=1 runs the TMA kernel persistent (one program per SM, each
+# looping over tiles) where a conv has more tiles than the GPU has SMs; also never run on a GPU.
+PERSISTENT_ENABLED = os.environ.get("FUSEDRES_TRITON_PERSISTENT") == "1"
+#: The program count of a persistent launch; None: the GPU's SM count (the interpreter's: 3).  Tests
+#: set it, so that each program loops over several tiles of a small conv.
+PERSISTENT_PROGRAMS: int | None = None
 _TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -474,7 +481,12 @@ def _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config=None
         mean, var, eps = bn_stats[0].contiguous(), bn_stats[1].contiguous(), bn_stats[2]
     else:
         mean, var, eps = scale, shift, 0.0
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_n),)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_n)
+    sms = 0
+    if PERSISTENT_ENABLED:  # fewer tiles than SMs: one tile per program is the same schedule
+        sms = PERSISTENT_PROGRAMS or (3 if interpreting() else _split_k_sms(x.device))
+        sms = sms if tiles > sms else 0
+    grid = (sms or tiles,)
     opts = {} if interpreting() else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     guard = torch.cuda.device(x.device) if x.is_cuda and x.device.index != torch.cuda.current_device() \
         else nullcontext()
@@ -484,7 +496,7 @@ def _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config=None
             HAS_RESIDUAL=residual is not None, RELU=bool(relu), BN_STATS=bn_stats is not None,
             DOT_PRECISION="tf32", DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            **opts,
+            NUM_SMS=sms, **opts,
         )
 
 
