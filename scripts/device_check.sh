@@ -22,10 +22,10 @@
 #   smoke-splitk   the opt-in split-K path (FUSEDRES_TRITON_SPLITK=1): converted models against torchvision
 #   bench-max      max-autotune on three representative blocks (--suite gpu-max)
 #   bench-tma      the Bottleneck blocks with FUSEDRES_TRITON_TMA=1 (eager, fusedres-triton)
-#   bench-persistent  the same with FUSEDRES_TRITON_PERSISTENT=1 too (the persistent TMA kernel)
 #   bench-hoisted  every block with FUSEDRES_TRITON_HOISTED=1 (eager, fusedres-triton)
 #   bench-splitk   ResNet-50 and -18 at batch 1 and 64 with FUSEDRES_TRITON_SPLITK=1 (eager, fusedres-triton)
 #   bench-sm90a    every block with FUSEDRES_CUDA_SM90A=1 (eager, cudnn-fused, fusedres-cuda)
+#   bench-persistent  bench-tma's blocks with FUSEDRES_TRITON_PERSISTENT=1 too (the persistent TMA kernel)
 #   check          fusedres check (inference) and check-train (one training step)
 #   tests-full     every cuda-marked test
 #   host-overhead  host vs GPU time of a converted ResNet-50 (benchmarks/host_overhead.py)
@@ -136,7 +136,7 @@ FUSEDRES_TRITON_AUTOTUNE=0 step smoke-cuda 60 $PY -m pytest -m cuda -q -rfE -p n
 FUSEDRES_CUDA_SM90A=require FUSEDRES_TRITON_AUTOTUNE=0 step smoke-sm90a 60 $PY -m pytest -m cuda -q -rfE -p no:cacheprovider \
   tests/test_cuda_ext.py tests/test_gpu_models.py -k "cuda and not compile and not graph"
 # The opt-in TMA kernel of 1x1 convs (FUSEDRES_TRITON_TMA=1): its first numerics on a GPU.
-FUSEDRES_TRITON_AUTOTUNE=0 step smoke-tma 40 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k tma
+FUSEDRES_TRITON_AUTOTUNE=0 step smoke-tma 60 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k tma
 # The opt-in hoisted main loop (FUSEDRES_TRITON_HOISTED=1): its first numerics on a GPU (a dry run
 # on the CPU runs its interpreter tests instead).
 if [ "$DRY" = 1 ]; then
@@ -167,11 +167,6 @@ bench bench-max 60 gpu-max --time-budget "$(secs 45)"
 FUSEDRES_TRITON_TMA=1 step bench-tma 60 $PY -m fusedres bench --suite gpu-blocks --only "bottleneck_*" \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_TMA=1" \
   --json "$OUTDIR/results/gpu-blocks-tma.json" --summary "$OUTDIR/bench-tma.summary"
-# The persistent TMA kernel against bench-tma's one tile per program, on the same blocks.
-FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1 step bench-persistent 50 $PY -m fusedres bench --suite gpu-blocks \
-  --only "bottleneck_*" --contenders eager,fusedres-triton --time-budget "$(secs 35)" "${BENCH[@]}" \
-  --notes "FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1" \
-  --json "$OUTDIR/results/gpu-blocks-persistent.json" --summary "$OUTDIR/bench-persistent.summary"
 # The hoisted main loop against the default one on every block, into its own file.
 FUSEDRES_TRITON_HOISTED=1 step bench-hoisted 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,fusedres-triton --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_TRITON_HOISTED=1" \
@@ -184,6 +179,11 @@ FUSEDRES_TRITON_SPLITK=1 step bench-splitk 50 $PY -m fusedres bench --suite gpu-
 FUSEDRES_CUDA_SM90A=1 step bench-sm90a 60 $PY -m fusedres bench --suite gpu-blocks \
   --contenders eager,cudnn-fused,fusedres-cuda --time-budget "$(secs 45)" "${BENCH[@]}" --notes "FUSEDRES_CUDA_SM90A=1" \
   --json "$OUTDIR/results/gpu-blocks-sm90a.json" --summary "$OUTDIR/bench-sm90a.summary"
+# The persistent TMA kernel against bench-tma's one tile per program, on the same blocks.
+FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1 step bench-persistent 50 $PY -m fusedres bench --suite gpu-blocks \
+  --only "bottleneck_*" --contenders eager,fusedres-triton --time-budget "$(secs 35)" "${BENCH[@]}" \
+  --notes "FUSEDRES_TRITON_TMA=1 FUSEDRES_TRITON_PERSISTENT=1" \
+  --json "$OUTDIR/results/gpu-blocks-persistent.json" --summary "$OUTDIR/bench-persistent.summary"
 
 step check 40 $PY -m fusedres check "${CHECK[@]}" --json "$OUTDIR/results/check.json"
 step check-train 40 $PY -m fusedres check --mode train "${CHECK[@]}" --json "$OUTDIR/results/check_train.json"

@@ -16,9 +16,8 @@ from fusedres.bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("build", "smoke-triton", "smoke-cuda", "smoke-sm90a", "smoke-tma", "smoke-hoisted", "smoke-splitk",
-         "bench-blocks", "bench-models", "bench-train", "bench-compile", "bench-max", "bench-tma", "bench-persistent",
-         "bench-hoisted",
-         "bench-splitk", "bench-sm90a", "check",
+         "bench-blocks", "bench-models", "bench-train", "bench-compile", "bench-max", "bench-tma", "bench-hoisted",
+         "bench-splitk", "bench-sm90a", "bench-persistent", "check",
          "check-train", "tests-full", "train-memory")
 
 

@@ -871,12 +871,14 @@ def test_tma_1x1_matches_fp64(dtype, mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["affine", "bn+res+relu"])
-@pytest.mark.parametrize("sms", [1, 3, 5])
-def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, sms, monkeypatch):
+@pytest.mark.parametrize("c,group_m,sms", [(40, 8, 3), (136, 1, 5), (136, 8, 1)], ids=["k1-g8-p3", "k3-g1-p5", "k3-g8-p1"])
+def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, c, group_m, sms, monkeypatch):
     """The persistent TMA kernel (FUSEDRES_TRITON_PERSISTENT=1): ``sms`` programs loop over the
-    6 ragged tiles of a 126 x 136 GEMM over 40 channels (2 x 3 tiles of 64x64; one program takes
-    all of them, 3 programs 2 each, 5 programs 2/1/1/1/1) and give exactly the one-tile-per-program
-    kernel's output, which is also checked against float64."""
+    6 ragged tiles of a 126 x 136 GEMM (2 x 3 tiles of 64x64; one program takes all of them, 3
+    programs 2 each, 5 programs 2/1/1/1/1) over ``c`` input channels (one reduction step, or three
+    with a ragged last one: the flattened loop's tile boundaries fall inside the reduction), in
+    groups of ``group_m`` row tiles (1: the programs cross group boundaries), and give exactly the
+    one-tile-per-program kernel's output, which is also checked against float64."""
     monkeypatch.setattr(tl_launch, "TMA_ENABLED", True)
     monkeypatch.setattr(tl_launch, "PERSISTENT_PROGRAMS", sms)
     launched = []
@@ -890,7 +892,7 @@ def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, sms, monkey
             return run
 
     monkeypatch.setattr(tl_launch, "_conv1x1_tma_fwd_kernel", Spy())
-    n, c, k, h, w = 2, 40, 136, 9, 7  # M = 126 rows, 136 channels: ragged against 64x64 tiles
+    n, k, h, w = 2, 136, 9, 7  # M = 126 rows, 136 channels: ragged against 64x64 tiles
     x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
     wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
     scale, shift = _affine(k)
@@ -902,7 +904,7 @@ def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, sms, monkey
         monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", persistent)
         out = _poisoned((n, k, h, w), dtype, True)
         tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu,
-                         bn_stats=stats, config=tl_launch.TileConfig(64, 64, 64, 3, 4))
+                         bn_stats=stats, config=tl_launch.TileConfig(64, 64, 64, 3, 4, group_m=group_m))
         outs.append(out)
     assert launched == [((6,), 0), ((sms,), sms)]
     assert torch.equal(outs[0], outs[1])
@@ -913,6 +915,20 @@ def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, sms, monkey
     same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
                                                            backend="torch", **kw))
     _check(outs[1], ref64, same, dtype)
+
+
+def test_tma_persistent_programs_rule(monkeypatch):
+    """One program per SM, for the 128x128 tile only (the 128x64 one fits two CTAs per SM, which
+    overlap each other already), and only with more tiles than SMs."""
+    monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", True)
+    monkeypatch.setattr(tl_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(tl_launch, "_sm90_sm_count", lambda device: 132)
+    big, small = tl_launch.TileConfig(128, 128, 64, 3, 8), tl_launch.TileConfig(128, 64, 64, 3, 8)
+    assert tl_launch._persistent_programs(400, big, None) == 132
+    assert tl_launch._persistent_programs(132, big, None) == 0
+    assert tl_launch._persistent_programs(400, small, None) == 0
+    monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", False)
+    assert tl_launch._persistent_programs(400, big, None) == 0
 
 
 def test_tma_persistent_only_with_more_tiles_than_sms(monkeypatch):

@@ -377,12 +377,15 @@ def plan(archs, all_configs: bool):
             # one output pixel (a ResNet's 7x7 layer at 32x32 input, batch 1): the JIT passes M = OH = OW = 1
             # as constants, which the kernel must take as plain ints
             jobs.extend(("splitk-epilogue", arch, "bf16", name, True) for name in ("res+relu+bn", "ds+relu+bn"))
-        if arch >= 90:  # the opt-in TMA kernel of 1x1 convs, at the tile the launcher takes first
-            tile = prune_configs(base_configs("tf32"), M=1 << 20, CG=512, KG=512, CD=0, elem_size=2,
-                                 smem_limit=SMEM_LIMIT[arch])[0]
-            jobs.extend(("tma", arch, "bf16", name, tile) for name in TMA_VARIANTS)
-            # and its opt-in persistent form (launch.PERSISTENT_ENABLED)
-            jobs.extend(("tma", arch, "bf16", name, tile, True) for name in TMA_VARIANTS)
+        if arch >= 90:  # the opt-in TMA kernel of 1x1 convs at the tiles its launcher takes (no autotuning):
+            # 128x128, and 128x64 for 64 output channels; its persistent form (launch.PERSISTENT_ENABLED)
+            # at the one tile it runs for (launch._persistent_programs)
+            tiles = {prune_configs(base_configs("tf32"), M=1 << 20, CG=256, KG=kg, CD=0, elem_size=2,
+                                   smem_limit=SMEM_LIMIT[arch])[0] for kg in (512, 64)}
+            for tile in sorted(tiles, key=lambda t: -t.block_n):
+                jobs.extend(("tma", arch, "bf16", name, tile) for name in TMA_VARIANTS)
+                if tile.block_m * tile.block_n >= 128 * 128:
+                    jobs.extend(("tma", arch, "bf16", name, tile, True) for name in TMA_VARIANTS)
     return jobs
 
 

@@ -382,7 +382,7 @@ def split_k_factor(tiles: int, steps: int, sms: int) -> int:
 _sm90_sms: dict[int, int] = {}
 
 
-def _split_k_sms(device: torch.device) -> int:
+def _sm90_sm_count(device: torch.device) -> int:
     """``device``'s SM count on sm_90+, else 0: the SMs :func:`split_k_factor` may fill (0: no split),
     and the programs of a persistent TMA launch (which needs sm_90)."""
     n = _sm90_sms.get(device.index)
@@ -460,6 +460,27 @@ def tma_eligible(x, w_t, residual, out, stride, padding, dilation, groups) -> bo
     return interpreting()
 
 
+def _persistent_programs(tiles: int, config: TileConfig, device: torch.device) -> int:
+    """The programs of a persistent TMA launch of ``tiles`` output tiles, or 0 for one tile per program.
+
+    One per SM, and only for the 128x128 tile: its persistent form takes 128-160 KB of shared
+    memory, so one program per SM is what fits anyway, and the persistent loop's overlap of one
+    tile's epilogue with the next tile's loads is what it lacks.  The 128x64 tile (64 output
+    channels) fits two CTAs per SM, which overlap each other already; one program per SM would
+    halve that.  With no more tiles than programs, one tile per program is the same schedule."""
+    if not PERSISTENT_ENABLED:
+        return 0
+    if PERSISTENT_PROGRAMS is not None:
+        n = PERSISTENT_PROGRAMS
+    elif interpreting():
+        n = 3
+    elif config.block_m * config.block_n < 128 * 128:
+        return 0
+    else:
+        n = _sm90_sm_count(device)
+    return n if tiles > n else 0
+
+
 def _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config=None) -> None:
     n, c, h, w = x.shape
     k = w_t.shape[3]
@@ -482,10 +503,7 @@ def _launch_tma(x, w_t, scale, shift, residual, out, relu, bn_stats, config=None
     else:
         mean, var, eps = scale, shift, 0.0
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(k, config.block_n)
-    sms = 0
-    if PERSISTENT_ENABLED:  # fewer tiles than SMs: one tile per program is the same schedule
-        sms = PERSISTENT_PROGRAMS or (3 if interpreting() else _split_k_sms(x.device))
-        sms = sms if tiles > sms else 0
+    sms = _persistent_programs(tiles, config, x.device)
     grid = (sms or tiles,)
     opts = {} if interpreting() else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     guard = torch.cuda.device(x.device) if x.is_cuda and x.device.index != torch.cuda.current_device() \
@@ -799,7 +817,7 @@ def _launch(
         if split_k is None and SPLIT_K_ENABLED and splittable:
             tiles = grid(config.kwargs())[0] * groups
             steps = kh * kw * triton.cdiv(cg, config.block_k) + triton.cdiv(cd, config.block_k)
-            split = split_k_factor(tiles, steps, _split_k_sms(x.device))
+            split = split_k_factor(tiles, steps, _sm90_sm_count(x.device))
         if split > 1:
             # after autotuning too (its one-pass output is overwritten): every call of a problem,
             # the first included, gives the same split result
