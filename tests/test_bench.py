@@ -675,3 +675,21 @@ def test_cudnn_fused_folding_matches_the_model(name):
 def test_graph_replay_timing_needs_cuda():
     with pytest.raises(ValueError, match="CUDA device"):
         timing.time_graph_replay(lambda x: x, torch.zeros(1), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_cpu_vs_ort_matches_every_conv(name, tmp_path):
+    """benchmarks/cpu_vs_ort.py maps every ONNX Runtime Conv node back to its torchvision conv and
+    times every oneDNN call of the converted model (toy size, one round: the mapping and the
+    bookkeeping, not the numbers)."""
+    pytest.importorskip("onnxruntime")
+    import torchvision
+
+    spec = importlib.util.spec_from_file_location("cpu_vs_ort", ROOT / "benchmarks" / "cpu_vs_ort.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.measure(name, 1, rounds=1, warmup=1, tmp=str(tmp_path / "ort"), size=32)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in getattr(torchvision.models, name)().modules())
+    assert sum(g["convs"] for g in r["per_shape"]) == n_convs
+    assert all(g["fusedres_ms"] > 0 and g["ort_ms"] > 0 for g in r["per_shape"])
+    assert r["fusedres"]["forward_ms"] > 0 and r["ort"]["run_ms"] > 0 and r["fusedres"]["not_conv_ms"] > 0
