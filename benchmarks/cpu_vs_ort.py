@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     import tempfile
 
     result = report.environment(torch.device("cpu"))
-    result["kind"] = "cpu-vs-ort per conv (benchmarks/cpu_vs_ort.py)"
+    result["schema"] = "fusedres-cpu-vs-ort/1"  # not a `fusedres bench` result (scripts/render_results.py skips it)
     result["config"] = {"command": " ".join(sys.argv), "rounds": args.rounds, "warmup": args.warmup}
     result["runs"] = []
     with tempfile.TemporaryDirectory() as tmp:
