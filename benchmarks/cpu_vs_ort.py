@@ -3,7 +3,9 @@
     python benchmarks/cpu_vs_ort.py [--model resnet50,resnet18] [--batch 1,8] [--rounds 15] [--size 224] [--json F]
 
 For a torchvision model (fp32, NCHW input, eval, 2 threads on this machine) this measures, in one
-process, after warm-up:
+process, after warm-up, the two sides in alternate rounds, each call started with the process's
+threads idle (``fusedres.bench.timing.wait_until_idle``: a thread pool still spinning from the
+other side's call would take the cores):
 
 * ORT: every node's kernel time from ONNX Runtime's own profiler (``SessionOptions.enable_profiling``,
   all graph optimisations on, intra-op spinning off so that its threads do not take the cores from
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fusedres  # noqa: E402
-from fusedres.bench import report  # noqa: E402
+from fusedres.bench import report, timing  # noqa: E402
 
 
 def conv_order(model) -> list[str]:
@@ -73,7 +75,8 @@ def _ort_conv_name(node: str, block_convs: dict) -> str:
     return path
 
 
-def ort_times(model, x, rounds: int, warmup: int, prefix: str) -> tuple[dict, float]:
+def _ort_session(model, x, prefix: str):
+    """An ONNX Runtime session of ``model`` exported for ``x``, profiling into ``prefix``; and its run."""
     import onnxruntime as ort
 
     buf = io.BytesIO()
@@ -89,8 +92,11 @@ def ort_times(model, x, rounds: int, warmup: int, prefix: str) -> tuple[dict, fl
     opts.profile_file_prefix = prefix
     sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     feed = {"x": x.numpy()}
-    for _ in range(warmup + rounds):
-        sess.run(None, feed)
+    return sess, lambda: sess.run(None, feed)
+
+
+def _ort_profile(sess, model, warmup: int) -> tuple[dict, float]:
+    """Per torchvision conv, the median kernel time (ms) of its ORT Conv node; and of the whole run."""
     events = json.loads(Path(sess.end_profiling()).read_text())
     block_convs = {}
     for name, mod in model.named_modules():
@@ -126,38 +132,48 @@ class _Timed:
         return _Timed(self.op.binary, self.log, self.stub)
 
 
-def fused_times(model, x, n_convs: int, rounds: int, warmup: int) -> tuple[list, float, float]:
-    """(per call-position median ms, forward median ms, stubbed-forward median ms)."""
-    fused = fusedres.convert(model)
-    ns = torch.ops.mkldnn
-    real = ns._convolution_pointwise, ns._convolution_pointwise_
-    log, walls, stubbed = [], [], []
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                fused(x)
-            for _ in range(rounds):
-                ns._convolution_pointwise, ns._convolution_pointwise_ = (_Timed(op, log) for op in real)
-                fused(x)
-                outs = [o for _, o in log[-n_convs:]]
+class _FusedRounds:
+    """The converted model's three timings per round: every oneDNN call, the plain forward, and the
+    forward with every oneDNN call stubbed (returning that round's recorded outputs)."""
+
+    def __init__(self, model, x, n_convs: int):
+        self.fused, self.x, self.n = fusedres.convert(model), x, n_convs
+        self.log, self.walls, self.stubbed = [], [], []
+
+    def __call__(self, timed: bool) -> None:
+        ns = torch.ops.mkldnn
+        real = ns._convolution_pointwise, ns._convolution_pointwise_
+        try:
+            with torch.inference_mode():
+                if not timed:
+                    self.fused(self.x)
+                    return
+                ns._convolution_pointwise, ns._convolution_pointwise_ = (_Timed(op, self.log) for op in real)
+                self.fused(self.x)
+                outs = [o for _, o in self.log[-self.n:]]
                 ns._convolution_pointwise, ns._convolution_pointwise_ = real
+                timing.wait_until_idle()
                 t = time.perf_counter()
-                fused(x)
-                walls.append(time.perf_counter() - t)
+                self.fused(self.x)
+                self.walls.append(time.perf_counter() - t)
                 stub = list(outs)  # one list for both ops: they pop the outputs in call order
-                ns._convolution_pointwise, ns._convolution_pointwise_ = (_Timed(op, log, stub) for op in real)
+                ns._convolution_pointwise, ns._convolution_pointwise_ = (_Timed(op, self.log, stub) for op in real)
+                timing.wait_until_idle()
                 t = time.perf_counter()
-                fused(x)
-                stubbed.append(time.perf_counter() - t)
-                ns._convolution_pointwise, ns._convolution_pointwise_ = real
+                self.fused(self.x)
+                self.stubbed.append(time.perf_counter() - t)
                 if stub:
                     raise RuntimeError(f"the stubbed forward made {len(stub)} oneDNN calls fewer than the timed one")
-    finally:
-        ns._convolution_pointwise, ns._convolution_pointwise_ = real
-    if len(log) != rounds * n_convs:
-        raise RuntimeError(f"expected {n_convs} oneDNN calls per forward, got {len(log) / rounds}")
-    per = [statistics.median(log[r * n_convs + i][0] for r in range(rounds)) * 1e3 for i in range(n_convs)]
-    return per, statistics.median(walls) * 1e3, statistics.median(stubbed) * 1e3
+        finally:
+            ns._convolution_pointwise, ns._convolution_pointwise_ = real
+
+    def result(self) -> tuple[list, float, float]:
+        """(per call-position median ms, forward median ms, stubbed-forward median ms)."""
+        rounds = len(self.walls)
+        if len(self.log) != rounds * self.n:
+            raise RuntimeError(f"expected {self.n} oneDNN calls per forward, got {len(self.log) / rounds}")
+        per = [statistics.median(self.log[r * self.n + i][0] for r in range(rounds)) * 1e3 for i in range(self.n)]
+        return per, statistics.median(self.walls) * 1e3, statistics.median(self.stubbed) * 1e3
 
 
 def measure(name: str, batch: int, rounds: int, warmup: int, tmp: str, size: int = 224) -> dict:
@@ -165,8 +181,15 @@ def measure(name: str, batch: int, rounds: int, warmup: int, tmp: str, size: int
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(batch, 3, size, size)
     order = conv_order(model)
-    ours, wall, stub = fused_times(model, x, len(order), rounds, warmup)
-    ort_conv, ort_wall = ort_times(model, x, rounds, warmup, tmp)
+    fused = _FusedRounds(model, x, len(order))
+    sess, run_ort = _ort_session(model, x, tmp)
+    for r in range(warmup + rounds):  # the two interleaved, each started on idle threads
+        timing.wait_until_idle()
+        fused(timed=r >= warmup)
+        timing.wait_until_idle()
+        run_ort()
+    ours, wall, stub = fused.result()
+    ort_conv, ort_wall = _ort_profile(sess, model, warmup)
     missing = set(order) ^ set(ort_conv)
     if missing:
         raise RuntimeError(f"ORT Conv nodes not matched to convs one to one: {sorted(missing)[:6]}")
