@@ -442,10 +442,11 @@ def test_render_results_replaces_only_the_marked_section(tiny_run, tmp_path, cap
 
 
 def test_committed_results_follow_the_schema_and_readme_is_fresh(capsys):
-    """Every committed `fusedres bench` JSON validates against schema.json, and README.md's results
-    section is what scripts/render_results.py makes of them (`--check`)."""
+    """Every committed `fusedres bench` JSON (partial runs included) validates against schema.json,
+    and README.md's results section is what scripts/render_results.py makes of them (`--check`)."""
     checked = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+    results = ROOT / "benchmarks" / "results"
+    for path in sorted(results.glob("*.json")) + sorted(results.glob("partial/*.json")):
         res = json.loads(path.read_text())
         if isinstance(res, dict) and res.get("schema") == report.SCHEMA_ID:
             report.validate(res)
