@@ -840,6 +840,29 @@ def test_shipped_tile_table_round_trip(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- TMA 1x1 kernel (opt-in)
 
 
+def _tma_case(n, c, k, h, w, dtype, mode):
+    """Operands of a 1x1 conv for the TMA kernel (channels_last; ``mode`` names the epilogue parts:
+    ``bn`` eval statistics, ``res`` a residual, ``relu``) and a checker of an output against float64
+    and torch in ``dtype`` (``_check``)."""
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
+    scale, shift = _affine(k)
+    stats = (torch.rand(k, device=DEVICE) * 0.2, torch.rand(k, device=DEVICE) + 0.5, 1e-5) if "bn" in mode else None
+    res = _rand(n, k, h, w, dtype=dtype, channels_last=True) if "res" in mode else None
+    relu = "relu" in mode
+    kw = {} if stats is None else dict(running_mean=stats[0], running_var=stats[1], eps=stats[2])
+
+    def check(out):
+        ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), relu=relu,
+                                     residual=None if res is None else res.double(), backend="torch",
+                                     **{a: (b.double() if torch.is_tensor(b) else b) for a, b in kw.items()})
+        same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
+                                                               backend="torch", **kw))
+        _check(out, ref64, same, dtype)
+
+    return (x, tl_launch.kernel_weight(wt), scale, shift, res, relu, stats), check
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["affine", "bn+res+relu", "res", "bn"])
 def test_tma_1x1_matches_fp64(dtype, mode, monkeypatch):
@@ -850,23 +873,11 @@ def test_tma_1x1_matches_fp64(dtype, mode, monkeypatch):
     real = tl_launch._launch_tma
     monkeypatch.setattr(tl_launch, "_launch_tma", lambda *a, **k: used.append(1) or real(*a, **k))
     n, c, k, h, w = 2, 40, 24, 5, 7  # M = 70 rows: ragged against every tile
-    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
-    wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
-    scale, shift = _affine(k)
-    stats = (torch.rand(k, device=DEVICE) * 0.2, torch.rand(k, device=DEVICE) + 0.5, 1e-5) if "bn" in mode else None
-    res = _rand(n, k, h, w, dtype=dtype, channels_last=True) if "res" in mode else None
-    relu = "relu" in mode
-    kw = {} if stats is None else dict(running_mean=stats[0], running_var=stats[1], eps=stats[2])
-    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), relu=relu,
-                                 residual=None if res is None else res.double(), backend="torch",
-                                 **{a: (b.double() if torch.is_tensor(b) else b) for a, b in kw.items()})
-    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
-                                                           backend="torch", **kw))
+    (x, wt, scale, shift, res, relu, stats), check = _tma_case(n, c, k, h, w, dtype, mode)
     out = _poisoned((n, k, h, w), dtype, True)
-    tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu,
-                     bn_stats=stats)
+    tl_launch.launch(x, wt, scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu, bn_stats=stats)
     assert used == [1]
-    _check(out, ref64, same, dtype)
+    check(out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -893,28 +904,17 @@ def test_tma_1x1_persistent_equals_one_tile_per_program(dtype, mode, c, group_m,
 
     monkeypatch.setattr(tl_launch, "_conv1x1_tma_fwd_kernel", Spy())
     n, k, h, w = 2, 136, 9, 7  # M = 126 rows, 136 channels: ragged against 64x64 tiles
-    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
-    wt = _rand(k, c, 1, 1, dtype=dtype) / math.sqrt(c)
-    scale, shift = _affine(k)
-    stats = (torch.rand(k, device=DEVICE) * 0.2, torch.rand(k, device=DEVICE) + 0.5, 1e-5) if "bn" in mode else None
-    res = _rand(n, k, h, w, dtype=dtype, channels_last=True) if "res" in mode else None
-    relu = "relu" in mode
+    (x, wt, scale, shift, res, relu, stats), check = _tma_case(n, c, k, h, w, dtype, mode)
     outs = []
     for persistent in (False, True):
         monkeypatch.setattr(tl_launch, "PERSISTENT_ENABLED", persistent)
         out = _poisoned((n, k, h, w), dtype, True)
-        tl_launch.launch(x, tl_launch.kernel_weight(wt), scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu,
-                         bn_stats=stats, config=tl_launch.TileConfig(64, 64, 64, 3, 4, group_m=group_m))
+        tl_launch.launch(x, wt, scale, shift, res, out, (1, 1), (0, 0), (1, 1), 1, relu, bn_stats=stats,
+                         config=tl_launch.TileConfig(64, 64, 64, 3, 4, group_m=group_m))
         outs.append(out)
     assert launched == [((6,), 0), ((sms,), sms)]
     assert torch.equal(outs[0], outs[1])
-    kw = {} if stats is None else dict(running_mean=stats[0], running_var=stats[1], eps=stats[2])
-    ref64 = fusedres.conv_bn_act(x.double(), wt.double(), scale.double(), shift.double(), relu=relu,
-                                 residual=None if res is None else res.double(), backend="torch",
-                                 **{a: (b.double() if torch.is_tensor(b) else b) for a, b in kw.items()})
-    same = _torch_same_dtype(lambda: fusedres.conv_bn_act(x, wt, scale, shift, residual=res, relu=relu,
-                                                           backend="torch", **kw))
-    _check(outs[1], ref64, same, dtype)
+    check(outs[1])
 
 
 def test_tma_persistent_programs_rule(monkeypatch):
