@@ -753,7 +753,10 @@ def run_trunk(owner, named, stem_stages, pool, layers, x: torch.Tensor) -> torch
     roots.extend(layers)
     if plan.needs_grad(x, roots):  # each block's own plan knows which of its layers need autograd
         return run_stages(layers, fused_stem(owner, named, stem_stages, pool, x))
-    key = ("trunk",) + plan.signature(owner, x, roots)
+    sig = plan.signature(owner, x, roots)
+    if sig is None:  # this frame runs eagerly while a callee's is compiled (a graph break): no plan
+        return run_stages(layers, fused_stem(owner, named, stem_stages, pool, x))
+    key = ("trunk",) + sig
     p = plan.lookup(owner, key, roots)
     if p is not None:
         if p.run is None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchvision.models import resnet as tv
 
@@ -22,6 +23,17 @@ def test_compile_fullgraph_eval_block():
     x = torch.randn(2, 8, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_of_a_named_cpu_backend_model_says_why():
+    """A model converted with ``backend="cpu"`` under torch.compile: the named backend declines
+    compiled calls, so it raises its own error; Dynamo runs the trunk's frame eagerly after that
+    and its callees compiled, which once made the trunk's plan key ``None`` and a ``TypeError``."""
+    model = randomize(tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=10)).eval()
+    fused = fusedres.convert(model, backend="cpu")
+    compiled = torch.compile(fused, backend="aot_eager")
+    with torch.no_grad(), pytest.raises(fusedres.BackendUnavailableError, match="torch.compile"):
+        compiled(torch.randn(2, 3, 32, 32))
 
 
 def test_check_cli_json(tmp_path):
