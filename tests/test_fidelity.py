@@ -194,6 +194,47 @@ def test_stem_relu_after_pool_keeps_values_nan_and_inf(backend):
         assert len(seen) == 1 and not (seen[0] < 0).any()  # the hook sees the ReLU's output, as in torchvision
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("geom", [(3, 7, 2, 3), (3, 3, 1, 1), (5, 1, 1, 0), (1, 3, 1, 1)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_bf16_odd_channel_conv_keeps_nan_and_inf_where_they_belong(backend, geom, value):
+    """oneDNN's bf16 convolutions with an odd channel count (an RGB stem) read each pixel's
+    channels in pairs, the extra value against a zero filter tap: a NaN or inf input then put NaN
+    beside its receptive field, or NaN where the sum is inf (12 NaN positions for one pixel through
+    the 7x7 stem, instead of 9).  Both backends append a zero channel: every position and value is
+    then what the exact sum of the bf16 operands gives."""
+    if backend == "cpu" and not backends.get("cpu").is_available():
+        pytest.skip("no oneDNN")
+    cin, k, stride, pad = geom
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, cin, k, k, generator=g).bfloat16()
+    scale, shift = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    for ch in {0, cin - 1}:
+        x = torch.randn(2, cin, 9, 9, generator=g)
+        x[1, ch, 4, 3] = value
+        x = x.bfloat16()
+        with torch.no_grad():
+            got = fusedres.conv_bn_act(x, w, scale, shift, stride=stride, padding=pad, relu=False, backend=backend)
+        want = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, pad)
+        want = want * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        assert not torch.isfinite(want).all()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), (ch, value)
+        assert torch.equal(got[got.isinf()], want[want.isinf()].to(got.dtype))
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin].double(), want[fin], rtol=2e-2, atol=0.1)
+
+
+
+def test_cpu_backend_declines_bf16_grouped_odd_channels():
+    """The same oneDNN fault with groups: the cpu backend says so instead of padding each group."""
+    if not backends.get("cpu").is_available():
+        pytest.skip("no oneDNN")
+    x, w = torch.randn(1, 6, 5, 5).bfloat16(), torch.randn(4, 3, 3, 3).bfloat16()
+    with torch.no_grad(), pytest.raises(fusedres.BackendUnavailableError, match="odd channel count per group"):
+        fusedres.conv_bn_act(x, w, torch.ones(4), torch.zeros(4), padding=1, groups=2, backend="cpu")
+
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable")
 def test_triton_train_kernels_keep_nan():
     """The train-mode BN-apply kernel and the conv's BN prologue keep NaN (as torch.relu)."""

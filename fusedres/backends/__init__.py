@@ -142,6 +142,25 @@ def conv_out_hw(h, w, kernel_size, stride, padding, dilation) -> tuple[int, int]
     return oh, ow
 
 
+def odd_bf16_cpu_channels(x: torch.Tensor, groups: int) -> bool:
+    """Whether ``x`` is a bf16 CPU conv input with an odd channel count per group.
+
+    oneDNN's bf16 convolutions (torch's ``F.conv2d`` in either layout, and the ``cpu`` backend's
+    channels_last calls) read such a pixel's channels in pairs, taking the next value in
+    memory (another pixel's first channel, or the next channel plane) against a zero filter tap: finite
+    values come out right, but a NaN or inf there puts NaN at output positions whose window
+    never covers it, or NaN where the sum is +-inf (the stem of a ResNet fed one NaN pixel:
+    NaN at 12 positions instead of 9).  fp32 and fp16 are exact.  With one zero channel appended
+    to the input and the filter (:func:`even_channels`) the kernels give the exact positions.
+    """
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and (x.shape[1] // groups) % 2 == 1
+
+
+def even_channels(t: torch.Tensor) -> torch.Tensor:
+    """A 4-D ``t`` with one zero channel (dim 1) appended, in ``t``'s memory format (differentiable)."""
+    return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1))
+
+
 def cudnn_conv_tf32() -> bool:
     """Whether PyTorch's cuDNN convolutions compute fp32 on TF32 tensor cores now.
 

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import WeightCache, op_checks, register_flops
+from . import WeightCache, even_channels, odd_bf16_cpu_channels, op_checks, register_flops
 
 NAME = "cpu"
 
@@ -70,6 +70,9 @@ def unsupported_reason(spec) -> str | None:
     if spec.dtype == torch.float32:
         return None
     if spec.dtype == torch.bfloat16 and _bf16_ok():
+        if spec.groups > 1 and (spec.in_channels // spec.groups) % 2:
+            return ("a bf16 grouped conv with an odd channel count per group (oneDNN puts NaN at the wrong "
+                    "output positions for a NaN or inf input there)")
         return None
     return f"dtype {spec.dtype} is not supported by oneDNN on this CPU"
 
@@ -134,15 +137,24 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
 
 
 def _packed(x, fold: _Fold, stride, padding, dilation, groups):
-    """``x`` channels_last and the folded filter reordered for its shape (cached per shape)."""
+    """``x`` channels_last and the folded filter reordered for its shape (cached per shape).
+
+    A bf16 ``x`` with an odd channel count (a ResNet stem's 3; ``groups`` is 1 there, see
+    :func:`unsupported_reason`) gets a zero channel appended, and the filter a zero input
+    channel: oneDNN would otherwise put NaN at the wrong output positions for a NaN or inf
+    input (:func:`fusedres.backends.odd_bf16_cpu_channels`); finite outputs are the same."""
     x = x.contiguous(memory_format=torch.channels_last)
+    if odd_bf16_cpu_channels(x, groups):
+        x = even_channels(x)
     shape = x.shape
     w = fold.packed.get(shape)
     if w is None:
         if len(fold.packed) >= _MAX_PACKED_SHAPES:
             fold.packed.clear()
+        weight = fold.weight if fold.weight.shape[1] * groups == shape[1] else even_channels(fold.weight)
         w = fold.packed[shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            fold.weight.to_mkldnn(), padding, stride, dilation, groups, list(shape)
+            weight.contiguous(memory_format=torch.channels_last).to_mkldnn(), padding, stride, dilation, groups,
+            list(shape),
         )
     return x, w
 

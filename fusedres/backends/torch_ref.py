@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import even_channels, odd_bf16_cpu_channels
+
 NAME = "torch"
 #: ReLU is a separate op on the output (the eval stem may run it after the max-pool instead).
 SEPARATE_RELU = True
@@ -36,7 +38,10 @@ def _affine(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
 def _conv(x, weight, stride, padding=(0, 0), dilation=(1, 1), groups=1):
     # The weight is in x's dtype except under autocast (see fusedres.functional), where
     # F.conv2d would cast it the same way.
-    return F.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
+    weight = weight.to(x.dtype)
+    if groups == 1 and odd_bf16_cpu_channels(x, groups):  # oneDNN misplaces NaN/inf there (see the helper)
+        x, weight = even_channels(x), even_channels(weight)
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 def conv_bn_act(x, weight, scale, shift, residual, spec):
