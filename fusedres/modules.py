@@ -41,6 +41,7 @@ import torch.nn as nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import backends
 from . import patterns as P
 from . import plan
 from .functional import bn_scale_shift, prepare_block_tail, prepare_conv_bn_act
@@ -323,7 +324,12 @@ class _Planned:
 
     def _apply(self, fn, recurse=True):
         plan.drop(self)
+        backends.forget(self.parameters())  # swap_tensors refuses a weight the caches reference weakly
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        backends.forget(self.parameters())  # runs before the children's: their parameters may be swapped
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def __prepare_scriptable__(self):
         P.announce(self, "torch.jit.script compiles the reference computation")

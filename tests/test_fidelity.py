@@ -470,6 +470,35 @@ def test_cpu_backend_follows_dtype_change():
         assert_within_budget(out, ref.bfloat16()(x.bfloat16()), truth, torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if HAS_TRITON else []))
+def test_swap_on_conversion_after_a_forward(backend):
+    """With ``torch.__future__.set_swap_module_params_on_conversion(True)``, ``load_state_dict`` and
+    ``.bfloat16()`` swap each parameter with ``torch.utils.swap_tensors``, which refuses a tensor
+    with a weak reference: after a forward (the caches reference each weight weakly) both failed.
+    The fused modules drop their weights' entries first; a direct swap needs ``backends.forget``."""
+    ref = _block("bottleneck")
+    fused = _fused(ref, backend)
+    other = _block("bottleneck", seed=1)
+    x = _x(16)
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            fused(x)
+            fused.load_state_dict(other.state_dict())
+            torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+            fused.bfloat16().float()
+            other.bfloat16().float()
+            torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+            w = fused.conv1.weight
+            backends.forget([w])
+            torch.utils.swap_tensors(w, nn.Parameter(w.detach() * 2))
+            other.conv1.weight.mul_(2)
+            torch.testing.assert_close(fused(x), other(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+
+
 def test_weight_cache_pins_the_storage():
     """A new storage at the old data pointer still misses: the entry pins the old storage object."""
     cache = backends.WeightCache()

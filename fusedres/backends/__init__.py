@@ -221,6 +221,22 @@ def _cacheable(w: torch.Tensor) -> bool:
     return False
 
 
+_caches: weakref.WeakSet = weakref.WeakSet()  # every WeightCache, for forget()
+
+
+def forget(tensors) -> None:
+    """Drop every backend's cached transforms of ``tensors`` (and the weak references to them).
+
+    ``torch.utils.swap_tensors`` refuses a tensor that has a weak reference, and the caches hold
+    one per weight: the fused modules call this before ``Module._apply`` and ``load_state_dict``
+    (which swap parameters under ``torch.__future__.set_swap_module_params_on_conversion(True)``);
+    call it (or :func:`clear_caches`) before swapping a conv weight yourself."""
+    tensors = list(tensors)
+    for cache in list(_caches):
+        for t in tensors:
+            cache.forget(t)
+
+
 class WeightCache:
     """Per-weight derived tensors (folded, re-laid-out, reordered), valid while the weight's data is.
 
@@ -240,6 +256,7 @@ class WeightCache:
         # every eager call; the weak reference confirms the id still names the same tensor and
         # its callback drops the entry with the weight
         self._entries: dict[int, tuple] = {}
+        _caches.add(self)
 
     def get(self, w: torch.Tensor, tag=None):
         """The value stored for ``w`` under ``tag`` while ``w``'s data is unchanged, else ``None``.
@@ -268,6 +285,12 @@ class WeightCache:
             entry = self._entries[i] = (weakref.ref(w, drop), key, StorageWeakRef(w.untyped_storage()), {})
         entry[3][tag] = value
         return value
+
+    def forget(self, w: torch.Tensor) -> None:
+        """Drop ``w``'s entry, and with it the weak reference to ``w``."""
+        entry = self._entries.get(id(w))
+        if entry is not None and entry[0]() is w:
+            del self._entries[id(w)]
 
     def __len__(self) -> int:
         return len(self._entries)
