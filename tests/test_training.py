@@ -332,6 +332,24 @@ def test_double_backward_raises_clear_error():
         gx.sum().backward()
 
 
+def test_batched_backward_matches_torchvision():
+    """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)`` vmap the
+    backward: the chain's layout step asked a batched gradient for channels_last (an NYI error)."""
+    ref, cin = make_block("basic")
+    ref = ref.double().train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, cin, 6, 6, dtype=torch.float64)  # 6x6: the CPU chain runs channels_last
+    got = []
+    for model in (ref, fused):
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        gouts = torch.randn(3, *out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        (g,) = torch.autograd.grad(out, xx, gouts, is_grads_batched=True)
+        got.append((g, torch.autograd.functional.jacobian(model, x, vectorize=True)))
+    for a, b in zip(got[0], got[1]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_cpu(dtype):
     ref = _tiny_resnet(tv.Bottleneck).train()

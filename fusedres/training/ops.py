@@ -180,7 +180,11 @@ def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     layouts: ``threshold_backward`` of an NCHW gradient and a channels_last output took 15.4 ms
     on 8x256x56x56 bf16, 0.66 ms with both channels_last (a copy: 0.16 ms; 2 cores).  The
     gradient arriving at a channels_last chain from an NCHW one (a chain at 4x4 or less runs NCHW
-    on CPU, :func:`fusedres.training.train_memory_format`) is such an operand."""
+    on CPU, :func:`fusedres.training.train_memory_format`) is such an operand.  A gradient batched by
+    ``vmap`` (``autograd.grad(..., is_grads_batched=True)``, a vectorised Jacobian) stays as it
+    is: vmap cannot lay out a batched tensor channels_last."""
+    if torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t):
+        return t
     fmt = torch.channels_last if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) \
         and not like.is_contiguous() else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
