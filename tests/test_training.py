@@ -332,6 +332,28 @@ def test_double_backward_raises_clear_error():
         gx.sum().backward()
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_checkpointed_blocks_update_running_stats_like_torchvision(momentum):
+    """Non-reentrant ``torch.utils.checkpoint`` recomputes the segment in backward and stops as soon
+    as its last op has saved its tensors; BatchNorm updates its statistics inside the op, so
+    torchvision updates every BN twice.  The chain used to update after its op, and the last
+    block of each segment missed the second update."""
+    import torch.utils.checkpoint as cp
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(tv.BasicBlock(16, 16), tv.BasicBlock(16, 16)).train()
+    for m in seq.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    ref, fused = seq, fusedres.convert(copy.deepcopy(seq))
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    for model in (ref, fused):
+        cp.checkpoint(model, x, use_reentrant=False).sum().backward()
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(int(b.num_batches_tracked) == 2 for b in fused.modules() if isinstance(b, torch.nn.BatchNorm2d))
+
+
 def test_batched_backward_matches_torchvision():
     """``autograd.grad(..., is_grads_batched=True)`` and ``jacobian(vectorize=True)`` vmap the
     backward: the chain's layout step asked a batched gradient for channels_last (an NYI error)."""

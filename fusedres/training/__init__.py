@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..backends import note_used
 from ..patterns import batch_stat_bn, chain_conv, is_relu
-from .chain import ChainTrain
+from .chain import ChainTrain, update_running_stats
 from .ops import use_triton
 
 __all__ = ["ChainTrain", "chain_forward", "chain_reason", "convert_sync_batchnorm", "train_memory_format",
@@ -157,23 +157,6 @@ def _sync_group(owner: nn.Module, bns):
     return group
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """``nn.BatchNorm2d``'s running-statistics update: momentum, or a cumulative average if ``None``."""
-    if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
-        return
-    with torch.no_grad():
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole;
-            # fp64, like eager's Python float (a 0-d tensor does not promote the buffers).
-            f = 1.0 / bn.num_batches_tracked.double() if bn.num_batches_tracked is not None else 0.0
-        else:
-            f = bn.momentum
-        bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
-        bn.running_var.copy_(bn.running_var * (1 - f) + var.to(bn.running_var.dtype) * f)
-
-
 def _geom(conv: nn.Conv2d):
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
@@ -214,9 +197,10 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
     # What ran, for fusedres.backends.record (the bench's "backends used" column): the train
     # chain's kernels do not depend on the module's eval backend.
     note_used("train:triton" if use_triton(x) else "train:torch")
-    out, *stats = ChainTrain.apply(cfg, _sync_group(owner, [bn for _, bn in pairs]), x, *params)
-    for i, (_, bn) in enumerate(pairs):
-        _update_running_stats(bn, stats[2 * i], stats[2 * i + 1])
+    bns = tuple(bn for _, bn in pairs)
+    out, *stats = ChainTrain.apply(cfg + (bns,), _sync_group(owner, list(bns)), x, *params)
+    if torch.compiler.is_compiling():  # eager: ChainTrain.forward has updated them (see update_running_stats)
+        update_running_stats(bns, stats)
     return out
 
 

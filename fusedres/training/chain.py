@@ -105,6 +105,34 @@ def _bn_backward(g, y, z, mean, invstd, gamma, count, group, *, write_gp: bool):
     return gz, g_gamma, g_beta, gp
 
 
+def update_running_stats(bns, stats) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update of each BN in ``bns`` from ``stats = (mean_1,
+    var_1, ...)`` (unbiased variances): momentum, or a cumulative average if ``None``.
+
+    Eager calls make it inside :meth:`ChainTrain.forward`, where BatchNorm makes it (inside its
+    op): non-reentrant ``torch.utils.checkpoint`` stops a recomputation as soon as the last op
+    has saved its tensors, so an update after the op would be skipped for the segment's last
+    chain, where torchvision updates every BN again."""
+    for i, bn in enumerate(bns):
+        _update_one(bn, stats[2 * i], stats[2 * i + 1])
+
+
+def _update_one(bn, mean: torch.Tensor, var: torch.Tensor) -> None:
+    if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
+        return
+    with torch.no_grad():
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole;
+            # fp64, like eager's Python float (a 0-d tensor does not promote the buffers).
+            f = 1.0 / bn.num_batches_tracked.double() if bn.num_batches_tracked is not None else 0.0
+        else:
+            f = bn.momentum
+        bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
+        bn.running_var.copy_(bn.running_var * (1 - f) + var.to(bn.running_var.dtype) * f)
+
+
 def _conv(a, w, geom):
     stride, padding, dilation, groups = geom
     return F.conv2d(a, w, None, stride, padding, dilation, groups)
@@ -154,7 +182,7 @@ class ChainTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, group, x, *params):
-        geoms, eps, residual, pool, recompute_last = cfg
+        geoms, eps, residual, pool, recompute_last = cfg[:5]
         nconv = len(geoms)
         k = nconv - (residual == "downsample")
         ws, gammas, betas = params[0::3], params[1::3], params[2::3]
@@ -194,6 +222,8 @@ class ChainTrain(torch.autograd.Function):
             zs=zs, means=means, invstds=invstds,
         )
         ctx.mark_non_differentiable(*stats_out)
+        if len(cfg) > 5 and not torch.compiler.is_compiling():
+            update_running_stats(cfg[5], stats_out)
         return (out, *stats_out)
 
     @staticmethod
@@ -216,7 +246,7 @@ class ChainTrain(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gout):
-        geoms, eps, residual, pool, _ = ctx.cfg
+        geoms, eps, residual, pool, _ = ctx.cfg[:5]
         group, k, counts = ctx.group, ctx.k, ctx.counts
         saved = _load(ctx)
         x, y, ws, gammas, betas = saved["x"], saved["y"], saved["ws"], saved["gammas"], saved["betas"]
