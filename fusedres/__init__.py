@@ -11,7 +11,7 @@ Public API::
     fusedres.cuda_graphs(model)               # replay a converted model as CUDA graphs (small batches)
 """
 
-from .backends import BACKENDS, BackendUnavailableError, available as available_backends
+from .backends import BACKENDS, BackendUnavailableError, ShapeError, available as available_backends
 from .functional import block_tail, bn_scale_shift, conv_bn_act, prepare_block_tail, prepare_conv_bn_act
 from .graphs import CUDAGraphs, cuda_graphs
 from .modules import BasicBlock, Bottleneck, FusedResNet, convert, explain, revert
@@ -35,6 +35,7 @@ def clear_caches() -> None:
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "ShapeError",
     "BasicBlock",
     "CUDAGraphs",
     "Bottleneck",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .backends import ConvSpec, conv_out_hw
+from .backends import ConvSpec, ShapeError, conv_out_hw
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,12 +70,12 @@ def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups,
     if w.device != x.device:
         raise ValueError(f"{w_name} is on {w.device} but {x_name} is on {x.device}")
     if groups < 1 or x.shape[1] % groups or w.shape[0] % groups:
-        raise ValueError(
+        raise ShapeError(
             f"groups={groups} must divide {x_name} channels ({x.shape[1]}) and {w_name} "
             f"out-channels ({w.shape[0]})"
         )
     if w.shape[1] * groups != x.shape[1]:
-        raise ValueError(
+        raise ShapeError(
             f"channel mismatch: {x_name} has {x.shape[1]} channels but {w_name} expects "
             f"{w.shape[1] * groups} ({w.shape[1]} per group x {groups} groups)"
         )
@@ -143,7 +143,7 @@ def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_na
             raise ValueError(f"{name} must be >= {lo}, got {v}")
     oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     if oh < 1 or ow < 1:
-        raise ValueError(
+        raise ShapeError(
             f"{x_name} spatial size {tuple(x.shape[2:])} is too small for kernel_size={tuple(kernel_size)}, "
             f"{stride_name}={stride}, padding={padding}, dilation={dilation} (output {oh}x{ow})"
         )
@@ -283,7 +283,7 @@ def prepare_conv_bn_act(
     if residual is not None:
         _check_tensor("residual", residual, 4)
         if tuple(residual.shape) != (x.shape[0], cout, oh, ow):
-            raise ValueError(
+            raise ShapeError(
                 f"residual must have the output's shape {(x.shape[0], cout, oh, ow)}, got {tuple(residual.shape)}"
             )
         if residual.device != x.device:
@@ -393,15 +393,15 @@ def prepare_block_tail(
     if tuple(ds_weight.shape[2:]) != (1, 1):
         raise ValueError(f"ds_weight must be a 1x1 kernel, got shape {tuple(ds_weight.shape)}")
     if ds_weight.shape[0] != weight.shape[0]:
-        raise ValueError(
+        raise ShapeError(
             f"ds_weight has {ds_weight.shape[0]} output channels but weight has {weight.shape[0]}"
         )
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x batch {x.shape[0]} does not match y batch {y.shape[0]}")
+        raise ShapeError(f"x batch {x.shape[0]} does not match y batch {y.shape[0]}")
     oh, ow = _checked_out_hw("y", y, weight.shape[2:], stride, padding, dilation)
     dh, dw = _checked_out_hw("x", x, (1, 1), ds_stride, (0, 0), (1, 1), stride_name="ds_stride")
     if (oh, ow) != (dh, dw):
-        raise ValueError(
+        raise ShapeError(
             f"main branch output {oh}x{ow} and downsample output {dh}x{dw} differ; check ds_stride"
         )
     cout = weight.shape[0]

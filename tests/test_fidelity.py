@@ -499,6 +499,20 @@ def test_swap_on_conversion_after_a_forward(backend):
         torch.__future__.set_swap_module_params_on_conversion(was)
 
 
+def test_shape_mistakes_raise_what_torchvision_raises():
+    """A wrong channel count: torchvision's conv raises ``RuntimeError``; the fused model's checks
+    raise :class:`fusedres.ShapeError`, a ``ValueError`` and a ``RuntimeError``."""
+    ref = _resnet18()
+    fused = _fused(ref, "cpu")
+    x = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            ref(x)
+        with pytest.raises(RuntimeError, match="channel mismatch") as err:
+            fused(x)
+    assert isinstance(err.value, (ValueError, fusedres.ShapeError))
+
+
 def test_weight_cache_pins_the_storage():
     """A new storage at the old data pointer still misses: the entry pins the old storage object."""
     cache = backends.WeightCache()

@@ -51,6 +51,13 @@ class BackendUnavailableError(RuntimeError):
     """A backend that was asked for by name cannot run, or cannot run this configuration."""
 
 
+class ShapeError(ValueError, RuntimeError):
+    """Operands whose shapes do not fit together (channels, groups, residual, spatial size, batch).
+
+    A ``ValueError`` that is also a ``RuntimeError``: what torch's ``F.conv2d`` (so torchvision's
+    modules) raises for the same mistakes, so code that catches either keeps working."""
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """Static description of one fused conv call; what a backend needs to decide support.
