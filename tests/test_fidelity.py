@@ -573,6 +573,25 @@ def test_degenerate_bn_gives_torchvisions_infinities(degenerate):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-2, atol=1e-4)
 
 
+def test_huge_bn_scale_is_not_folded():
+    """A finite but huge BN scale (gamma 3e38) that does not overflow the folded filter still
+    overflows its partial sums, where torchvision's conv, normalised after, stays finite: such a
+    scale (above 2**64) is applied to the conv output by torch's own BatchNorm op, whose order
+    also keeps finite what a precomputed ``gamma * invstd`` makes infinite.  (Before: 10097
+    infinities against torchvision's 972.)"""
+    ref = _resnet18().layer2[0]
+    with torch.no_grad():
+        ref.bn1.weight[3] = 3e38
+    fused = fusedres.convert(copy.deepcopy(ref), backend="cpu")
+    for seed in range(3):
+        x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(seed)).abs()
+        with torch.no_grad():
+            want, got = ref(x), fused(x)
+        assert not torch.isfinite(want).all()
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), seed
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), seed
+
+
 def _shared_weights(m):
     m.conv2.weight.share_memory_()  # an actor's view of a learner's weights
     return lambda: m.conv2.weight.data.mul_(0.5)  # a write the version counter does not see, as another process's

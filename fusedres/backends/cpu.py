@@ -80,7 +80,8 @@ def unsupported_reason(spec) -> str | None:
 class _Fold:
     """A cached fold: ``weight`` and ``bias`` for the oneDNN call.  ``affine`` is None, or, when
     the fold cannot reproduce conv-then-BN (a non-finite BN scale: ``var + eps == 0`` or an
-    infinite gamma, or a folded weight that overflows), ``(scale, shift)`` to apply to the
+    infinite gamma, a scale above ``_MAX_FOLDED_SCALE``, or a folded weight that overflows),
+    ``(scale, shift)`` to apply to the
     output of the unscaled ``weight`` instead, as the reference does: there ``y * inf`` is
     +-inf where a folded filter's sum of infinities would be NaN."""
 
@@ -93,6 +94,12 @@ _MAX_PACKED_SHAPES = 8
 
 
 _cache = WeightCache()
+
+# A BN scale above this is applied to the conv output instead of folded into the filter: a
+# folded filter's partial sums can overflow where the unscaled conv's, scaled after, stay finite
+# (a gamma of 3e38 gave 580 infinities torchvision did not have).  BN scales are gamma / sqrt(var + eps),
+# at most a few thousand in trained models.
+_MAX_FOLDED_SCALE = 2.0 ** 64
 
 
 def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _Fold:
@@ -127,13 +134,26 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
     entry.values = tuple(None if v is None else v.detach().clone() for v in vectors)
     w = weight.detach().to(wide)
     folded = (w * s.view(-1, 1, 1, 1)).to(dtype)
-    if bool(torch.isfinite(s).all()) and bool((torch.isfinite(folded) | ~torch.isfinite(w)).all()):
+    if bool(torch.isfinite(s).all()) and bool(s.abs().max() <= _MAX_FOLDED_SCALE) and bool(
+            (torch.isfinite(folded) | ~torch.isfinite(w)).all()):
         entry.weight, entry.bias, entry.affine = folded, t.to(dtype).contiguous(), None
     else:  # degenerate BN: the affine on the output, as the reference
-        entry.weight, entry.bias, entry.affine = w.to(dtype), None, (s.view(1, -1, 1, 1), t.view(1, -1, 1, 1))
+        entry.weight, entry.bias, entry.affine = w.to(dtype), None, _output_affine(entry.values, eps, s, t)
     entry.weight = entry.weight.contiguous(memory_format=torch.channels_last)
     entry.packed = {}
     return _cache.put(weight, entry, (dtype, eps))
+
+
+def _output_affine(values, eps, s, t):
+    """What a degenerate fold applies to the unscaled conv output ``y``: an eval BN's statistics
+    through ``F.batch_norm``, torchvision's own op and order (scaling by ``gamma * invstd`` after
+    a subtraction of the mean, which stays finite where a precomputed scale or shift overflows);
+    a given affine as ``y * scale + shift``."""
+    scale, shift, mean, var = values
+    if mean is not None:
+        return lambda y: torch.nn.functional.batch_norm(y, mean, var, scale, shift, False, 0.0, eps)
+    s, t = s.view(1, -1, 1, 1), t.view(1, -1, 1, 1)
+    return lambda y: y.mul_(s).add_(t)
 
 
 def _packed(x, fold: _Fold, stride, padding, dilation, groups):
@@ -165,7 +185,7 @@ def _conv(x, fold: _Fold, stride, padding, dilation, groups, residual, relu):
     x, w = _packed(x, fold, stride, padding, dilation, groups)
     if fold.affine is not None:
         out = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
-        out.mul_(fold.affine[0]).add_(fold.affine[1])
+        out = fold.affine(out)
         if residual is not None:
             out.add_(residual)
     elif residual is None or x.dtype == torch.float32:
@@ -199,7 +219,7 @@ def _conv_into(acc, x, fold: _Fold, stride, padding, dilation, groups, relu):
     x, w = _packed(x, fold, stride, padding, dilation, groups)
     if fold.affine is not None:
         y = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
-        acc.add_(y.mul_(fold.affine[0]).add_(fold.affine[1]))
+        acc.add_(fold.affine(y))
     else:
         torch.ops.mkldnn._convolution_pointwise_.binary(acc, x, w, fold.bias, padding, stride, dilation, groups,
                                                         "add", 1.0, None, [], "")
