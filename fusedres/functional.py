@@ -151,10 +151,21 @@ def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_na
 
 
 def _wants_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    """Whether the call needs the differentiable path: autograd, forward-mode AD (a dual tensor
+    carries its tangent past an inference kernel, which would drop it: a zero JVP) or a
+    ``torch.func`` transform (vmap's batched operands, jvp, grad)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return (torch.autograd.forward_ad._current_level >= 0 or functorch.peek_interpreter_stack() is not None
+            or any(t is not None and functorch.is_functorch_wrapped_tensor(t) for t in ts))
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap can't ask a batched tensor for channels_last
+        return False
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 

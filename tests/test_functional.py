@@ -182,6 +182,32 @@ def test_named_backend_errors_are_clear():
         fusedres.conv_bn_act(x.requires_grad_(), wt, scale, shift, backend="cpu", **kw)
 
 
+def test_forward_ad_and_func_transforms_take_the_differentiable_path():
+    """A dual tensor or a torch.func transform passed to the oneDNN kernel lost its tangent (a zero
+    JVP, silently) or failed on vmap's batched operands: such calls need the differentiable path
+    (``auto`` takes the reference, ``cpu`` by name refuses)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, wt, scale, shift, res, kw = _case(4, 4, 3, 1, 1, 1, 1)
+    tx = torch.randn_like(x)
+
+    def f(backend):
+        return lambda xx: fusedres.conv_bn_act(xx, wt, scale, shift, relu=False, backend=backend, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want_out, want_tan = torch.func.jvp(f("torch"), (x,), (tx,))
+        got_out, got_tan = torch.func.jvp(f("auto"), (x,), (tx,))
+        torch.testing.assert_close(got_tan, want_tan)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(f("auto")(fwAD.make_dual(x, tx))).tangent
+        torch.testing.assert_close(tangent, want_tan)
+        xs = torch.randn(3, *x.shape)
+        torch.testing.assert_close(torch.func.vmap(f("auto"))(xs), torch.stack([f("torch")(xi) for xi in xs]))
+    with pytest.raises(fusedres.BackendUnavailableError, match="torch.func"):
+        torch.func.jvp(f("cpu"), (x,), (tx,))
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1], dtype=torch.float64)

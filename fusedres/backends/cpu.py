@@ -64,7 +64,7 @@ def unsupported_reason(spec) -> str | None:
     if spec.device_type != "cpu":
         return f"tensors are on {spec.device_type}, the cpu backend runs on CPU tensors"
     if spec.requires_grad:
-        return "autograd is needed and the oneDNN path is inference-only"
+        return "autograd (or forward-mode AD or a torch.func transform) is needed and the oneDNN path is inference-only"
     if torch.compiler.is_compiling():
         return "running under torch.compile (Inductor fuses the reference itself)"
     if spec.dtype == torch.float32:
