@@ -573,6 +573,36 @@ def test_degenerate_bn_gives_torchvisions_infinities(degenerate):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_nan_weight_reaches_what_torchs_conv_reaches(batch):
+    """A NaN weight: torch's CPU conv multiplies the zero padding by it in its native kernel (small
+    batch-1 fp32 inputs) and skips the padding in oneDNN's (the rest), so the border outputs are
+    NaN or finite by torch's choice of kernel; the cpu backend runs such a filter through
+    ``F.conv2d`` and gets torch's answer either way (it left the border finite at batch 1)."""
+    x = torch.randn(batch, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(8, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    w.view(-1)[3] = float("nan")
+    scale, shift = torch.rand(8) + 0.5, torch.randn(8)
+    want = torch.nn.functional.conv2d(x, w, None, 1, 1) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    with torch.no_grad():
+        got = fusedres.conv_bn_act(x, w, scale, shift, padding=1, relu=False, backend="cpu")
+    _same_nan_pattern(got, want)
+
+
+def test_degenerate_bn_with_mixed_dtype_statistics():
+    """bf16 activations, an fp32 running mean and bf16 variance with a zero (``eps=0``): the degenerate
+    fold's ``F.batch_norm`` gets one dtype for its vectors (it raised)."""
+    x = torch.randn(2, 8, 6, 6).bfloat16()
+    w = torch.randn(8, 8, 3, 3).bfloat16()
+    mean, var = torch.randn(8), (torch.rand(8) + 0.5).bfloat16()
+    var[2] = 0
+    scale, shift = (torch.rand(8) + 0.5).bfloat16(), torch.randn(8).bfloat16()
+    with torch.no_grad():
+        got = fusedres.conv_bn_act(x, w, scale, shift, padding=1, relu=False, backend="cpu", running_mean=mean,
+                                   running_var=var, eps=0.0)
+    assert got.dtype == torch.bfloat16 and not torch.isfinite(got[:, 2]).all() and torch.isfinite(got[:, 3]).all()
+
+
 def test_huge_bn_scale_is_not_folded():
     """A finite but huge BN scale (gamma 3e38) that does not overflow the folded filter still
     overflows its partial sums, where torchvision's conv, normalised after, stays finite: such a

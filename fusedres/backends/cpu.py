@@ -135,9 +135,9 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
     w = weight.detach().to(wide)
     folded = (w * s.view(-1, 1, 1, 1)).to(dtype)
     if bool(torch.isfinite(s).all()) and bool(s.abs().max() <= _MAX_FOLDED_SCALE) and bool(
-            (torch.isfinite(folded) | ~torch.isfinite(w)).all()):
+            torch.isfinite(folded).all()):
         entry.weight, entry.bias, entry.affine = folded, t.to(dtype).contiguous(), None
-    else:  # degenerate BN: the affine on the output, as the reference
+    else:  # degenerate BN or a NaN/inf weight: torch's conv, then the BN on its output, as the reference
         entry.weight, entry.bias, entry.affine = w.to(dtype), None, _output_affine(entry.values, eps, s, t)
     entry.weight = entry.weight.contiguous(memory_format=torch.channels_last)
     entry.packed = {}
@@ -151,7 +151,10 @@ def _output_affine(values, eps, s, t):
     a given affine as ``y * scale + shift``."""
     scale, shift, mean, var = values
     if mean is not None:
-        return lambda y: torch.nn.functional.batch_norm(y, mean, var, scale, shift, False, 0.0, eps)
+        vectors = (mean, var, scale, shift)
+        if len({v.dtype for v in vectors}) > 1:  # F.batch_norm takes one dtype (fp32 with a bf16 input)
+            vectors = tuple(v.to(s.dtype) for v in vectors)
+        return lambda y: torch.nn.functional.batch_norm(y, *vectors, False, 0.0, eps)
     s, t = s.view(1, -1, 1, 1), t.view(1, -1, 1, 1)
     return lambda y: y.mul_(s).add_(t)
 
@@ -179,16 +182,27 @@ def _packed(x, fold: _Fold, stride, padding, dilation, groups):
     return x, w
 
 
+def _torch_conv(x, fold: _Fold, stride, padding, dilation, groups):
+    """A degenerate fold's convolution (``fold.affine`` set): ``F.conv2d``, torchvision's own op.
+    A NaN or inf weight reaches the outputs whose window overlaps the zero padding where torch's
+    conv multiplies the padding (its native kernel, for small batch-1 inputs in fp32) and not where
+    it skips it (oneDNN, which ``_packed``'s call always is): torch's choice, not ours."""
+    x, w = x.contiguous(memory_format=torch.channels_last), fold.weight
+    if odd_bf16_cpu_channels(x, groups):
+        x, w = even_channels(x), even_channels(w)
+    return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
 def _conv(x, fold: _Fold, stride, padding, dilation, groups, residual, relu):
     """One oneDNN convolution with the folded filter (reordered for ``x``'s shape, cached) and
     bias, the residual added as a post-op, then the ReLU."""
-    x, w = _packed(x, fold, stride, padding, dilation, groups)
     if fold.affine is not None:
-        out = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
-        out = fold.affine(out)
+        out = fold.affine(_torch_conv(x, fold, stride, padding, dilation, groups))
         if residual is not None:
             out.add_(residual)
-    elif residual is None or x.dtype == torch.float32:
+        return out.relu_() if relu else out
+    x, w = _packed(x, fold, stride, padding, dilation, groups)
+    if residual is None or x.dtype == torch.float32:
         out = torch.ops.mkldnn._convolution_pointwise(x, w, fold.bias, padding, stride, dilation, groups, "none",
                                                       [], "")
         # fp32: the residual added by a separate pass, bit-identical to the binary post-op (both add
@@ -216,11 +230,10 @@ def _conv_into(acc, x, fold: _Fold, stride, padding, dilation, groups, relu):
     written.  It reads ``acc`` where it writes it, which is cheaper than the binary ``add``
     post-op's separate operand: ResNet-50 b8 381.5 against 388.8 ms (2 cores, interleaved
     medians of 10, 2026-11-30), bit-identical output."""
-    x, w = _packed(x, fold, stride, padding, dilation, groups)
     if fold.affine is not None:
-        y = torch.ops.mkldnn._convolution_pointwise(x, w, None, padding, stride, dilation, groups, "none", [], "")
-        acc.add_(fold.affine(y))
+        acc.add_(fold.affine(_torch_conv(x, fold, stride, padding, dilation, groups)))
     else:
+        x, w = _packed(x, fold, stride, padding, dilation, groups)
         torch.ops.mkldnn._convolution_pointwise_.binary(acc, x, w, fold.bias, padding, stride, dilation, groups,
                                                         "add", 1.0, None, [], "")
     return acc.relu_() if relu else acc
