@@ -18,6 +18,8 @@ output's shape ``(N, C_out, H_out, W_out)``.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import backends
@@ -26,14 +28,31 @@ from .backends import ConvSpec, ShapeError, conv_out_hw
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _is_int(v) -> bool:
+    """An integer (Python, NumPy or a 0-d integer tensor), not a bool or a float: ``stride=1.7``
+    must not become 1 silently."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) or (
+        isinstance(v, torch.Tensor) and v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool)
+
+
 def _pair(name: str, v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    try:
-        a, b = v
-        return (int(a), int(b))
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if _is_int(v):
+        return (int(v), int(v))
+    if not isinstance(v, str):
+        try:
+            a, b = v
+        except (TypeError, ValueError):
+            pass
+        else:
+            if _is_int(a) and _is_int(b):
+                return (int(a), int(b))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _check_groups(groups) -> int:
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    return int(groups)
 
 
 def _check_tensor(name: str, t, ndim: int | None = None) -> None:
@@ -107,7 +126,7 @@ def _check_stats(prefix: str, mean, var, eps, x_name: str, x: torch.Tensor, cout
         raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
     for n, v in ((f"{prefix}running_mean", mean), (f"{prefix}running_var", var)):
         _check_channel_vector(n, v, cout, x_name, x)
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{prefix}eps must be a non-negative number, got {eps!r}")
     return (mean, var, float(eps))
 
@@ -282,6 +301,7 @@ def prepare_conv_bn_act(
 ) -> PreparedConv:
     """Check a :func:`conv_bn_act` call and decide how it runs; returns the :class:`PreparedConv`."""
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    groups = _check_groups(groups)
     _check_tensor("x", x, 4)
     amp = autocast_dtype(x)
     if amp is not None:  # as F.conv2d under autocast; the backend casts the weight (cached)
@@ -387,6 +407,7 @@ def prepare_block_tail(
     """Check a :func:`block_tail` call and decide how it runs; returns the :class:`PreparedTail`."""
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     ds_stride = _pair("ds_stride", ds_stride)
+    groups = _check_groups(groups)
     _check_tensor("y", y, 4)
     _check_tensor("x", x, 4)
     amp = autocast_dtype(y)
@@ -483,6 +504,9 @@ def bn_scale_shift(bn, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor
     BN's weight and bias.
     """
     rv = bn.running_var
+    if rv is None or bn.running_mean is None:
+        raise ValueError(f"bn has no running statistics (track_running_stats=False): an eval-mode {type(bn).__name__} "
+                         "then normalises with batch statistics, which no per-channel scale and shift can express")
     w = bn.weight if bn.weight is not None else torch.ones_like(rv, dtype=dtype)
     b = bn.bias if bn.bias is not None else torch.zeros_like(rv, dtype=dtype)
     return fold_stats(w, b, (bn.running_mean, rv, bn.eps), dtype)

@@ -139,6 +139,21 @@ def test_bad_inputs_name_the_argument():
         fusedres.conv_bn_act(x, wt, scale, shift, stride="2")
     with pytest.raises(ValueError, match="groups"):
         fusedres.conv_bn_act(x, wt, scale, shift, groups=3)
+    # no silent truncation or string unpacking: stride=(1.7, 1.2) used to run as (1, 1), "12" as (1, 2)
+    for bad in ((1.7, 1.2), "12", True, 2.0):
+        with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+            fusedres.conv_bn_act(x, wt, scale, shift, stride=bad)
+    with pytest.raises(TypeError, match="groups must be an int"):
+        fusedres.conv_bn_act(x, wt, scale, shift, groups=1.0)
+    import numpy as np
+    mean, var = torch.zeros(16), torch.ones(16)
+    with torch.no_grad():  # NumPy integers and floats are numbers
+        fusedres.conv_bn_act(x, wt, scale, shift, stride=(np.int64(1), 1), padding=np.int32(1), running_mean=mean,
+                             running_var=var, eps=np.float32(1e-5))
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        fusedres.conv_bn_act(x, wt, scale, shift, running_mean=mean, running_var=var, eps=float("nan"))
+    with pytest.raises(ValueError, match="no running statistics"):
+        fusedres.bn_scale_shift(torch.nn.BatchNorm2d(16, track_running_stats=False))
 
 
 def _tail_args():
