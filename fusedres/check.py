@@ -17,7 +17,9 @@ closely: on ResNet-18 at batch 4, 112x112, fp32, eager's worst gradient error wa
 and 5e-3 in channels_last (which the fused model runs).  So the training check has two parts:
 
 * the algorithm: the fused model in float64 against the float64 reference, every output,
-  gradient and running statistic within ``TRAIN_FP64_RTOL`` (2.6e-14 measured in that case);
+  gradient and running statistic within ``TRAIN_FP64_RTOL`` (2.6e-14 measured in that case), or twice
+  what float64 torchvision moves by itself in channels_last where that is more (a few values per BN
+  channel: batch 2 at 32x32);
 * the run dtype: each tensor within ``max(2 * eager's error, TRAIN_FLOOR[dtype])``, eager's
   error being the larger of two equally valid runs (the model as given; channels_last on the
   input scaled by ``1 + eps``).  The floor is far below the O(1) error of a wrong formula.
@@ -49,11 +51,23 @@ TRAIN_FP64_RTOL = 1e-9
 TRAIN_FLOOR = {torch.float32: 2e-2, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", default="resnet50",
                    help="torchvision model name, or timm/<name> for a timm model (default: resnet50)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument("--batch", type=_positive_int, default=8)
+    p.add_argument("--size", type=_positive_int, default=224, help="input height and width")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--backend", default="auto", choices=("auto",) + backends.BACKENDS)
@@ -61,7 +75,7 @@ def add_arguments(p) -> None:
                    help="infer (eval BN, inference_mode) or train (one training step: output, gradients, "
                         "running statistics; autocast for fp16/bf16; --backend only picks eval kernels, so "
                         "it does not matter there)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs of each (default: 10 cpu, 50 cuda)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed runs of each (default: 10 cpu, 50 cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write results as JSON")
 
@@ -97,10 +111,14 @@ def build_reference(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; NaN or inf anywhere counts as infinite error."""
+    """``||out - ref|| / ||ref||`` in float64 over the elements where ``ref`` is finite; infinite
+    when ``out`` has a NaN or inf anywhere ``ref`` does not have the same one."""
     out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(out), fin) or not torch.equal(out.isnan(), ref.isnan()) \
+            or not torch.equal(out[~fin & ~ref.isnan()], ref[~fin & ~ref.isnan()]):
         return float("inf")
+    out, ref = out[fin], ref[fin]
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
@@ -148,7 +166,12 @@ def run_check(
     """Run the check and return the results as a dict (what ``--json`` writes)."""
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    for name, v in (("batch", batch), ("size", size)) + ((("repeats", repeats),) if repeats is not None else ()):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available")
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     repeats = repeats or (50 if dev.type == "cuda" else 10)
     train = mode == "train"
@@ -171,6 +194,7 @@ def run_check(
         ref_p = copy.deepcopy(ref).to(memory_format=torch.channels_last)
         x_p = (xin * (1 + torch.finfo(dt).eps)).contiguous(memory_format=torch.channels_last)
         fused64 = convert(copy.deepcopy(ref64), backend=backend)
+        ref64_buffers = [b.clone() for b in ref64.buffers()]
         truth = _train_step(ref64, x.double(), cot, None)
         out64 = _train_step(fused64, x.double(), cot, None)
         out_ref = _train_step(ref, xin, cot, amp)
@@ -186,9 +210,19 @@ def run_check(
                 raise RuntimeError(f"fusedres check: no gradient for {sorted(missing)}")
         fp64_errs = [rel_err(out64, truth)]
         fp64_errs += [rel_err(a, b) for a, b in zip(_grads_and_buffers(fused64), _grads_and_buffers(ref64))]
+        # How far float64 torchvision moves by itself (channels_last, another summation order): at
+        # a few values per channel (batch 2 at 32x32 reaches 1x1 in layer4) it exceeds the floor.
+        ref64_p = copy.deepcopy(ref64).to(memory_format=torch.channels_last)
+        for b, b0 in zip(ref64_p.buffers(), ref64_buffers):  # the state before ref64's step
+            b.copy_(b0)
+        truth_p = _train_step(ref64_p, x.double().contiguous(memory_format=torch.channels_last), cot, None)
+        spread = [rel_err(truth_p, truth)]
+        spread += [rel_err(a, b) for a, b in zip(_grads_and_buffers(ref64_p), _grads_and_buffers(ref64))]
+        fp64_rtol = max(TRAIN_FP64_RTOL, 2 * max(spread))
         extra = {"grads": _worst(*grads, ATOL[dt], TRAIN_FLOOR[dt]),
                  "buffers": _worst(*bufs, ATOL[dt], 0.0),  # forward statistics: well conditioned
-                 "fp64_rel_err": max(fp64_errs), "fp64_rtol": TRAIN_FP64_RTOL}
+                 "fp64_rel_err": max(fp64_errs), "fp64_rtol": fp64_rtol,
+                 "fp64_reference_spread": max(spread)}
         fns = {name: (lambda inp, m=m: _train_step(m, inp, cot, amp)) for name, m in (("reference", ref),
                                                                                      ("fused", fused))}
         stats, errors = time_interleaved(fns, [xin], dev, repeats, warmup=2, on_round=progress)
@@ -213,7 +247,12 @@ def run_check(
     ok = err_fused <= budget
     if train:
         ok = ok and extra["grads"]["share"] <= 1 and extra["buffers"]["share"] <= 1
-        ok = ok and extra["fp64_rel_err"] <= TRAIN_FP64_RTOL
+        ok = ok and extra["fp64_rel_err"] <= extra["fp64_rtol"]
+    verdict = None
+    if err_ref == float("inf"):  # an infinite budget would pass anything
+        ok, verdict = False, "torchvision's own output has NaN or inf where float64 does not: nothing to judge against"
+    elif not {u for u in used if not u.startswith("train:")} and not (train and used):
+        ok, verdict = False, "no fused op ran: nothing in the model was converted (or every call fell back)"
     return {
         "model": model,
         "mode": mode,
@@ -225,13 +264,15 @@ def run_check(
         "backend": backend,
         "backends_available": backends.available(),
         "backends_used": sorted(used),
-        "max_abs_err_vs_reference": diff.max().item(),
-        "max_rel_err_vs_reference": (diff.max() / out_ref.double().abs().max().clamp_min(1e-30)).item(),
+        "max_abs_err_vs_reference": diff.max().item() if diff.numel() else 0.0,
+        "max_rel_err_vs_reference": (diff.max() / out_ref.double().abs().max().clamp_min(1e-30)).item()
+        if diff.numel() else 0.0,
         "rel_err_reference_vs_fp64": err_ref,
         "rel_err_fused_vs_fp64": err_fused,
         "rel_err_budget": budget,
         **extra,
         "numerics_ok": bool(ok),
+        "verdict": verdict,
         "time_reference_ms": times["reference"] * 1e3,
         "time_fused_ms": times["fused"] * 1e3,
         "speedup": times["reference"] / times["fused"],
@@ -281,12 +322,17 @@ def run(args) -> int:
     with Progress(transient=True) as bar:
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         task = bar.add_task("timing", total=args.repeats or (50 if dev.startswith("cuda") else 10))
-        res = run_check(**kwargs, progress=lambda: bar.advance(task))
+        try:
+            res = run_check(**kwargs, progress=lambda: bar.advance(task))
+        except (ValueError, backends.BackendUnavailableError) as e:  # a bad argument: one line, no traceback
+            bar.stop()
+            print(f"fusedres check: {e}", file=sys.stderr)
+            return 2
     _print_table(res)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(res, f, indent=2)
     if not res["numerics_ok"]:
-        print("fusedres check: numerics FAILED", file=sys.stderr)
+        print("fusedres check: numerics FAILED" + (f" ({res['verdict']})" if res["verdict"] else ""), file=sys.stderr)
         return 1
     return 0

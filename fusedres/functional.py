@@ -183,8 +183,8 @@ def _wants_grad(*ts) -> bool:
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap can't ask a batched tensor for channels_last
-        return False
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False  # vmap can't ask a batched tensor for channels_last
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 

@@ -62,6 +62,29 @@ def test_check_cli_fails_on_bad_numerics(monkeypatch):
     assert rc == 1
 
 
+def test_check_fails_when_it_cannot_judge(capsys):
+    """``check`` passes only what it verified: a model with nothing to fuse (it compared torchvision
+    with itself and said "numerics OK"), and a reference whose own output is not finite (its
+    error budget was infinite, so anything passed) fail with the reason; bad arguments get one line."""
+    from fusedres.check import rel_err, run_check
+    from fusedres.cli import main
+
+    res = run_check(model="squeezenet1_0", batch=1, size=32, device="cpu", repeats=1)
+    assert not res["numerics_ok"] and "no fused op ran" in res["verdict"]
+    ref = torch.tensor([1.0, float("inf"), float("nan"), 2.0])
+    assert rel_err(ref.clone(), ref) == 0.0
+    for wrong in ([1.0, 5.0, float("nan"), 2.0], [1.0, float("inf"), 0.0, 2.0], [1.0, -float("inf"), float("nan"), 2.0]):
+        assert rel_err(torch.tensor(wrong), ref) == float("inf")
+    assert rel_err(torch.tensor([1.0, float("inf"), float("nan"), 2.2]), ref) == pytest.approx(0.2 / 5 ** 0.5)
+    base = ["check", "--size", "32", "--batch", "1", "--repeats", "1"]
+    for argv in (["--batch", "0"], ["--repeats", "0"]):  # argparse's own exit
+        with pytest.raises(SystemExit) as exit_:
+            main(base + argv)
+        assert exit_.value.code == 2
+    for argv in [["--model", "nosuchmodel"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]]):
+        assert main(base + argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
 def test_check_cli_train_json(tmp_path):
     """``fusedres check --mode train``: one training step, gradients and running statistics too."""
     out = tmp_path / "check.json"
