@@ -69,7 +69,7 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     is cast to the region's dtype (fp64 never is).
     """
     dev = x.device.type
-    if x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(dev):
+    if x.dtype in _AUTOCAST_DTYPES and backends.autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
 

@@ -159,7 +159,7 @@ def input_reason(named, x, convs=(), bns=()) -> str | None:
         return f"the input is {x.dim()}-D, not an (N, C, H, W) batch"
     amp = autocast_dtype(x) is not None
     for conv in convs:
-        w = conv.weight
+        w = getattr(conv, "weight", None)  # a fused ConvReLU2d, an adapter: the layer checks name it, no crash here
         if not isinstance(w, torch.Tensor):
             return "a conv weight is not a tensor"
         if w.device != x.device or (w.dtype != x.dtype and not (amp and w.dtype in _AUTOCAST_DTYPES)):

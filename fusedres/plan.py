@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from .backends import ENV_VAR, modes_active
+from .backends import ENV_VAR, autocast_enabled, modes_active
 
 __all__ = ["Plan", "Stale", "drop", "lookup", "signature", "store", "watch"]
 
@@ -82,7 +82,7 @@ def signature(module, x: torch.Tensor, roots) -> tuple | None:
     if torch.compiler.is_compiling():
         return None
     dev = x.device
-    amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    amp = torch.get_autocast_dtype(dev.type) if autocast_enabled(dev.type) else None
     return (x.shape, x.stride(), x.dtype, dev, _grad_need(x, roots), amp, modes_active(), os.environ.get(ENV_VAR),
             module.backend, type(x))
 

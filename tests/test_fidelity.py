@@ -513,6 +513,23 @@ def test_shape_mistakes_raise_what_torchvision_raises():
     assert isinstance(err.value, (ValueError, fusedres.ShapeError))
 
 
+def test_meta_device_and_weightless_convs_fall_back():
+    """A model built on the meta device (shape inference, before ``to_empty``) runs, eval and train
+    (autocast does not know the device: it raised); a conv without ``.weight`` (a quantization
+    fuser's ConvReLU2d) takes the reference instead of raising AttributeError."""
+    with torch.device("meta"):
+        meta = fusedres.convert(torchvision.models.resnet18(num_classes=10))
+    for train in (False, True):
+        assert meta.train(train)(torch.empty(2, 3, 64, 64, device="meta")).shape == (2, 10)
+    ref = torch.ao.quantization.fuse_modules(_resnet18(), [["conv1", "bn1", "relu"],
+                                                         ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu"]])
+    fused = _fused(ref)
+    x = _x(3, hw=(32, 32))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_cache_pins_the_storage():
     """A new storage at the old data pointer still misses: the entry pins the old storage object."""
     cache = backends.WeightCache()

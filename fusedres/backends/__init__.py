@@ -104,6 +104,14 @@ class ConvSpec:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def modes_active() -> bool:
     """Whether a dispatch mode (FlopCounterMode, FakeTensorMode, ...), a function mode or the
     autograd profiler is active: then ops must go through the dispatcher to be seen."""

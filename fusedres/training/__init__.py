@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..backends import note_used
+from ..backends import autocast_enabled, note_used
 from ..patterns import batch_stat_bn, chain_conv, is_relu
 from .chain import ChainTrain, update_running_stats
 from .ops import use_triton
@@ -87,6 +87,8 @@ def chain_reason(x, pairs, acts, downsample, owner=None) -> str | None:
     (``owner``: the module :func:`convert_sync_batchnorm` may have marked)."""
     if not x.is_floating_point():
         return f"the input is {x.dtype}, not floating point"
+    if x.device.type == "meta":  # shapes only: nothing to fuse, and autocast does not know the device
+        return "the input is on the meta device"
     for act in acts:
         if not is_relu(act):
             return f"an activation is {type(act).__name__}, not nn.ReLU"
@@ -124,7 +126,7 @@ def _layers(pairs, downsample):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
-    if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.is_autocast_enabled(dev):
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
