@@ -214,7 +214,7 @@ class PreparedConv:
     """A :func:`conv_bn_act` call with every decision made: checked, backend picked, spec built.
 
     :func:`prepare_conv_bn_act` makes one from a call's arguments; calling it with tensors
-    of the same shapes, dtypes, devices and layouts (in the same grad, autocast and dispatch
+    of the same shapes, dtypes, devices and layouts (in the same grad, autocast, dispatch and oneDNN on/off
     state) computes that call without checking or deciding anything again.  The fused
     modules keep one per conv and input signature.
     """

@@ -78,13 +78,14 @@ def _grad_need(x: torch.Tensor, roots):
 def signature(module, x: torch.Tensor, roots) -> tuple | None:
     """What a plan for ``module``, covering the modules ``roots``, depends on in the call with input
     ``x``; None under ``torch.compile``.  ``x``'s class is part of it: a tensor subclass must see
-    the fused ops through dispatch, a plain tensor need not."""
+    the fused ops through dispatch, a plain tensor need not.  So is whether oneDNN is switched on
+    (``torch.backends.mkldnn.enabled``): the ``cpu`` backend declines calls while it is off."""
     if torch.compiler.is_compiling():
         return None
     dev = x.device
     amp = torch.get_autocast_dtype(dev.type) if autocast_enabled(dev.type) else None
     return (x.shape, x.stride(), x.dtype, dev, _grad_need(x, roots), amp, modes_active(), os.environ.get(ENV_VAR),
-            module.backend, type(x))
+            module.backend, type(x), torch._C._get_mkldnn_enabled())
 
 
 def needs_grad(x: torch.Tensor, roots) -> bool:

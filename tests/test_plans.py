@@ -214,6 +214,37 @@ def test_backend_and_environment_follow():
     assert used == {"torch"}
 
 
+def test_onednn_switched_off_is_honoured():
+    """``torch.backends.mkldnn.enabled = False`` keeps torchvision's convs off oneDNN; a converted
+    model then takes the reference, even with a plan made while oneDNN was on, and takes the
+    ``cpu`` backend again once it is back on.  Naming ``cpu`` while it is off raises."""
+    from torch.profiler import ProfilerActivity, profile
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    ref = randomize(resnet18(num_classes=10), 0).eval()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with backends.record() as used:
+        _same(fused, ref, x)
+    assert used == {"cpu"}
+    with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with backends.record() as used, profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+            out = fused(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(fusedres.BackendUnavailableError, match="mkldnn.enabled"), torch.no_grad():
+            fusedres.conv_bn_act(x, ref.conv1.weight, torch.ones(64), torch.zeros(64), stride=2, padding=3,
+                                 backend="cpu")
+    assert used == {"torch"}
+    onednn = sorted({e.name for e in prof.events() if "mkldnn" in e.name})
+    assert not onednn, onednn
+    assert any("switched off" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    with backends.record() as used:
+        _same(fused, ref, x)
+    assert used == {"cpu"}
+
+
 def test_copies_never_share_plans():
     ref, fused = _pair()
     x = _x()

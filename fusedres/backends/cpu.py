@@ -29,7 +29,9 @@ behind, and an unchanged eval block runs no fold at all.  Under autocast (an fp3
 the activation dtype.
 
 Inference only: calls that need autograd, or that run under ``torch.compile`` (Inductor
-does this fusion itself there), are declined and ``auto`` takes the reference.
+does this fusion itself there), are declined and ``auto`` takes the reference.  So are calls
+made while oneDNN is switched off (``torch.backends.mkldnn.enabled = False`` or its ``flags``
+context), where torchvision's own convs do not use it either.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def unsupported_reason(spec) -> str | None:
         return "autograd (or forward-mode AD or a torch.func transform) is needed and the oneDNN path is inference-only"
     if torch.compiler.is_compiling():
         return "running under torch.compile (Inductor fuses the reference itself)"
+    if not torch._C._get_mkldnn_enabled():
+        return "oneDNN is switched off (torch.backends.mkldnn.enabled is False) and this backend's convolutions are oneDNN's"
     if spec.dtype == torch.float32:
         return None
     if spec.dtype == torch.bfloat16 and _bf16_ok():
