@@ -352,3 +352,83 @@ def test_clear_caches_after_writes_through_data():
     out = fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
     expected = fusedres.conv_bn_act(x, wt, scale, shift, backend="torch", **kw)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("written", ["weight", "gamma", "running_mean", "running_var"])
+def test_a_write_while_folding_never_leaves_a_stale_fold(monkeypatch, written):
+    """Another thread writing a conv weight or BN tensor in place while the ``cpu`` backend folds
+    it (a hot reload during threaded inference): that call may see either values, but the cache
+    must not keep a fold of the old ones stamped as current.  The write is made where it used to
+    do harm, deterministically: a BN vector after the fold read it and before the copy it is
+    compared against was taken; the weight after the fold read it and before the cache stamped
+    it."""
+    from fusedres.backends import cpu
+
+    x, wt, _, _, _, kw = _case(*CONV_CASES[1])
+    g = torch.Generator().manual_seed(3)
+    tensors = dict(weight=wt, gamma=torch.rand(wt.shape[0], generator=g) + 0.5,
+                   beta=torch.randn(wt.shape[0], generator=g), running_mean=torch.randn(wt.shape[0], generator=g),
+                   running_var=torch.rand(wt.shape[0], generator=g) + 0.5)
+    pending = [tensors[written]]
+
+    class WrittenWhileFolding(cpu._Fold):
+        __slots__ = ()
+
+        def __init__(self):
+            if pending:
+                pending.pop().mul_(1.5)
+
+    cacheable = backends._cacheable
+
+    def written_before_stamping(w):
+        if pending:
+            pending.pop().mul_(1.5)
+        return cacheable(w)
+
+    if written == "weight":
+        monkeypatch.setattr(backends, "_cacheable", written_before_stamping)
+    else:
+        monkeypatch.setattr(cpu, "_Fold", WrittenWhileFolding)
+    cpu.clear_cache()
+
+    def call():
+        return fusedres.conv_bn_act(x, tensors["weight"], tensors["gamma"], tensors["beta"],
+                                    running_mean=tensors["running_mean"], running_var=tensors["running_var"],
+                                    backend="cpu", **kw)
+
+    with torch.no_grad():
+        call()  # the write lands inside this call's fold
+        assert not pending
+        out = call()
+        expected = torch.relu(torch.nn.functional.batch_norm(
+            torch.nn.functional.conv2d(x, tensors["weight"], None, **kw), tensors["running_mean"],
+            tensors["running_var"], tensors["gamma"], tensors["beta"], False, 0.0, 1e-5))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_records_nest_and_close_by_identity():
+    """``backends.record`` blocks that hold the same names (nested, or open in two threads) each
+    close their own: ``list.remove`` would take the first equal one and leave this one recording."""
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    with torch.no_grad(), backends.record() as outer:
+        fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+        with backends.record() as inner:
+            fusedres.conv_bn_act(x, wt, scale, shift, backend="cpu", **kw)
+        fusedres.conv_bn_act(x, wt, scale, shift, backend="torch", **kw)
+    assert inner == {"cpu"} and outer == {"cpu", "torch"}
+    assert not any(r is outer or r is inner for r in backends._recorders)
+
+
+def test_weight_cache_stamp_taken_before_the_value():
+    """``WeightCache.put`` with the stamp taken before the value was made from the weight (how
+    every backend stores its re-laid-out or cast weights): a write in between makes the entry
+    miss, so the next call makes the value again from the new data."""
+    cache = backends.WeightCache()
+    w = torch.randn(4, 3, 3, 3)
+    key = backends.data_key(w)
+    value = w.clone()
+    w.mul_(2)  # another thread's write, after the value was read
+    cache.put(w, value, "tag", key=key)
+    assert cache.get(w, "tag") is None
+    cache.put(w, w.clone(), "tag")
+    assert torch.equal(cache.get(w, "tag"), w)

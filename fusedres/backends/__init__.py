@@ -284,11 +284,19 @@ class WeightCache:
             return None
         return entry[3].get(tag)
 
-    def put(self, w: torch.Tensor, value, tag=None):
-        """Store ``value`` for ``w``'s current data under ``tag`` (values for older data are dropped); returns it."""
+    def put(self, w: torch.Tensor, value, tag=None, key=None):
+        """Store ``value`` for ``w``'s data under ``tag`` (values for older data are dropped); returns it.
+
+        ``key``: ``data_key(w)`` taken *before* ``value`` was computed from ``w`` (the default,
+        taken now, is only right when nothing can write ``w`` meanwhile).  Another thread may
+        write ``w`` in place while ``value`` is being made (a hot reload during inference); the
+        write bumps the version after it lands, so an early key is then older than ``w``'s data and
+        the next lookup misses, where a key taken after would stamp a fold of the old data as
+        current, for good."""
         if not _cacheable(w):
             return value
-        key = data_key(w)
+        if key is None:
+            key = data_key(w)
         entry = self._entries.get(id(w))
         if entry is None or entry[0]() is not w or entry[1] != key:
             entries, i = self._entries, id(w)
@@ -328,6 +336,9 @@ class record:
     ...     model(x)
     >>> sorted(used)
     ['cpu']
+
+    It records the whole process while it is open (every thread's calls: ``nn.DataParallel``
+    runs its replicas in threads of its own), and records may nest or overlap across threads.
     """
 
     def __enter__(self) -> set:
@@ -336,12 +347,17 @@ class record:
         return self.used
 
     def __exit__(self, *exc) -> None:
-        _recorders.remove(self.used)
+        # by identity: list.remove compares by value, and would drop another record (an outer or
+        # another thread's one) that happens to hold the same names
+        for i, used in enumerate(_recorders):
+            if used is self.used:
+                del _recorders[i]
+                break
 
 
 def note_used(name: str) -> None:
     """Add ``name`` to every active :class:`record` (backends, and the train-mode chains)."""
-    for used in _recorders:
+    for used in tuple(_recorders):  # a snapshot: another thread may open or close a record meanwhile
         used.add(name)
 
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import WeightCache, even_channels, odd_bf16_cpu_channels, op_checks, register_flops
+from . import WeightCache, data_key, even_channels, odd_bf16_cpu_channels, op_checks, register_flops
 
 NAME = "cpu"
 
@@ -129,13 +129,17 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
                 break
         else:
             return entry
-    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    s, t = scale.to(wide), shift.to(wide)
-    if stats is not None:
-        s = s * torch.rsqrt(stats[1].to(wide) + eps)
-        t = t - stats[0].to(wide) * s
+    # The weight's stamp and the vectors' copies are taken first and the fold is made from those
+    # copies: a write from another thread while this runs then leaves the entry stale, so the next
+    # call folds again, where a stamp or copy taken after would keep a fold of the old values.
+    key = data_key(weight)
     entry = _Fold()
-    entry.values = tuple(None if v is None else v.detach().clone() for v in vectors)
+    entry.values = values = tuple(None if v is None else v.detach().clone() for v in vectors)
+    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    s, t = values[0].to(wide), values[1].to(wide)
+    if stats is not None:
+        s = s * torch.rsqrt(values[3].to(wide) + eps)
+        t = t - values[2].to(wide) * s
     w = weight.detach().to(wide)
     folded = (w * s.view(-1, 1, 1, 1)).to(dtype)
     if bool(torch.isfinite(s).all()) and bool(s.abs().max() <= _MAX_FOLDED_SCALE) and bool(
@@ -145,7 +149,7 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
         entry.weight, entry.bias, entry.affine = w.to(dtype), None, _output_affine(entry.values, eps, s, t)
     entry.weight = entry.weight.contiguous(memory_format=torch.channels_last)
     entry.packed = {}
-    return _cache.put(weight, entry, (dtype, eps))
+    return _cache.put(weight, entry, (dtype, eps), key=key)
 
 
 def _output_affine(values, eps, s, t):

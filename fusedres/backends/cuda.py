@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from . import WeightCache, op_checks, register_flops
+from . import WeightCache, data_key, op_checks, register_flops
 
 NAME = "cuda"
 
@@ -204,7 +204,9 @@ def _kernel_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.nn.functional.pad(weight.to(dtype), (0, 0, 0, 0, 0, pad))
     wk = _weights.get(weight, dtype)
     if wk is None:
-        wk = _weights.put(weight, torch.nn.functional.pad(weight.detach().to(dtype), (0, 0, 0, 0, 0, pad)), dtype)
+        key = data_key(weight)  # before the copy reads the weight (see WeightCache.put)
+        wk = _weights.put(weight, torch.nn.functional.pad(weight.detach().to(dtype), (0, 0, 0, 0, 0, pad)), dtype,
+                          key=key)
     return wk
 
 

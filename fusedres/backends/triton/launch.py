@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .. import WeightCache, cudnn_conv_tf32
+from .. import WeightCache, cudnn_conv_tf32, data_key
 from .kernels import _conv1x1_tma_fwd_kernel, _conv_bn_act_fwd_kernel, _split_k_epilogue_kernel
 
 try:  # host-side TMA descriptors (Triton 3.4+)
@@ -264,7 +264,8 @@ def kernel_weight(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = dtype or w.dtype
     wt = _weight_cache.get(w, dtype)
     if wt is None:
-        wt = _weight_cache.put(w, _relayout(w, dtype), dtype)
+        key = data_key(w)  # before the copy reads w (see WeightCache.put)
+        wt = _weight_cache.put(w, _relayout(w, dtype), dtype, key=key)
     return wt
 
 
