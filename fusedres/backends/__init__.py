@@ -208,8 +208,11 @@ def data_key(t: torch.Tensor) -> tuple:
     The version counter alone is not enough: ``Module._apply`` (``.half()``, ``.float()``,
     ``.to()``) swaps a parameter's data for a new tensor without bumping it, so the same
     parameter object with the same version can hold other values, even another dtype.
+    An inference tensor has no counter: its version reads as ``None`` (such a tensor is never
+    cached, see :func:`_cacheable`, so no stamp can match it).
     """
-    return (t.untyped_storage()._cdata, t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), t._version)
+    version = None if t.is_inference() else t._version
+    return (t.untyped_storage()._cdata, t.data_ptr(), t.dtype, t.device, t.shape, t.stride(), version)
 
 
 _uncached_warned = False
