@@ -787,6 +787,20 @@ def test_torch_export_still_works():
         torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_train_export_keeps_the_declared_dynamic_range():
+    """A training-mode export with symbolic H and W accepts every size in the declared range, as
+    torchvision's does: the CPU layout choice (NCHW for tiny maps) adds no guard on the sizes."""
+    ref = _resnet18().train()
+    fused = _fused(ref)
+    dims = {"x": {2: torch.export.Dim("h", min=33, max=512), 3: torch.export.Dim("w", min=33, max=512)}}
+    x = torch.randn(2, 3, 64, 64)
+    programs = {name: torch.export.export(m, (x,), dynamic_shapes=dims) for name, m in (("ref", ref), ("fused", fused))}
+    assert str(programs["fused"].range_constraints) == str(programs["ref"].range_constraints)
+    for hw in ((48, 48), (33, 70), (96, 96)):
+        x = torch.randn(2, 3, *hw)
+        torch.testing.assert_close(programs["fused"].module()(x), programs["ref"].module()(x), rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- 6. failing calls
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..backends import autocast_enabled, note_used
 from ..patterns import batch_stat_bn, chain_conv, is_relu
@@ -60,7 +61,13 @@ CPU_RECOMPUTE_MAX_REDUCTION = 0
 
 def train_memory_format(x: torch.Tensor, convs) -> torch.memory_format:
     """The memory format a chain over ``convs`` (the main path's ``nn.Conv2d`` in order) runs in
-    for input ``x``: decided once per plan (input signature), see :data:`CPU_CHANNELS_LAST_MIN_HW`."""
+    for input ``x``: decided once per plan (input signature), see :data:`CPU_CHANNELS_LAST_MIN_HW`.
+
+    With symbolic sizes (``torch.export``, or ``torch.compile`` with dynamic shapes) the choice
+    adds no guard: NCHW only where the sizes are known to be that small over their whole range,
+    channels_last otherwise.  A guard would narrow the range of sizes the program accepts
+    (torchvision's accepts the whole declared range); the layout only moves where the speed
+    crosses over, not what is computed."""
     if x.device.type != "cpu":
         return torch.channels_last
     h, w = x.shape[-2:]
@@ -68,7 +75,10 @@ def train_memory_format(x: torch.Tensor, convs) -> torch.memory_format:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
         h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return torch.channels_last if h * w >= CPU_CHANNELS_LAST_MIN_HW else torch.contiguous_format
+    small = h * w < CPU_CHANNELS_LAST_MIN_HW
+    if isinstance(small, torch.SymBool):
+        small = statically_known_true(small)
+    return torch.contiguous_format if small else torch.channels_last
 
 
 def train_recompute_limit(x: torch.Tensor, layout: torch.memory_format) -> int:
