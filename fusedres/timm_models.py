@@ -25,11 +25,23 @@ timm's forward, announced once per reason (:mod:`fusedres.patterns`).
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from timm.models import resnet as timm_resnet
 
 from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, run_trunk, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
+
+
+def _reference_layout(x: torch.Tensor, model: nn.Module) -> torch.memory_format:
+    """The memory format of the feature map timm's own trunk would give for input ``x``: PyTorch's
+    convolutions return channels_last when their input or their weight is channels_last, and the
+    blocks' adds and activations keep it, so channels_last when ``x`` or any conv weight is."""
+    tensors = [x] + [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if any(t.dim() == 4 and suggest_memory_format(t) == torch.channels_last for t in tensors):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _after(aa) -> tuple:
@@ -102,6 +114,23 @@ class TimmBottleneck(_FusedBlockMixin, timm_resnet.Bottleneck):
 
 class TimmResNet(_Planned, timm_resnet.ResNet):
     """timm ``ResNet`` whose stem (plain or deep) runs as fused conv + BN + ReLU ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not (self.drop_rate and self.training):
+            return self.forward_head(self.forward_features(x))
+        return self._dropout_head(x)
+
+    @torch.jit.unused
+    def _dropout_head(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_head`` in training with a drop rate, its dropout fed the feature map
+        in the layout timm's trunk gives it.  ``F.dropout`` draws its mask in memory order, and a
+        head that keeps the spatial map (``global_pool=''``) would otherwise drop other elements
+        of the fused trunk's channels_last map than of timm's NCHW one with the same seed."""
+        fmt = _reference_layout(x, self)
+        x = self.global_pool(self.forward_features(x))
+        if x.dim() == 4 and not x.is_contiguous(memory_format=fmt):
+            x = x.contiguous(memory_format=fmt)
+        return self.fc(F.dropout(x, p=float(self.drop_rate), training=True))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():

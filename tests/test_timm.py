@@ -90,6 +90,28 @@ def test_train_step_uses_the_chains():
     assert chain_nodes(out) == 9  # the stem and 8 blocks
 
 
+@pytest.mark.parametrize("layout", ["nchw", "input_cl", "weights_cl"])
+def test_head_dropout_on_the_spatial_map_draws_timms_mask(layout):
+    """A head that keeps the map (``global_pool=''``) with a drop rate: with the same seed the
+    fused model drops the same elements as timm, whose mask follows its trunk's memory format
+    (NCHW, or channels_last for a channels_last input or model)."""
+    ref = build("resnet18", global_pool="", num_classes=0, drop_rate=0.5).train().double()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 128, 128, dtype=torch.float64)  # layer4 4x4: the fused trunk's map is channels_last
+    if layout == "input_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "weights_cl":
+        for m in (ref, fused):
+            m.to(memory_format=torch.channels_last)
+    outs = []
+    for model in (ref, fused):
+        torch.manual_seed(7)
+        outs.append(model(x))
+    assert outs[0].dim() == 4 and (outs[0] == 0).float().mean() > 0.4  # the dropout acted on the map
+    assert torch.equal(outs[1] == 0, outs[0] == 0)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+
+
 def test_active_drop_path_keeps_timms_forward():
     ref = build("resnet18", drop_path_rate=0.2).train()
     fused = fusedres.convert(copy.deepcopy(ref))
