@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from . import ops
 
 _NO_DOUBLE_BACKWARD = (
-    "fusedres train-mode blocks do not support double backward (create_graph=True / higher-order "
-    "gradients); revert the model with fusedres.revert() for that"
+    "fusedres train-mode blocks with synchronised BatchNorm do not support double backward "
+    "(create_graph=True / higher-order gradients); revert the model with fusedres.revert() for that"
 )
 
 
@@ -228,13 +228,14 @@ class ChainTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, *_stat_grads):
-        create_graph = torch.is_grad_enabled()
+        if not torch.is_grad_enabled():
+            return ChainTrain._backward(ctx, gout)
+        if ctx.group is None:
+            return ChainTrain._differentiable_backward(ctx, gout)
+        # create_graph=True with synchronised statistics: hand back gradients whose own backward raises
+        # a clear error (what torch.autograd.function.once_differentiable does, naming fusedres).
         with torch.no_grad():
             grads = ChainTrain._backward(ctx, gout)
-        if not create_graph:
-            return grads
-        # create_graph=True: hand back gradients whose own backward raises a clear error (what
-        # torch.autograd.function.once_differentiable does, with a message naming fusedres).
         live = [i for i, g in enumerate(grads) if g is not None]
         err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD.encode(), len(live))
         wrapped = err(*[grads[i].detach().requires_grad_() for i in live])
@@ -245,6 +246,41 @@ class ChainTrain(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    def _differentiable_backward(ctx, gout):
+        """The backward of ``create_graph=True`` (a gradient penalty, a Hessian-vector product):
+        the chain's forward again as torchvision computes it (``F.conv2d``, batch-statistics
+        ``F.batch_norm`` that updates no running statistics, ReLU, the residual, the pool) from the
+        saved inputs, differentiated with ``create_graph=True``, so the gradients carry their own
+        graph back to the inputs, the parameters and ``gout``.  It costs one more forward of
+        the block, and only here."""
+        geoms, eps, residual, pool, _ = ctx.cfg[:5]
+        k = ctx.k
+        saved = _load(ctx)
+        x, ws, gammas, betas = saved["x"], saved["ws"], saved["gammas"], saved["betas"]
+        inputs = [x] + _interleave(ws, gammas, betas)
+        need = ctx.needs_input_grad[2:]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and need[i]]
+        with torch.autocast(x.device.type, enabled=False):
+            a = x
+            for i in range(k):
+                a = F.batch_norm(_conv(a, ws[i], geoms[i]), None, None, gammas[i], betas[i], True, 0.0, eps[i])
+                if i < k - 1:
+                    a = F.relu(a)
+            if residual == "downsample":
+                a = a + F.batch_norm(_conv(x, ws[k], geoms[k]), None, None, gammas[k], betas[k], True, 0.0, eps[k])
+            elif residual == "identity":
+                a = a + x
+            out = F.relu(a)
+            if pool is not None:
+                out = F.max_pool2d(out, *pool)
+            got = torch.autograd.grad(out, [inputs[i] for i in wanted], gout, create_graph=True, allow_unused=True)
+        grads = [None] * len(inputs)
+        for i, g in zip(wanted, got):
+            grads[i] = g
+        return (None, None, *grads)
+
+    @staticmethod
+    @torch.no_grad()
     def _backward(ctx, gout):
         geoms, eps, residual, pool, _ = ctx.cfg[:5]
         group, k, counts = ctx.group, ctx.k, ctx.counts
