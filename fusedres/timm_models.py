@@ -25,7 +25,6 @@ timm's forward, announced once per reason (:mod:`fusedres.patterns`).
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 from timm.models import resnet as timm_resnet
 
@@ -116,21 +115,24 @@ class TimmResNet(_Planned, timm_resnet.ResNet):
     """timm ``ResNet`` whose stem (plain or deep) runs as fused conv + BN + ReLU ops."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not (self.drop_rate and self.training):
+        if torch.jit.is_scripting():
             return self.forward_head(self.forward_features(x))
-        return self._dropout_head(x)
+        return self.forward_head(self._head_input(x))
 
     @torch.jit.unused
-    def _dropout_head(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's ``forward_head`` in training with a drop rate, its dropout fed the feature map
-        in the layout timm's trunk gives it.  ``F.dropout`` draws its mask in memory order, and a
-        head that keeps the spatial map (``global_pool=''``) would otherwise drop other elements
-        of the fused trunk's channels_last map than of timm's NCHW one with the same seed."""
-        fmt = _reference_layout(x, self)
-        x = self.global_pool(self.forward_features(x))
-        if x.dim() == 4 and not x.is_contiguous(memory_format=fmt):
-            x = x.contiguous(memory_format=fmt)
-        return self.fc(F.dropout(x, p=float(self.drop_rate), training=True))
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map for ``forward_head``, in the layout timm's trunk would give it when the head
+        drops out on the map itself (training, a ``drop_rate``, ``global_pool=''``): ``F.dropout``
+        draws its mask in memory order, so the fused trunk's channels_last map would lose other
+        elements than timm's NCHW one with the same seed.  Pooled heads take the map as it is."""
+        feats = self.forward_features(x)
+        pool = self.global_pool
+        keeps_map = type(pool) is nn.Identity or (callable(getattr(pool, "is_identity", None)) and pool.is_identity())
+        if self.drop_rate and self.training and keeps_map and feats.dim() == 4:
+            fmt = _reference_layout(x, self)
+            if not feats.is_contiguous(memory_format=fmt):
+                feats = feats.contiguous(memory_format=fmt)
+        return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
