@@ -529,6 +529,24 @@ def test_batch_of_one_value_per_channel_raises_like_batchnorm():
     assert fused(torch.randn(0, 16, 4, 4)).shape == (0, 16, 4, 4)  # empty batch: BatchNorm's semantics
 
 
+def test_one_value_per_channel_leaves_torchvisions_state():
+    """torchvision raises at the BN that sees one value per channel, after the BNs before it in
+    the block have updated their running statistics (and the failing one its count): the
+    converted block takes torchvision's forward there and leaves the same buffers behind."""
+    torch.manual_seed(0)
+    ref = tv.Bottleneck(8, 4, stride=2, downsample=torch.nn.Sequential(tv.conv1x1(8, 16, 2), torch.nn.BatchNorm2d(16)))
+    ref = ref.double().train()
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(1, 8, 2, 2, dtype=torch.float64)  # bn1 sees 4 values per channel, bn2 (stride 2) one
+    for model in (ref, fused):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            model(x)
+    assert ref.bn1.num_batches_tracked == 1  # what torchvision leaves: bn1 updated, bn2 counted
+    for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
+        assert torch.equal(a, b), name
+    assert chain_nodes(fused(torch.randn(2, 8, 4, 4, dtype=torch.float64))) == 1  # larger inputs still fuse
+
+
 @pytest.mark.cuda
 def test_cuda_activation_peak_resnet50_bf16():
     """Peak activation memory of a ResNet-50 AMP train step (forward + backward): fused <= 0.7x eager."""

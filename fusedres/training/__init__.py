@@ -118,7 +118,36 @@ def chain_reason(x, pairs, acts, downsample, owner=None) -> str | None:
     # rank's (empty) share, which the chain contributes with count 0.
     if x.numel() == 0 and _sync_group(owner, bns) is None:
         return "the batch is empty (BatchNorm's own empty-input semantics)"
+    # A BN that would see one value per channel: torchvision raises, after the BNs before it in
+    # the block have updated their running statistics (and the failing one its count); its own
+    # forward leaves the model exactly as torchvision's does, where the chain would raise first.
+    if _sync_group(owner, bns) is None and _one_value_per_channel(x, [c for c, _ in pairs], downsample):
+        return "a BatchNorm would see one value per channel (torchvision's forward raises)"
     return None
+
+
+def _one_value_per_channel(x, convs, downsample) -> bool:
+    """Whether a conv of the chain (``convs`` in order, then the ``downsample`` conv on ``x``)
+    outputs one position per channel over the batch; decided without guards on symbolic sizes."""
+    def positions(h, w, conv):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    n, (h0, w0) = x.shape[0], x.shape[-2:]
+    sizes, (h, w) = [], (h0, w0)
+    for conv in convs:
+        h, w = positions(h, w, conv)
+        sizes.append(n * h * w)
+    if downsample is not None:
+        h, w = positions(h0, w0, downsample[0])
+        sizes.append(n * h * w)
+    for size in sizes:
+        one = size == 1
+        if isinstance(one, torch.SymBool):
+            one = statically_known_true(one)
+        if one:
+            return True
+    return False
 
 
 def _layers(pairs, downsample):
