@@ -28,19 +28,45 @@ import torch.nn as nn
 from torch._prims_common import suggest_memory_format
 from timm.models import resnet as timm_resnet
 
+from .functional import autocast_dtype
+from .patterns import call_reason
 from .modules import Anatomy, _FusedBlockMixin, _Planned, fused_stem, register, run_trunk, shortcut_of
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "TimmResNet"]
 
 
 def _reference_layout(x: torch.Tensor, model: nn.Module) -> torch.memory_format:
-    """The memory format of the feature map timm's own trunk would give for input ``x``: PyTorch's
-    convolutions return channels_last when their input or their weight is channels_last, and the
-    blocks' adds and activations keep it, so channels_last when ``x`` or any conv weight is."""
-    tensors = [x] + [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if any(t.dim() == 4 and suggest_memory_format(t) == torch.channels_last for t in tensors):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The memory format of the feature map timm's own trunk gives for input ``x``.
+
+    The map has the layout of the last main-path conv's output (BN, activations, attention and
+    the in-place ``x += shortcut`` keep it), so this follows the main path's convs (the stem's,
+    then each block's ``conv1``, ``conv2``, ``conv3``; shortcut convs do not decide it) from
+    ``x``'s format, each as PyTorch decides it for its backend (``torch._C._select_conv_backend``
+    and ``_conv_determine_backend_memory_format``, asked with small stand-ins of the operands'
+    dtype, device and strides: channels_last when the input or the weight is, on most backends,
+    but never for cuDNN in float64).  Without those functions: channels_last when ``x`` or a
+    main-path weight is."""
+    convs = [m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)]
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            convs += [c for c in (getattr(block, n, None) for n in ("conv1", "conv2", "conv3")) if isinstance(c, nn.Conv2d)]
+    cl = torch.channels_last
+    fmt = suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
+    dtype = autocast_dtype(x) or x.dtype
+    select = getattr(torch._C, "_select_conv_backend", None)
+    decide = getattr(torch._C, "_conv_determine_backend_memory_format", None)
+    for conv in convs:
+        w = conv.weight
+        if select is None or decide is None or isinstance(conv.padding, str) or w.dim() != 4:
+            fmt = cl if fmt == cl or suggest_memory_format(w) == cl else torch.contiguous_format
+            continue
+        stand_in = torch.empty((x.shape[0], w.shape[1] * conv.groups, 16, 16), dtype=dtype, device=x.device,
+                               memory_format=fmt)
+        weight = torch.empty_strided(w.shape, w.stride(), dtype=dtype, device=w.device)
+        backend = select(stand_in, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
+                         [0, 0], conv.groups, None)
+        fmt = decide(stand_in, weight, backend)
+    return fmt
 
 
 def _after(aa) -> tuple:
@@ -117,6 +143,10 @@ class TimmResNet(_Planned, timm_resnet.ResNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self.forward_head(self.forward_features(x))
+        # Traced (torch.fx), transformed or globally hooked: timm's forward.  Compiled too: a compiled
+        # dropout draws its own mask, not eager's, whatever the layout.
+        if torch.compiler.is_compiling() or call_reason(x) is not None:
+            return super().forward(x)
         return self.forward_head(self._head_input(x))
 
     @torch.jit.unused

@@ -15,6 +15,8 @@ from helpers import assert_converts_and_matches, assert_within_budget, count_mod
 timm = pytest.importorskip("timm")
 from timm.models import resnet as timm_resnet  # noqa: E402
 
+import fusedres.timm_models  # noqa: E402  (convert imports it; tests name its classes before any convert)
+
 # plain, ResNet-D (deep stem, average-pool shortcut), deep-tiered stem, grouped, wide, SE, ECA, anti-aliased
 MODELS = ["resnet18", "resnet50", "resnet50d", "resnet26t", "resnext50_32x4d", "wide_resnet50_2", "seresnet50",
           "ecaresnet50d", "resnetblur50"]
@@ -90,19 +92,22 @@ def test_train_step_uses_the_chains():
     assert chain_nodes(out) == 9  # the stem and 8 blocks
 
 
-@pytest.mark.parametrize("layout", ["nchw", "input_cl", "weights_cl"])
+@pytest.mark.parametrize("layout", ["nchw", "input_cl", "weights_cl", "shortcut_cl"])
 def test_head_dropout_on_the_spatial_map_draws_timms_mask(layout):
     """A head that keeps the map (``global_pool=''``) with a drop rate: with the same seed the
     fused model drops the same elements as timm, whose mask follows its trunk's memory format
-    (NCHW, or channels_last for a channels_last input or model)."""
-    ref = build("resnet18", global_pool="", num_classes=0, drop_rate=0.5).train().double()
-    fused = fusedres.convert(copy.deepcopy(ref))
+    (NCHW, or channels_last for a channels_last input or model; a channels_last shortcut conv
+    alone leaves it NCHW, since ``x += shortcut`` keeps the main path's)."""
+    ref = build("resnet18", global_pool="", num_classes=0, drop_rate=0.5, down_kernel_size=3).train().double()
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)  # layer4 4x4: the fused trunk's map is channels_last
     if layout == "input_cl":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "weights_cl":
-        for m in (ref, fused):
-            m.to(memory_format=torch.channels_last)
+        ref.to(memory_format=torch.channels_last)
+    elif layout == "shortcut_cl":
+        w = ref.layer4[0].downsample[0].weight
+        w.data = w.data.contiguous(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(ref))
     outs = []
     for model in (ref, fused):
         torch.manual_seed(7)
@@ -110,6 +115,22 @@ def test_head_dropout_on_the_spatial_map_draws_timms_mask(layout):
     assert outs[0].dim() == 4 and (outs[0] == 0).float().mean() > 0.4  # the dropout acted on the map
     assert torch.equal(outs[1] == 0, outs[0] == 0)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+
+
+def test_head_dropout_model_still_traces():
+    """torch.fx (and create_feature_extractor, which traces in train mode) through such a model."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = fusedres.convert(build("resnet18", global_pool="", num_classes=0, drop_rate=0.5).double())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch.fx"):
+        traced = torch.fx.symbolic_trace(model.train())
+    torch.manual_seed(3)
+    want = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(traced(x), want, rtol=1e-9, atol=1e-9)
+    feats = create_feature_extractor(model.eval(), ["layer3"])(x)
+    assert feats["layer3"].shape == (2, 256, 4, 4)
 
 
 def test_active_drop_path_keeps_timms_forward():
