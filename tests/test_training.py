@@ -323,11 +323,12 @@ def test_gradcheck_float64_no_affine_and_synchronised(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", sorted(_CHAINS))
-def test_gradgradcheck_float64(kind):
+@pytest.mark.parametrize("kind, affine", [(k, True) for k in sorted(_CHAINS)] + [("downsample", False),
+                                                                              ("stem-pool", False)])
+def test_gradgradcheck_float64(kind, affine):
     """Double backward (``create_graph=True``): second derivatives through the chain, including
-    through ``gout``, checked against finite differences."""
-    cfg, x, params = _chain_args(kind)
+    through ``gout``, checked against finite differences (``affine=False``: no gamma/beta)."""
+    cfg, x, params = _chain_args(kind, affine)
 
     def fn(x, *p):
         return ChainTrain.apply(cfg, None, x, *p)[0]
