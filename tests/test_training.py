@@ -358,6 +358,32 @@ def test_gradient_penalty_matches_torchvision():
             assert rel_err(have, want) < 1e-9, name
 
 
+@pytest.mark.cuda
+def test_gradient_penalty_cuda_fp32(monkeypatch):
+    """The gradient penalty on CUDA (Triton chains forward; the double backward reruns the block
+    with torch's ops): input gradient and every parameter gradient within the fp32 budget of
+    torchvision's own error against float64 (channels_last, the chains' layout: this random-BN
+    model's fp32 gradients differ between layouts far above fp32's epsilon)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    ref = randomize(_tiny_resnet(tv.BasicBlock)).train().cuda().to(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    truth = copy.deepcopy(ref).double()
+    x = torch.randn(4, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    got = []
+    for model, xi in ((ref, x), (fused, x), (truth, x.double())):
+        xi = xi.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        ((g.flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
+        got.append((g.detach(), [p.grad for p in model.parameters()]))
+    assert chain_nodes(fused(x)) == 5
+    assert_within_budget(got[1][0], got[0][0], got[2][0].float(), torch.float32, "input gradient")
+    for i, (f, r, t) in enumerate(zip(got[1][1], got[0][1], got[2][1])):
+        assert (f is None) == (t is None), i
+        if t is not None:
+            assert_within_budget(f, r, t.float(), torch.float32, f"parameter {i} gradient")
+
+
 def test_double_backward_with_synchronised_statistics_raises_clear_error(tmp_path):
     import torch.distributed as dist
 
