@@ -801,6 +801,23 @@ def test_train_export_keeps_the_declared_dynamic_range():
         torch.testing.assert_close(programs["fused"].module()(x), programs["ref"].module()(x), rtol=1e-4, atol=1e-4)
 
 
+def test_train_export_with_a_batch_of_one_runs_like_torchvisions_program():
+    """A training export with a dynamic batch that may be 1: at 32x32 layer4's BatchNorms then see
+    one value per channel.  Eager raises; torchvision's program computes a finite output and
+    non-finite running variances, and so does the fused one (a symbolic count of 1 divided as
+    a Python number raised ZeroDivisionError)."""
+    ref = _resnet18().train()
+    fused = _fused(ref)
+    dims = {"x": {0: torch.export.Dim("n", min=1, max=8)}}
+    programs = [torch.export.export(m, (torch.randn(2, 3, 32, 32),), dynamic_shapes=dims).module() for m in (ref, fused)]
+    x = torch.randn(1, 3, 32, 32)
+    outs = [p(x) for p in programs]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    want, got = dict(programs[0].named_buffers()), dict(programs[1].named_buffers())
+    for name, a in want.items():
+        assert torch.equal(a.isfinite(), got[name].isfinite()), name
+
+
 # --------------------------------------------------------------------------- 6. failing calls
 
 

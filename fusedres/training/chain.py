@@ -206,7 +206,11 @@ class ChainTrain(torch.autograd.Function):
                 zs.append(z)
                 means.append(mean)
                 invstds.append(invstd)
-                stats_out += [mean, var * (count / (count - 1))]
+                # A symbolic count (torch.export with a dynamic batch) that may be 1 divides as a
+                # tensor op, giving inf/NaN variance as torchvision's exported BatchNorm does, where
+                # SymInt division raises ZeroDivisionError (eager raises BatchNorm's error above).
+                unbiased = var * count / (count - 1) if isinstance(count, torch.SymInt) else var * (count / (count - 1))
+                stats_out += [mean, unbiased]
             s, t = _scale_shift(gammas[k - 1], betas[k - 1], means[k - 1], invstds[k - 1])
             if residual == "downsample":
                 sd, td = _scale_shift(gammas[k], betas[k], means[k], invstds[k])
