@@ -39,6 +39,9 @@ with the two sums all-reduced over the group for synchronised BN (for ``g_z`` on
 and ``g_beta`` stay per rank, since DistributedDataParallel reduces parameter gradients).  The
 convolutions' data and weight gradients come from ATen's ``convolution_backward`` (cuDNN on
 CUDA, oneDNN/native on CPU).
+
+Double backward (``create_graph=True``) does not use this backward: it runs the chain's forward
+again with torch's own ops and differentiates that (:meth:`ChainTrain._differentiable_backward`).
 """
 
 from __future__ import annotations
