@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
+import os
 import sys
 
 import torch
 import torchvision
 
 from . import backends
+from .bench.report import device_info, environment
 from .bench.timing import time_interleaved
+from .modules import _REFERENCE as _FUSED_CLASSES
 from .modules import convert
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,12 +102,17 @@ def build_reference(name: str, seed: int = 0) -> torch.nn.Module:
     """A torchvision model (or ``timm/<name>``, a timm model) with random weights and randomized
     BN statistics (nothing downloaded)."""
     torch.manual_seed(seed)
-    if name.startswith("timm/"):
-        import timm
+    try:
+        if name.startswith("timm/"):
+            import timm
 
-        model = timm.create_model(name[len("timm/"):], pretrained=False)
-    else:
-        model = torchvision.models.get_model(name, weights=None)
+            model = timm.create_model(name[len("timm/"):], pretrained=False)
+        else:
+            model = torchvision.models.get_model(name, weights=None)
+    except ImportError as exc:
+        raise ValueError(f"--model {name}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError) as exc:  # timm: RuntimeError('Unknown model ...')
+        raise ValueError(f"--model {name}: {exc}") from None
     randomize_bn(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
@@ -169,7 +176,12 @@ def run_check(
     for name, v in (("batch", batch), ("size", size)) + ((("repeats", repeats),) if repeats is not None else ()):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is available")
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -182,6 +194,8 @@ def run_check(
     amp = dt if train and dt != torch.float32 else None
     ref = ref.to(device=dev, dtype=torch.float32 if train else dt).train(train)
     fused = convert(copy.deepcopy(ref), backend=backend)
+    if not any(type(m) in _FUSED_CLASSES for m in fused.modules()):
+        raise ValueError(f"--model {model}: it has no torchvision or timm ResNet block or stem that fusedres converts")
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(dev)
     xin = x if train else x.to(dt)
@@ -248,18 +262,20 @@ def run_check(
     if train:
         ok = ok and extra["grads"]["share"] <= 1 and extra["buffers"]["share"] <= 1
         ok = ok and extra["fp64_rel_err"] <= extra["fp64_rtol"]
+    env = environment(dev)
     verdict = None
     if err_ref == float("inf"):  # an infinite budget would pass anything
         ok, verdict = False, "torchvision's own output has NaN or inf where float64 does not: nothing to judge against"
-    elif not {u for u in used if not u.startswith("train:")} and not (train and used):
-        ok, verdict = False, "no fused op ran: nothing in the model was converted (or every call fell back)"
+    elif not {u for u in used if u != "reference" and (train or not u.startswith("train:"))}:
+        # "reference": a fallback to torchvision's forward, announced; judging that would compare torchvision with itself
+        ok, verdict = False, "no fused op ran: every converted module fell back to torchvision's forward"
     return {
         "model": model,
         "mode": mode,
         "batch": batch,
         "size": size,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_info(dev)["name"],
         "dtype": str(dt).replace("torch.", ""),
         "backend": backend,
         "backends_available": backends.available(),
@@ -277,11 +293,8 @@ def run_check(
         "time_fused_ms": times["fused"] * 1e3,
         "speedup": times["reference"] / times["fused"],
         "repeats": repeats,
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "python": platform.python_version(),
-        },
+        # Where, when and with what it ran (the bench results' provenance fields).
+        **{k: env[k] for k in ("date", "versions", "git", "host")},
     }
 
 
@@ -319,6 +332,9 @@ def run(args) -> int:
 
     kwargs = dict(model=args.model, batch=args.batch, size=args.size, device=args.device, dtype=args.dtype,
                   backend=args.backend, repeats=args.repeats, seed=args.seed, mode=args.mode)
+    if args.json_path and not os.path.isdir(os.path.dirname(os.path.abspath(args.json_path))):
+        print(f"fusedres check: --json {args.json_path}: its directory does not exist", file=sys.stderr)
+        return 2
     with Progress(transient=True) as bar:
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         task = bar.add_task("timing", total=args.repeats or (50 if dev.startswith("cuda") else 10))

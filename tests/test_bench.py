@@ -282,6 +282,46 @@ def test_failing_contender_is_an_error_row(mode):
         assert used == ["train:torch"] and "chains ran" in rows["fusedres-torch"]["note"]
 
 
+class _Off:
+    """A contender whose output is the model's plus ``delta``: wrong, and fast."""
+
+    def __init__(self, name, delta):
+        self.name, self.delta = name, delta
+
+    def skip_reason(self, device, mode):
+        return None
+
+    def build(self, ref, example, dtype):
+        delta = self.delta
+
+        class Off(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = ref
+
+            def forward(self, x):
+                return self.m(x) + delta
+
+        return Off()
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_a_wrong_contender_is_an_error_row_without_a_speedup(mode):
+    """Outputs off by more than the dtype's gate (``runner.MAX_REL_ERR``) make an error row, not a
+    timed one: a fast wrong contender reported "ok" with its speedup before."""
+    shape = workloads.BlockShape("basic", 8, 16, 2, 1, 64, 1, True, 8, 8)
+    w = runner.Workload("block", shape.name, 2, 32, shape, {"x": 1})
+    cons = [contenders.Contender("eager"), _Off("off", 1.0), _Off("rounding", 1e-7)]
+    cfg = runner.Config(device=torch.device("cpu"), dtypes=[torch.float32], mode=mode, contenders=cons,
+                        repeats=2, warmup=0)
+    rows = {r["contender"]: r for r in runner.run_workload(w, torch.float32, cfg, roofline.Peaks(1e11, 1e10, 1, 1, "test"))}
+    off = rows["off"]
+    assert off["status"] == "error" and off["error"].startswith("numerics:"), off
+    assert off["max_rel_err"] > runner.MAX_REL_ERR[(mode, torch.float32)]
+    assert off["time_ms"] is None and off["speedup_vs_eager"] is None
+    assert rows["rounding"]["status"] == "ok" and rows["rounding"]["speedup_vs_eager"] > 0
+
+
 def test_ort_contender_runs_the_exported_model():
     """ONNX Runtime's CPU session on the exported unconverted block: a row like any other."""
     pytest.importorskip("onnxruntime")
@@ -488,6 +528,16 @@ def test_render_results_fails_without_markers(tiny_run, tmp_path, capsys):
     (["--dtype", "int8"], "--dtype must list"),
     (["--batch", "0"], "--batch must list positive integers"),
     (["--size", "16"], "--size must be at least 32"),
+    (["--size", "0"], "--size must be at least 32"),  # 0 ran at the default 224
+    (["--repeats", "0"], "--repeats must be >= 1"),  # ran with 20
+    (["--repeats", "-1"], "--repeats must be >= 1"),  # every row an error, exit 0
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--time-budget", "-1"], "--time-budget must be a positive"),  # every row skipped, exit 0
+    (["--batch", ""], "--batch is empty"),
+    (["--contenders", " "], "--contenders is empty"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "meta"], "--device must be cpu, cuda or cuda:N"),
+    (["--json", "/no/such/dir/out.json"], "its directory does not exist"),  # raised after the whole run
 ])
 def test_cli_rejects_bad_arguments(argv, msg, capsys):
     from fusedres.cli import main

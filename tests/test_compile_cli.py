@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+import torchvision
 from torchvision.models import resnet as tv
 
 import fusedres
@@ -62,14 +64,27 @@ def test_check_cli_fails_on_bad_numerics(monkeypatch):
     assert rc == 1
 
 
-def test_check_fails_when_it_cannot_judge(capsys):
-    """``check`` passes only what it verified: a model with nothing to fuse (it compared torchvision
-    with itself and said "numerics OK"), and a reference whose own output is not finite (its
-    error budget was infinite, so anything passed) fail with the reason; bad arguments get one line."""
+def test_check_fails_when_it_cannot_judge(capsys, monkeypatch, tmp_path):
+    """``check`` passes only what it verified: a model with nothing to fuse is refused, one whose
+    converted blocks all fall back to torchvision's forward fails (it compared torchvision with
+    itself and said "numerics OK"), and a reference whose own output is not finite (its error
+    budget was infinite, so anything passed) fails with the reason; bad arguments get one line."""
+    from fusedres import check
     from fusedres.check import rel_err, run_check
     from fusedres.cli import main
 
-    res = run_check(model="squeezenet1_0", batch=1, size=32, device="cpu", repeats=1)
+    with pytest.raises(ValueError, match="no torchvision or timm ResNet block"):
+        run_check(model="squeezenet1_0", batch=1, size=32, device="cpu", repeats=1)
+
+    def group_norm_resnet(name, seed=0):  # converted, but every block and the stem fall back
+        torch.manual_seed(seed)
+        return torchvision.models.resnet18(norm_layer=lambda c: torch.nn.GroupNorm(2, c)).eval()
+
+    with monkeypatch.context() as m:
+        m.setattr(check, "build_reference", group_norm_resnet)
+        with pytest.warns(RuntimeWarning, match="GroupNorm"):
+            res = run_check(model="resnet18", batch=1, size=32, device="cpu", repeats=1)
+    assert res["backends_used"] == ["reference"]
     assert not res["numerics_ok"] and "no fused op ran" in res["verdict"]
     ref = torch.tensor([1.0, float("inf"), float("nan"), 2.0])
     assert rel_err(ref.clone(), ref) == 0.0
@@ -81,8 +96,12 @@ def test_check_fails_when_it_cannot_judge(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(base + argv)
         assert exit_.value.code == 2
-    for argv in [["--model", "nosuchmodel"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]]):
-        assert main(base + argv) == 2
+    bad = [["--model", "nosuchmodel"], ["--model", "squeezenet1_0"], ["--device", "tpu"], ["--device", "cuda:abc"],
+           ["--device", "meta"], ["--json", str(tmp_path / "no" / "such" / "dir.json")]]
+    if importlib.util.find_spec("timm") is not None:
+        bad.append(["--model", "timm/nosuchmodel"])
+    for argv in bad + ([] if torch.cuda.is_available() else [["--device", "cuda"]]):
+        assert main(base + argv) == 2, argv
     assert "Traceback" not in capsys.readouterr().err
 
 def test_check_cli_train_json(tmp_path):
@@ -97,6 +116,7 @@ def test_check_cli_train_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["mode"] == "train" and res["numerics_ok"] is True and res["backends_used"] == ["train:torch"]
     assert res["fp64_rel_err"] <= 1e-9
+    assert res["date"] and res["git"]["commit"] and res["versions"]["fusedres"] and res["host"]["logical_cores"]
     for key in ("grads", "buffers"):
         assert res[key]["rel_err_fused"] <= res[key]["budget"], res[key]
 

@@ -16,6 +16,7 @@ Explicit flags override a suite's settings.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 from pathlib import Path
@@ -182,22 +183,42 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in SUITES.get(args.suite or "", {}).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {a.device!r}: {exc}") from None
+    if a.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {str(a.device)!r}")
     if a.device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {a.device} asked for, but torch sees no CUDA device")
     cuda = a.device.type == "cuda"
     if a.blocks is None and a.model is None:
         a.blocks = a.model = "resnet50"
-    a.batch = a.batch or ("64" if cuda else "8")
-    a.size = a.size or 224
-    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    # Unset flags take the defaults; a flag given empty or out of range is an error, never a default.
+    for flag, value in (("batch", a.batch), ("dtype", a.dtype), ("contenders", a.contenders)):
+        if value is not None and not value.strip():
+            raise ValueError(f"--{flag} is empty")
+    a.batch = a.batch if a.batch is not None else ("64" if cuda else "8")
+    a.size = a.size if a.size is not None else 224
+    a.dtype = a.dtype if a.dtype is not None else ("bfloat16" if cuda else "float32")
     a.mode = a.mode or "infer"
     a.channels_last = bool(a.channels_last)
-    a.contenders = a.contenders or ("eager,compile,fusedres" + (",compile-max,tensorrt" if cuda else ""))
-    a.repeats = a.repeats or (100 if cuda else 20)
+    if a.contenders is None:
+        a.contenders = "eager,compile,fusedres" + (",compile-max,tensorrt" if cuda else "")
+    a.repeats = a.repeats if a.repeats is not None else (100 if cuda else 20)
     a.warmup = a.warmup if a.warmup is not None else (10 if cuda else 3)
     if a.size < 32:
         raise ValueError(f"--size must be at least 32 (five stride-2 stages), got {a.size}")
+    if a.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {a.repeats}")
+    if a.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
+    if a.time_budget is not None and not a.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {a.time_budget}")
+    for flag in ("json_path", "csv_path", "plot_path", "summary_path"):
+        path = getattr(a, flag, None)
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"--{flag.removesuffix('_path')} {path}: its directory does not exist")
     return a
 
 

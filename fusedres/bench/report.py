@@ -108,6 +108,10 @@ def environment(device: torch.device) -> dict:
             # (TRITON_INTERPRET) before the backends get to it.
             "triton": _version("triton"),
             "torch_tensorrt": _version("torch_tensorrt") or _version("torch-tensorrt"),
+            # The ort-cpu contender's runtime and exporter, and timm (timm/<name> models).
+            "onnxruntime": _version("onnxruntime"),
+            "onnx": _version("onnx"),
+            "timm": _version("timm"),
             "fusedres": fusedres.__version__,
             "python": platform.python_version(),
             "cuda": torch.version.cuda,
@@ -166,7 +170,8 @@ def validate(result: dict) -> None:
 #: The run's keys every CSV line carries, as ``<key>_<field>`` columns.
 _CSV_RUN_FIELDS = {
     "device": ("type", "name", "slug", "capability", "memory_gib"),
-    "versions": ("torch", "torchvision", "triton", "torch_tensorrt", "fusedres", "python", "cuda", "cudnn"),
+    "versions": ("torch", "torchvision", "triton", "torch_tensorrt", "onnxruntime", "onnx", "timm", "fusedres", "python",
+                 "cuda", "cudnn"),
     "git": ("commit", "dirty"),
     "host": ("cpu", "logical_cores", "torch_threads", "platform", "loadavg_start", "loadavg_end"),
 }
