@@ -911,6 +911,13 @@ def explain(model: nn.Module) -> str:
         note = mod.fusion_report() if hasattr(mod, "fusion_report") else None
         if note is not None:
             notes.setdefault(note, []).append(name or type(mod).__name__)
+        # The stages of a converted ResNet: blocks of a class fusedres does not know stay as they are.
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            layer = getattr(mod, stage, None)
+            for i, block in enumerate(layer if isinstance(layer, nn.Sequential) else ()):
+                if type(block) not in _REFERENCE:
+                    note = f"not converted: {type(block).__name__} is not a block class fusedres knows; it runs as it is"
+                    notes.setdefault(note, []).append(f"{name + '.' if name else ''}{stage}.{i}")
     if not counts:
         return f"fusedres: nothing converted in {type(model).__name__}"
     head = ", ".join(f"{n} {cls}" for cls, n in counts.items())

@@ -170,6 +170,10 @@ def test_convert_reports_what_it_did(caplog):
     assert "the attention SEModule" in fusedres.explain(model)
     with pytest.warns(UserWarning, match="nothing was converted"):
         fusedres.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()))
+    # Blocks of a class fusedres does not know are named, not left unmentioned.
+    report = fusedres.explain(fusedres.convert(build("skresnet18")))
+    assert "8 modules (layer1.0, layer1.1, layer2.0, layer2.1 and 4 more): not converted: SelectiveKernelBasic" in report
+    assert "not converted" not in fusedres.explain(model)
 
 
 def test_jit_script_timm():
