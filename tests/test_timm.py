@@ -117,6 +117,29 @@ def test_head_dropout_on_the_spatial_map_draws_timms_mask(layout):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["nchw", "input_cl"])
+def test_head_dropout_on_the_spatial_map_draws_timms_mask_cuda(layout):
+    """The same on CUDA, fp32: the fused trunk's map reaches timm's head dropout in the layout
+    timm's cuDNN trunk gives, so one seed drops the same elements.  fp32 rounding may flip a
+    ReLU zero here and there; a mask drawn over another layout would differ at about half of
+    the elements."""
+    ref = build("resnet18", global_pool="", num_classes=0, drop_rate=0.5).train().cuda()
+    x = torch.randn(4, 3, 128, 128, device="cuda")
+    if layout == "input_cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    outs = []
+    with fusedres.backends.record() as used:
+        for model in (ref, fused):
+            torch.manual_seed(7)
+            outs.append(model(x))
+    assert used and "reference" not in used  # the fused trunk ran, not timm's forward
+    assert (outs[0] == 0).float().mean() > 0.4
+    assert ((outs[1] == 0) != (outs[0] == 0)).float().mean() < 1e-3
+    assert rel_err(outs[1], outs[0]) < 1e-2
+
+
 def test_head_dropout_model_still_traces():
     """torch.fx (and create_feature_extractor, which traces in train mode) through such a model."""
     from torchvision.models.feature_extraction import create_feature_extractor

@@ -177,6 +177,16 @@ def test_hoisted_main_loop_matches_fp64(case, dtype, monkeypatch):
         assert [s["HOISTED"] for s in seen] == [True] and seen[0]["EVEN_K"] == (case in EVEN_CASES)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_HOISTED=1 themselves")
+def test_hoisted_loop_keeps_filters_over_16_on_the_default_loop(monkeypatch):
+    """The hoisted loop's padding bits hold up to 16 rows and 16 columns of taps; a 17x17 filter
+    runs the default loop, and still matches fp64."""
+    monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
+    seen = _spy_kernel(monkeypatch)
+    _conv_case_matches_fp64((1, 8, 8, 4, 5, 17, 1, 8, 1, 1, False, True), torch.bfloat16, True)
+    assert [s["HOISTED"] for s in seen] == [None]
+
+
 def test_every_block_k_divides_the_even_k_unit():
     tiles = (*tl_launch.GPU_CONFIGS, *tl_launch.FMA_CONFIGS, tl_launch.INTERPRET_CONFIG)
     assert all(tl_launch._MAX_BLOCK_K % t.block_k == 0 for t in tiles) and tl_launch._MAX_BLOCK_K == 64

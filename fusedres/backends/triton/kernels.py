@@ -235,6 +235,21 @@ def _conv_bn_act_fwd_kernel(
         b_dc = BLOCK_K * swc
         b_dw = sww - c_back * swc
         b_dh = swh - (KW - 1) * sww - c_back * swc
+        # The padding border: which rows and columns of taps fall outside x, per output row, as one
+        # bit per row of taps (bit kh) and one per column (bit 16 + kw), all set for a row past M; found
+        # once here, so a step tests one mask (hbit | wbit, advanced with the tap) per row instead of
+        # two bounds.  Filters up to 16x16 (the launcher keeps larger ones on the default loop).
+        tl.static_assert(KH <= 16 and KW <= 16, "HOISTED: filters up to 16x16")
+        hbit = tl.full((), 1, tl.uint32)
+        wbit = tl.full((), 1 << 16, tl.uint32)
+        if PADDED:
+            off_x = tl.where(m_ok, 0, -1).to(tl.uint32, bitcast=True)
+            for t in tl.static_range(KH):
+                ih_t = ih0 + t * dil_h
+                off_x = off_x | (((ih_t < 0) | (ih_t >= H)).to(tl.uint32) << t)
+            for t in tl.static_range(KW):
+                iw_t = iw0 + t * dil_w
+                off_x = off_x | (((iw_t < 0) | (iw_t >= W)).to(tl.uint32) << (16 + t))
         if SPLIT_K:  # the counters and offsets of step s_lo (the offsets are linear in kh, kw, c0)
             tap0 = s_lo // c_blocks
             c0 = (s_lo - tap0 * c_blocks) * BLOCK_K
@@ -242,11 +257,11 @@ def _conv_bn_act_fwd_kernel(
             kw = tap0 - kh * KW
             a_off = (kh * dil_h) * sxh64 + (kw * dil_w) * sxw64 + c0 * sxc64
             b_off = kh * swh + kw * sww + c0 * swc
+            hbit = hbit << kh.to(tl.uint32)
+            wbit = wbit << kw.to(tl.uint32)
         for step in range(s_lo, s_hi):
-            if PADDED:  # 0 <= ih < H as one unsigned compare (a negative ih wraps above H)
-                ih = (ih0 + kh * dil_h).to(tl.uint32, bitcast=True)
-                iw = (iw0 + kw * dil_w).to(tl.uint32, bitcast=True)
-                row_ok = m_ok & (ih < H.to(tl.uint32)) & (iw < W.to(tl.uint32))
+            if PADDED:
+                row_ok = (off_x & (hbit | wbit)) == 0
             else:
                 row_ok = m_ok
             cc = c0 + offs_k
@@ -272,6 +287,8 @@ def _conv_bn_act_fwd_kernel(
             next_row = kw == KW
             kw = tl.where(next_row, 0, kw)
             kh = tl.where(next_row, kh + 1, kh)
+            wbit = tl.where(next_row, 1 << 16, tl.where(next_tap, wbit << 1, wbit))
+            hbit = tl.where(next_row, hbit << 1, hbit)
             a_off += tl.where(next_row, a_dh, tl.where(next_tap, a_dw, a_dc))
             b_off += tl.where(next_row, b_dh, tl.where(next_tap, b_dw, b_dc))
     else:

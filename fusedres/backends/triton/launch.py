@@ -328,14 +328,15 @@ def launch(
 #
 # The kernel's HOISTED main loop advances the filter tap and the channel block as counters (no
 # integer division per step), forms the A and B pointer tiles once (a step adds one of three
-# precomputed offset increments), checks the padding border with one unsigned compare per axis, and
-# with EVEN_K (C_in per group a multiple of every BLOCK_K) drops the channel masks.  The aot report
-# measures it: sm_90 bf16 3x3 with residual and BN statistics 232 -> 142 main-loop SASS instructions
-# per k-step (4 wgmma), 1x1 166 -> 104; median over the bf16 eval variants 41.5 -> 26.0 per MMA
-# (Triton 3.8).  It has never run on a GPU: it is taken only with FUSEDRES_TRITON_HOISTED=1 until a GPU
-# run has verified it (numerics through the interpreter and the sm_80/sm_90 compilation are checked
-# on the CPU).  fp16/bf16 only: with fp32 operands (twice the pointer vectors per thread) the
-# heaviest train variant spilled 24 bytes on sm_80 under Triton 3.6.
+# precomputed offset increments), checks the padding border with one bit test per row (which rows and
+# columns of taps fall outside x is found once per output row, hence filters up to 16x16 only: larger
+# ones keep the default loop), and with EVEN_K (C_in per group a multiple of every BLOCK_K) drops the
+# channel masks.  The aot report measures it: sm_90 bf16 3x3 with residual and BN statistics 232 -> 142
+# main-loop SASS instructions per k-step (4 wgmma) with two bound compares per row, 121 with the bit
+# test; 1x1 166 -> 104 (Triton 3.8).  It has never run on a GPU: it is taken only with
+# FUSEDRES_TRITON_HOISTED=1 until a GPU run has verified it (numerics through the interpreter and the
+# sm_80/sm_90 compilation are checked on the CPU).  fp16/bf16 only: with fp32 operands (twice the
+# pointer vectors per thread) the heaviest train variant spilled 24 bytes on sm_80 under Triton 3.6.
 
 HOISTED_ENABLED = os.environ.get("FUSEDRES_TRITON_HOISTED") == "1"
 #: Every BLOCK_K a tile may use divides this, so ``C_in/groups % _MAX_BLOCK_K == 0`` is EVEN_K for all.
@@ -766,7 +767,7 @@ def _launch(
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
     )
-    if HOISTED_ENABLED and x.element_size() == 2:  # opt-in (see HOISTED_ENABLED); absent, the flags are as verified
+    if HOISTED_ENABLED and x.element_size() == 2 and kh <= 16 and kw <= 16:  # opt-in (see HOISTED_ENABLED)
         flags.update(HOISTED=True, EVEN_K=cg % _MAX_BLOCK_K == 0)
 
     def grid(meta):
