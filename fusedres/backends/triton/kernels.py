@@ -236,14 +236,16 @@ def _conv_bn_act_fwd_kernel(
         b_dw = sww - c_back * swc
         b_dh = swh - (KW - 1) * sww - c_back * swc
         # The padding border: which rows and columns of taps fall outside x, per output row, as one
-        # bit per row of taps (bit kh) and one per column (bit 16 + kw), all set for a row past M; found
-        # once here, so a step tests one mask (hbit | wbit, advanced with the tap) per row instead of
-        # two bounds.  Filters up to 16x16 (the launcher keeps larger ones on the default loop).
+        # bit per row of taps (bit kh) and one per column (bit 16 + kw), found once here, so a step
+        # tests one mask (hbit | wbit, advanced with the tap) per row instead of two bounds.  Filters
+        # up to 16x16 (the launcher keeps larger ones on the default loop).  Bit 31 marks a row past
+        # M (always in the mask): how m_ok is folded in changed sm_80's register allocation under
+        # Triton 3.6 and 3.8 (the aot report's spills), and this form left the fewest.
         tl.static_assert(KH <= 16 and KW <= 16, "HOISTED: filters up to 16x16")
         hbit = tl.full((), 1, tl.uint32)
         wbit = tl.full((), 1 << 16, tl.uint32)
         if PADDED:
-            off_x = tl.where(m_ok, 0, -1).to(tl.uint32, bitcast=True)
+            off_x = (m_ok == 0).to(tl.uint32) << 31
             for t in tl.static_range(KH):
                 ih_t = ih0 + t * dil_h
                 off_x = off_x | (((ih_t < 0) | (ih_t >= H)).to(tl.uint32) << t)
@@ -261,7 +263,7 @@ def _conv_bn_act_fwd_kernel(
             wbit = wbit << kw.to(tl.uint32)
         for step in range(s_lo, s_hi):
             if PADDED:
-                row_ok = (off_x & (hbit | wbit)) == 0
+                row_ok = (off_x & (hbit | wbit | 0x80000000)) == 0
             else:
                 row_ok = m_ok
             cc = c0 + offs_k
