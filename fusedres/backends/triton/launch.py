@@ -332,7 +332,7 @@ def launch(
 # columns of taps fall outside x is found once per output row, hence filters up to 16x16 only: larger
 # ones keep the default loop), and with EVEN_K (C_in per group a multiple of every BLOCK_K) drops the
 # channel masks.  The aot report measures it: sm_90 bf16 3x3 with residual and BN statistics 232 -> 142
-# main-loop SASS instructions per k-step (4 wgmma) with two bound compares per row, 121 with the bit
+# main-loop SASS instructions per k-step (4 wgmma) with two bound compares per row, 122 with the bit
 # test; 1x1 166 -> 104 (Triton 3.8).  It has never run on a GPU: it is taken only with
 # FUSEDRES_TRITON_HOISTED=1 until a GPU run has verified it (numerics through the interpreter and the
 # sm_80/sm_90 compilation are checked on the CPU).  fp16/bf16 only: with fp32 operands (twice the
