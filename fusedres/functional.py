@@ -169,12 +169,10 @@ def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_na
     return oh, ow
 
 
-def _wants_grad(*ts) -> bool:
-    """Whether the call needs the differentiable path: autograd, forward-mode AD (a dual tensor
-    carries its tangent past an inference kernel, which would drop it: a zero JVP) or a
-    ``torch.func`` transform (vmap's batched operands, jvp, grad)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
-        return True
+def _in_transform(*ts) -> bool:
+    """Whether forward-mode AD (a dual tensor carries its tangent past a kernel without a
+    forward-mode derivative, which would drop it: a zero JVP) or a ``torch.func`` transform
+    (vmap's batched operands, jvp, grad) is active for this call."""
     if torch.compiler.is_compiling():
         return False
     functorch = torch._C._functorch
@@ -189,7 +187,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra) -> ConvSpec:
-    requires_grad = _wants_grad(*operands)
+    transform = _in_transform(*operands)
+    # the differentiable path: autograd, or a transform (which the backends without one must decline)
+    requires_grad = transform or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands))
     return ConvSpec(
         device_type=x.device.type,
         dtype=x.dtype,
@@ -203,6 +203,7 @@ def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra)
         relu=bool(relu),
         channels_last=_is_channels_last(x),
         requires_grad=requires_grad,
+        transform=transform,
         batch=x.shape[0],
         input_size=(x.shape[2], x.shape[3]),
         dispatch=backends.needs_dispatch(requires_grad, operands),

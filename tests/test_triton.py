@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -580,6 +581,48 @@ def test_opcheck_block_tail(requires_grad):
         torch.library.opcheck(torch.ops.fusedres.block_tail_triton.default,
                               (y, w, s, b, x, wd, sd, bd, bd, sd, 1e-5, b, s, 1e-3,
                                [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
+
+
+def test_forward_ad_and_func_transforms_are_refused_not_dropped():
+    """The triton ops' autograd is backward-only: a dual tensor's tangent was dropped (None, a silent
+    zero ``torch.func.jvp``) and ``torch.func.grad`` failed inside torch.  Asked for by name the
+    backend now refuses such calls clearly; ``auto`` takes the reference (on CUDA it had picked triton,
+    the cuda backend declining any differentiable call)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, tx = _rand(1, 4, 6, 6, dtype=torch.float32), _rand(1, 4, 6, 6, dtype=torch.float32)
+    wt = _rand(8, 4, 3, 3, dtype=torch.float32) * 0.3
+    scale, shift = _affine(8)
+
+    def f(backend):
+        return lambda xx: fusedres.conv_bn_act(xx, wt, scale, shift, padding=1, backend=backend)
+
+    refused = pytest.raises(fusedres.BackendUnavailableError, match="forward-mode AD or a torch.func transform")
+    with refused:
+        torch.func.jvp(f("triton"), (x,), (tx,))
+    with refused:
+        torch.func.grad(lambda xx: f("triton")(xx).sum())(x)
+    with refused, fwAD.dual_level():
+        f("triton")(fwAD.make_dual(x, tx))
+    y = _rand(1, 4, 3, 3, dtype=torch.float32)
+    with refused, fwAD.dual_level():
+        fusedres.block_tail(fwAD.make_dual(y, torch.randn_like(y)), wt, scale, shift, x, wt[:, :, :1, :1], scale,
+                            shift, padding=1, ds_stride=2, backend="triton")
+    _, want = torch.func.jvp(f("torch"), (x,), (tx,))
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        _, got = torch.func.jvp(f("auto"), (x,), (tx,))
+    torch.testing.assert_close(got, want)
+    # plain autograd is not refused (the ops' backward is registered)
+    xg = x.clone().requires_grad_()
+    f("triton")(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.func.grad(lambda xx: f("torch")(xx).sum())(x))
+    spec = backends.ConvSpec(device_type="cuda", dtype=torch.bfloat16, in_channels=64, out_channels=64,
+                             kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=True,
+                             has_residual=False, channels_last=True, requires_grad=True, transform=True, batch=1,
+                             input_size=(8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one-time warning
+        assert backends.select("auto", spec).NAME == "torch"
 
 
 # case: (op, argument index, bad value, the error's text)

@@ -80,6 +80,7 @@ class ConvSpec:
     relu: bool
     has_residual: bool
     channels_last: bool
+    #: The differentiable path is needed: autograd, or ``transform``.
     requires_grad: bool
     ds_in_channels: int = 0
     ds_stride: tuple[int, int] | None = None
@@ -90,6 +91,9 @@ class ConvSpec:
     #: when autograd, ``torch.compile``, a dispatch or function mode, the profiler or a tensor
     #: subclass must see the op (:func:`needs_dispatch`).
     dispatch: bool = True
+    #: Forward-mode AD or a ``torch.func`` transform is active: backward-only autograd (an
+    #: ``autograd.Function`` without ``jvp`` or functorch rules) would drop the tangent or fail.
+    transform: bool = False
 
     @property
     def has_downsample(self) -> bool:

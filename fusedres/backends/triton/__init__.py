@@ -14,6 +14,8 @@ An eval ``BasicBlock`` is therefore 2 launches and a ``Bottleneck`` 3.  Kernels:
 
 Differentiable: the forward is the fused kernel, the backward runs through ATen
 (``convolution_backward`` plus a recomputed conv for the BN-scale gradient; see ``ops.py``).
+Backward only: calls under forward-mode AD or a ``torch.func`` transform are declined
+(``ConvSpec.transform``), so ``auto`` takes the reference for them.
 
 Runs on CUDA tensors, or on CPU tensors through the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
@@ -51,6 +53,11 @@ def unsupported_reason(spec) -> str | None:
         return f"tensors are on {spec.device_type}; the triton backend needs CUDA tensors"
     if spec.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {spec.dtype} is not supported (fp16, bf16, fp32 only)"
+    if spec.transform:
+        # The ops' autograd is backward-only: a dual tensor's tangent would be dropped (a silent
+        # zero JVP) and torch.func.grad/jacrev refuse an autograd.Function without setup_context.
+        return ("forward-mode AD or a torch.func transform is active and the triton ops define only a backward "
+                "(no forward-mode derivative or functorch rule)")
     (h, w), (hd, wd), (oh, ow) = spec.input_size, spec.ds_input_size, spec.output_size
     kh, kw = spec.kernel_size
     return _launch.size_limit_reason(
