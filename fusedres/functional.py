@@ -103,6 +103,10 @@ def _check_conv_args(x_name, x, w_name, w, s_name, scale, b_name, shift, groups,
         # after it accepts) for no input channel; a fused kernel would return relu(shift) instead
         raise ValueError(f"{w_name} {tuple(w.shape)} has no {'output' if w.shape[0] == 0 else 'input'} channel: "
                          f"a conv + BN needs at least one of each")
+    if w.shape[2] == 0 or w.shape[3] == 0:
+        # torch: "kernel size should be greater than zero"; a kernel would return relu(shift) on an
+        # output larger than the input
+        raise ValueError(f"{w_name} {tuple(w.shape)} has an empty {w.shape[2]}x{w.shape[3]} kernel")
     for n, v in ((s_name, scale), (b_name, shift)):
         _check_channel_vector(n, v, w.shape[0], x_name, x)
 

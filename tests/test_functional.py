@@ -117,6 +117,28 @@ def test_zero_channels_raise(backend):
                                            [1, 1], [1, 1], 1, True)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
+def test_empty_kernel_raises(backend):
+    """A weight with a zero-size kernel dimension: torch's conv2d raises; the triton kernel had returned
+    relu(shift) on an output larger than the input, oneDNN a primitive-descriptor error, and the ops'
+    fake implementations a shape (a compiled graph traced, then failed)."""
+    if backend != "auto" and not backends.is_available(backend):
+        pytest.skip(f"{backend} unavailable")
+    x, s, b = torch.randn(1, 4, 6, 6), torch.rand(8), torch.rand(8)
+    for wshape in ((8, 4, 0, 3), (8, 4, 3, 0), (8, 4, 0, 0)):
+        with pytest.raises(ValueError, match=r"weight \(8, 4, \d, \d\) has an empty \dx\d kernel"):
+            fusedres.conv_bn_act(x, torch.randn(wshape), s, b, backend=backend)
+    with pytest.raises(ValueError, match="has an empty 0x0 kernel"):
+        fusedres.block_tail(torch.randn(1, 4, 3, 3), torch.randn(8, 4, 0, 0), s, b, x, torch.randn(8, 4, 1, 1), s, b,
+                            ds_stride=2, backend=backend)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="has an empty 0x3 kernel"):
+        torch.ops.fusedres.conv_bn_act_cpu(mode.from_tensor(x), mode.from_tensor(torch.randn(8, 4, 0, 3)),
+                                           mode.from_tensor(s), mode.from_tensor(b), None, None, None, 1e-5, [1, 1],
+                                           [0, 0], [1, 1], 1, True)
+
+
 def test_bad_inputs_name_the_argument():
     x, wt, scale, shift, res, kw = _case(*CONV_CASES[1])
     with pytest.raises(ValueError, match="x must be 4-D"):

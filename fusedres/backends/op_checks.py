@@ -40,6 +40,7 @@ def check_conv(check, dtypes, x_name, x, w_name, weight, stride, padding, dilati
     check(groups >= 1 and k % groups == 0 and cg * groups == c,
           lambda: f"{w_name} {tuple(ws)} with groups={groups} does not fit {x_name}'s {c} channels")
     check(k >= 1 and cg >= 1, lambda: f"{w_name} {tuple(ws)} has no output or no input channel")
+    check(kh >= 1 and kw >= 1, lambda: f"{w_name} {tuple(ws)} has an empty {kh}x{kw} kernel")
     check(len(stride) == len(padding) == len(dilation) == 2 and min(*stride, *dilation) >= 1 and min(padding) >= 0,
           lambda: f"invalid {stride_name}={stride}, padding={padding}, dilation={dilation} for {w_name}")
     oh, ow = conv_out_hw(h, w, (kh, kw), stride, padding, dilation)
