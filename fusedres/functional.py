@@ -191,6 +191,8 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra) -> ConvSpec:
+    if not (isinstance(relu, int) and relu in (0, 1)):  # a bool (or 0/1): not any truthy value, e.g. "false"
+        raise TypeError(f"relu must be a bool, got {relu!r}")
     transform = _in_transform(*operands)
     # the differentiable path: autograd, or a transform (which the backends without one must decline)
     requires_grad = transform or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands))
@@ -421,18 +423,21 @@ def prepare_block_tail(
         if x.dtype in _AUTOCAST_DTYPES:
             x = x.to(amp)
     _check_conv_args("y", y, "weight", weight, "scale", scale, "shift", shift, groups, autocast=amp is not None)
-    _check_conv_args("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale, "ds_shift", ds_shift, 1,
-                     autocast=amp is not None)
+    # x and ds_weight against the main branch first, so that a mismatch names them rather than the
+    # ds_scale/ds_shift that fit the main branch
     if x.dtype != y.dtype:
         raise TypeError(f"x dtype {x.dtype} does not match y dtype {y.dtype}")
     if x.device != y.device:
         raise ValueError(f"x is on {x.device} but y is on {y.device}")
-    if tuple(ds_weight.shape[2:]) != (1, 1):
-        raise ValueError(f"ds_weight must be a 1x1 kernel, got shape {tuple(ds_weight.shape)}")
+    _check_tensor("ds_weight", ds_weight, 4)
     if ds_weight.shape[0] != weight.shape[0]:
         raise ShapeError(
             f"ds_weight has {ds_weight.shape[0]} output channels but weight has {weight.shape[0]}"
         )
+    _check_conv_args("x", x, "ds_weight", ds_weight, "ds_scale", ds_scale, "ds_shift", ds_shift, 1,
+                     autocast=amp is not None)
+    if tuple(ds_weight.shape[2:]) != (1, 1):
+        raise ValueError(f"ds_weight must be a 1x1 kernel, got shape {tuple(ds_weight.shape)}")
     if x.shape[0] != y.shape[0]:
         raise ShapeError(f"x batch {x.shape[0]} does not match y batch {y.shape[0]}")
     oh, ow = _checked_out_hw("y", y, weight.shape[2:], stride, padding, dilation)

@@ -207,6 +207,53 @@ def test_block_tail_checks_geometry(kw, needle, backend):
             fusedres.conv_bn_act(y, w, s, b, backend=backend, **kw)
 
 
+def test_block_tail_names_the_mismatched_downsample_argument():
+    """A ds_weight with another output-channel count was blamed on ds_scale (which fits the main
+    branch), an x on another device on ds_scale too."""
+    y, w, s, b, x, wd, sd, bd = _tail_args()
+    with pytest.raises(ValueError, match="ds_weight has 15 output channels but weight has 16"):
+        fusedres.block_tail(y, w, s, b, x, wd[:15], sd, bd, padding=1, ds_stride=2)
+    with pytest.raises(ValueError, match="x is on meta but y is on cpu"):
+        fusedres.block_tail(y, w, s, b, x.to("meta"), wd.to("meta"), sd, bd, padding=1, ds_stride=2)
+
+
+def test_relu_must_be_a_bool():
+    """relu="false" applied the ReLU (any truthy value did); bools and 0/1 are accepted."""
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    for bad in ("false", "no", None, 2, 1.0):
+        with pytest.raises(TypeError, match="relu must be a bool"):
+            fusedres.conv_bn_act(x, wt, scale, shift, relu=bad, **kw)
+        with pytest.raises(TypeError, match="relu must be a bool"):
+            fusedres.block_tail(*_tail_args(), padding=1, ds_stride=2, relu=bad)
+    torch.testing.assert_close(fusedres.conv_bn_act(x, wt, scale, shift, relu=0, **kw),
+                               fusedres.conv_bn_act(x, wt, scale, shift, relu=False, **kw))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_ops_reject_a_negative_eps(backend):
+    """The public ops computed with var + eps for a negative eps (fusedres.conv_bn_act and F.batch_norm
+    reject it), and their fake implementations traced it."""
+    if not backends.is_available(backend):
+        pytest.skip(f"{backend} unavailable")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = getattr(torch.ops.fusedres, f"conv_bn_act_{backend}")
+    tail = getattr(torch.ops.fusedres, f"block_tail_{backend}")
+    x, w, g, b = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.rand(8) + 0.5, torch.randn(8)
+    m, v = torch.zeros(8), torch.ones(8)
+    y, _, _, _, xd, wd, _, _ = _tail_args()
+    w2, s2 = torch.randn(16, 8, 3, 3), torch.rand(16) + 0.5
+    m2, v2 = torch.zeros(16), torch.ones(16)
+    for mode in (None, FakeTensorMode()):
+        f = (lambda t: t) if mode is None else mode.from_tensor
+        with pytest.raises((ValueError, RuntimeError), match="eps must be a non-negative number"):
+            op(f(x), f(w), f(g), f(b), None, f(m), f(v), -0.5, [1, 1], [1, 1], [1, 1], 1, False)
+        for eps, ds_eps in ((-0.5, 1e-5), (1e-5, float("nan"))):
+            with pytest.raises((ValueError, RuntimeError), match="eps and ds_eps must be non-negative"):
+                tail(f(y), f(w2), f(s2), f(s2), f(xd), f(wd), f(s2), f(s2), f(m2), f(v2), eps, f(m2), f(v2), ds_eps,
+                     [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+
+
 def test_named_backend_errors_are_clear():
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
     with pytest.raises(ValueError, match="backend must be one of"):

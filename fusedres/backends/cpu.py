@@ -306,7 +306,7 @@ def conv_bn_act_cpu(
     relu: bool,
 ) -> Tensor:
     op_checks.check_conv_bn_act(_require, _DTYPES, x, weight, scale, shift, residual, mean, var, stride, padding,
-                                dilation, groups, w_dtypes=_W_DTYPES)
+                                dilation, groups, w_dtypes=_W_DTYPES, eps=eps)
     return conv_bn_act_impl(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu)
 
 
@@ -319,7 +319,7 @@ def block_tail_cpu(
 ) -> Tensor:
     op_checks.check_block_tail(_require, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean,
                                var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
-                               stats_together=False, w_dtypes=_W_DTYPES)
+                               stats_together=False, w_dtypes=_W_DTYPES, eps=eps, ds_eps=ds_eps)
     return block_tail_impl(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean,
                            ds_var, ds_eps, stride, padding, dilation, groups, ds_stride, relu)
 
@@ -327,7 +327,7 @@ def block_tail_cpu(
 @conv_bn_act_cpu.register_fake
 def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
     out = op_checks.check_conv_bn_act(torch._check, _DTYPES, x, weight, scale, shift, residual, mean, var, stride,
-                                      padding, dilation, groups, w_dtypes=_W_DTYPES)
+                                      padding, dilation, groups, w_dtypes=_W_DTYPES, eps=eps)
     return x.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 
@@ -336,7 +336,7 @@ def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps,
       stride, padding, dilation, groups, ds_stride, relu):
     out = op_checks.check_block_tail(torch._check, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale,
                                      ds_shift, mean, var, ds_mean, ds_var, stride, padding, dilation, groups, ds_stride,
-                                     stats_together=False, w_dtypes=_W_DTYPES)
+                                     stats_together=False, w_dtypes=_W_DTYPES, eps=eps, ds_eps=ds_eps)
     return y.new_empty(out).contiguous(memory_format=torch.channels_last)
 
 

@@ -88,7 +88,7 @@ if _IMPORT_ERROR is None:
     def _conv_bn_act_fake(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups,
                           relu):
         out = op_checks.check_conv_bn_act(torch._check, _DTYPES, x, weight, scale, shift, residual, mean, var,
-                                          stride, padding, dilation, groups)
+                                          stride, padding, dilation, groups, eps=eps)
         _check_cuda_only(x, weight, groups, (("in_channels", x.shape[1]), ("out_channels", weight.shape[0])))
         return _empty_out(x, *out[1:])
 
@@ -99,7 +99,7 @@ if _IMPORT_ERROR is None:
     ):
         out = op_checks.check_block_tail(torch._check, _DTYPES, y, weight, scale, shift, x, ds_weight, ds_scale,
                                          ds_shift, mean, var, ds_mean, ds_var, stride, padding, dilation, groups,
-                                         ds_stride, stats_together=False)
+                                         ds_stride, stats_together=False, eps=eps, ds_eps=ds_eps)
         _check_cuda_only(y, weight, groups, (("in_channels", y.shape[1]), ("out_channels", weight.shape[0]),
                                              ("ds_in_channels", x.shape[1])))
         return _empty_out(y, *out[1:])

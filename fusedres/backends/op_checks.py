@@ -66,11 +66,12 @@ def check_vectors(check, x, n, named, dtypes=None) -> None:
 
 
 def check_conv_bn_act(check, dtypes, x, weight, scale, shift, residual, mean, var, stride, padding, dilation,
-                      groups, w_dtypes=()):
+                      groups, w_dtypes=(), eps=0.0):
     """The operands of a ``conv_bn_act_<backend>`` op."""
     out = check_conv(check, dtypes, "x", x, "weight", weight, stride, padding, dilation, groups, w_dtypes=w_dtypes)
     check_vectors(check, x, out[1], (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)))
     check((mean is None) == (var is None), lambda: "mean and var must be given together")
+    check(eps >= 0, lambda: f"eps must be a non-negative number, got {eps}")
     if residual is not None:
         check(residual.shape == out and residual.dtype == x.dtype and residual.device == x.device,
               lambda: f"residual must be a {out} {x.dtype} tensor on {x.device} (the output's), got "
@@ -79,7 +80,8 @@ def check_conv_bn_act(check, dtypes, x, weight, scale, shift, residual, mean, va
 
 
 def check_block_tail(check, dtypes, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean,
-                     ds_var, stride, padding, dilation, groups, ds_stride, stats_together=True, w_dtypes=()):
+                     ds_var, stride, padding, dilation, groups, ds_stride, stats_together=True, w_dtypes=(), eps=0.0,
+                     ds_eps=0.0):
     """The operands of a ``block_tail_<backend>`` op; ``stats_together``: the op takes both branches'
     BN statistics or neither (else each branch's pair on its own)."""
     out = check_conv(check, dtypes, "y", y, "weight", weight, stride, padding, dilation, groups, w_dtypes=w_dtypes)
@@ -99,4 +101,5 @@ def check_block_tail(check, dtypes, y, weight, scale, shift, x, ds_weight, ds_sc
     else:
         check((mean is None) == (var is None) and (ds_mean is None) == (ds_var is None),
               lambda: "mean and var (and ds_mean and ds_var) must be given together")
+    check(eps >= 0 and ds_eps >= 0, lambda: f"eps and ds_eps must be non-negative numbers, got {eps} and {ds_eps}")
     return out

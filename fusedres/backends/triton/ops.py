@@ -75,14 +75,14 @@ def _check_vectors(check, x, n, named, dtypes=None) -> None:
     op_checks.check_vectors(check, x, n, named, dtypes)
 
 
-def _check_conv_bn_act(check, *args):
+def _check_conv_bn_act(check, *args, **kw):
     """The operands of :func:`conv_bn_act_impl`."""
-    op_checks.check_conv_bn_act(check, _DTYPES, *args)
+    op_checks.check_conv_bn_act(check, _DTYPES, *args, **kw)
 
 
-def _check_block_tail(check, *args):
+def _check_block_tail(check, *args, **kw):
     """The operands of :func:`block_tail_impl`."""
-    op_checks.check_block_tail(check, _DTYPES, *args)
+    op_checks.check_block_tail(check, _DTYPES, *args, **kw)
 
 
 def conv_bn_act_impl(
@@ -108,7 +108,8 @@ def conv_bn_act_impl(
     ``scale``/``shift`` are the BN's weight and bias and the epilogue computes
     ``(conv - mean) * scale / sqrt(var + eps) + shift``: no host-side fold.
     """
-    _check_conv_bn_act(_require, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups)
+    _check_conv_bn_act(_require, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups,
+                       eps=eps)
     return conv_bn_act_unchecked(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups,
                                  relu)
 
@@ -136,7 +137,8 @@ conv_bn_act_triton = torch.library.custom_op("fusedres::conv_bn_act_triton", mut
 
 @conv_bn_act_triton.register_fake
 def _(x, weight, scale, shift, residual, mean, var, eps, stride, padding, dilation, groups, relu):
-    _check_conv_bn_act(torch._check, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups)
+    _check_conv_bn_act(torch._check, x, weight, scale, shift, residual, mean, var, stride, padding, dilation, groups,
+                       eps=eps)
     return _new_out(x, weight, stride, padding, dilation)
 
 
@@ -170,7 +172,7 @@ def block_tail_impl(
     none), normalised in the epilogue as in :func:`conv_bn_act_impl`.
     """
     _check_block_tail(_require, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean, ds_var,
-                      stride, padding, dilation, groups, ds_stride)
+                      stride, padding, dilation, groups, ds_stride, eps=eps, ds_eps=ds_eps)
     return block_tail_unchecked(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean,
                                 ds_var, ds_eps, stride, padding, dilation, groups, ds_stride, relu)
 
@@ -196,7 +198,7 @@ block_tail_triton = torch.library.custom_op("fusedres::block_tail_triton", mutat
 def _(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, eps, ds_mean, ds_var, ds_eps,
       stride, padding, dilation, groups, ds_stride, relu):
     _check_block_tail(torch._check, y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, mean, var, ds_mean,
-                      ds_var, stride, padding, dilation, groups, ds_stride)
+                      ds_var, stride, padding, dilation, groups, ds_stride, eps=eps, ds_eps=ds_eps)
     return _new_out(y, weight, stride, padding, dilation)
 
 
