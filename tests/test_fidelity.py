@@ -639,6 +639,22 @@ def test_huge_bn_scale_is_not_folded():
         assert torch.equal(torch.isnan(got), torch.isnan(want)), seed
 
 
+def test_huge_folded_filter_entry_is_not_folded():
+    """Weights of +-1e18 with a BN scale of 1e19 (below 2**64): the folded entries (1e37) times an input
+    of 100 overflow, where torch's conv cancels to 0 before the scale.  A folded entry above 2**64 keeps
+    the filter unscaled (a probe's case: inf against torch's 0.5)."""
+    x = torch.full((1, 2, 1, 1), 100.0)
+    w = torch.tensor([1e18, -1e18]).view(1, 2, 1, 1)
+    scale, shift = torch.tensor([1e19]), torch.tensor([0.5])
+    want = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, w), torch.zeros(1), torch.ones(1), scale,
+                                          shift, False, 0.0, 0.0)
+    assert want.item() == 0.5
+    with torch.no_grad():
+        for kw in (dict(), dict(running_mean=torch.zeros(1), running_var=torch.ones(1), eps=0.0)):
+            got = fusedres.conv_bn_act(x, w, scale, shift, relu=False, backend="cpu", **kw)
+            assert got.item() == 0.5, kw
+
+
 def _shared_weights(m):
     m.conv2.weight.share_memory_()  # an actor's view of a learner's weights
     return lambda: m.conv2.weight.data.mul_(0.5)  # a write the version counter does not see, as another process's

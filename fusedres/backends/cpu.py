@@ -99,10 +99,11 @@ _MAX_PACKED_SHAPES = 8
 
 _cache = WeightCache()
 
-# A BN scale above this is applied to the conv output instead of folded into the filter: a
-# folded filter's partial sums can overflow where the unscaled conv's, scaled after, stay finite
-# (a gamma of 3e38 gave 580 infinities torchvision did not have).  BN scales are gamma / sqrt(var + eps),
-# at most a few thousand in trained models.
+# A BN scale, or a folded filter entry, above this is applied to the conv output instead of folded
+# into the filter: a folded filter's partial sums can overflow where the unscaled conv's, scaled after,
+# stay finite (a gamma of 3e38 gave 580 infinities torchvision did not have; weights of +-1e18 with a
+# scale of 1e19 gave inf where torch's conv cancels to 0).  BN scales are gamma / sqrt(var + eps), at
+# most a few thousand in trained models, and filter entries are small.
 _MAX_FOLDED_SCALE = 2.0 ** 64
 
 
@@ -142,8 +143,8 @@ def _folded(weight: torch.Tensor, scale, shift, stats, dtype: torch.dtype) -> _F
         t = t - values[2].to(wide) * s
     w = weight.detach().to(wide)
     folded = (w * s.view(-1, 1, 1, 1)).to(dtype)
-    if bool(torch.isfinite(s).all()) and bool(s.abs().max() <= _MAX_FOLDED_SCALE) and bool(
-            torch.isfinite(folded).all()):
+    # (amax propagates NaN, so a NaN anywhere fails the bounds too)
+    if bool(s.abs().amax() <= _MAX_FOLDED_SCALE) and bool(folded.abs().amax() <= _MAX_FOLDED_SCALE):
         entry.weight, entry.bias, entry.affine = folded, t.to(dtype).contiguous(), None
     else:  # degenerate BN or a NaN/inf weight: torch's conv, then the BN on its output, as the reference
         entry.weight, entry.bias, entry.affine = w.to(dtype), None, _output_affine(entry.values, eps, s, t)
