@@ -583,7 +583,7 @@ def test_opcheck_block_tail(requires_grad):
                                [1, 1], [1, 1], [1, 1], 1, [2, 2], True))
 
 
-def test_forward_ad_and_func_transforms_are_refused_not_dropped():
+def test_forward_ad_and_func_transforms_are_refused_not_dropped(monkeypatch):
     """The triton ops' autograd is backward-only: a dual tensor's tangent was dropped (None, a silent
     zero ``torch.func.jvp``) and ``torch.func.grad`` failed inside torch.  Asked for by name the
     backend now refuses such calls clearly; ``auto`` takes the reference (on CUDA it had picked triton,
@@ -609,6 +609,7 @@ def test_forward_ad_and_func_transforms_are_refused_not_dropped():
         fusedres.block_tail(fwAD.make_dual(y, torch.randn_like(y)), wt, scale, shift, x, wt[:, :, :1, :1], scale,
                             shift, padding=1, ds_stride=2, backend="triton")
     _, want = torch.func.jvp(f("torch"), (x,), (tx,))
+    monkeypatch.setattr(backends, "_warned", set())  # the fallback warns once per process and reason
     with pytest.warns(RuntimeWarning, match="falls back"):
         _, got = torch.func.jvp(f("auto"), (x,), (tx,))
     torch.testing.assert_close(got, want)
