@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy
 import torch
 
 from . import backends
@@ -191,7 +192,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _spec(x, weight, stride, padding, dilation, groups, relu, operands, **extra) -> ConvSpec:
-    if not (isinstance(relu, int) and relu in (0, 1)):  # a bool (or 0/1): not any truthy value, e.g. "false"
+    if not (isinstance(relu, (int, numpy.bool_)) and relu in (0, 1)):  # a bool (or 0/1), not any truthy value
         raise TypeError(f"relu must be a bool, got {relu!r}")
     transform = _in_transform(*operands)
     # the differentiable path: autograd, or a transform (which the backends without one must decline)

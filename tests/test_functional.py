@@ -225,8 +225,12 @@ def test_relu_must_be_a_bool():
             fusedres.conv_bn_act(x, wt, scale, shift, relu=bad, **kw)
         with pytest.raises(TypeError, match="relu must be a bool"):
             fusedres.block_tail(*_tail_args(), padding=1, ds_stride=2, relu=bad)
+    import numpy as np
+
     torch.testing.assert_close(fusedres.conv_bn_act(x, wt, scale, shift, relu=0, **kw),
                                fusedres.conv_bn_act(x, wt, scale, shift, relu=False, **kw))
+    torch.testing.assert_close(fusedres.conv_bn_act(x, wt, scale, shift, relu=np.True_, **kw),
+                               fusedres.conv_bn_act(x, wt, scale, shift, relu=True, **kw))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

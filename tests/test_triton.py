@@ -179,13 +179,15 @@ def test_hoisted_main_loop_matches_fp64(case, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="opt-in kernel: GPU runs set FUSEDRES_TRITON_HOISTED=1 themselves")
-def test_hoisted_loop_keeps_filters_over_16_on_the_default_loop(monkeypatch):
-    """The hoisted loop's padding bits hold up to 16 rows and 16 columns of taps; a 17x17 filter
-    runs the default loop, and still matches fp64."""
+@pytest.mark.parametrize("ks, hoisted", [(15, True), (16, None), (17, None)])
+def test_hoisted_loop_limits_on_filter_size(ks, hoisted, monkeypatch):
+    """The hoisted loop's padding bits hold up to 16 rows and 15 columns of taps (bit 31 marks a row
+    past M; a 16th column there zeroed every right-border row: max error 2.1 for a padded 1x16 filter,
+    found by a review); larger filters run the default loop.  Both match fp64 at the border."""
     monkeypatch.setattr(tl_launch, "HOISTED_ENABLED", True)
     seen = _spy_kernel(monkeypatch)
-    _conv_case_matches_fp64((1, 8, 8, 4, 5, 17, 1, 8, 1, 1, False, True), torch.bfloat16, True)
-    assert [s["HOISTED"] for s in seen] == [None]
+    _conv_case_matches_fp64((1, 8, 8, 4, 5, ks, 1, ks // 2, 1, 1, False, True), torch.bfloat16, True)
+    assert [s["HOISTED"] for s in seen] == [hoisted]
 
 
 def test_every_block_k_divides_the_even_k_unit():

@@ -238,10 +238,11 @@ def _conv_bn_act_fwd_kernel(
         # The padding border: which rows and columns of taps fall outside x, per output row, as one
         # bit per row of taps (bit kh) and one per column (bit 16 + kw), found once here, so a step
         # tests one mask (hbit | wbit, advanced with the tap) per row instead of two bounds.  Filters
-        # up to 16x16 (the launcher keeps larger ones on the default loop).  Bit 31 marks a row past
+        # up to 16 rows and 15 columns of taps (the launcher keeps larger ones on the default loop: a
+        # 16th column would be bit 31, which is taken).  Bit 31 marks a row past
         # M (always in the mask): how m_ok is folded in changed sm_80's register allocation under
         # Triton 3.6 and 3.8 (the aot report's spills), and this form left the fewest.
-        tl.static_assert(KH <= 16 and KW <= 16, "HOISTED: filters up to 16x16")
+        tl.static_assert(KH <= 16 and KW <= 15, "HOISTED: filters up to 16 rows and 15 columns of taps")
         hbit = tl.full((), 1, tl.uint32)
         wbit = tl.full((), 1 << 16, tl.uint32)
         if PADDED:

@@ -329,7 +329,7 @@ def launch(
 # The kernel's HOISTED main loop advances the filter tap and the channel block as counters (no
 # integer division per step), forms the A and B pointer tiles once (a step adds one of three
 # precomputed offset increments), checks the padding border with one bit test per row (which rows and
-# columns of taps fall outside x is found once per output row, hence filters up to 16x16 only: larger
+# columns of taps fall outside x is found once per output row, hence filters up to 16x15 only: larger
 # ones keep the default loop), and with EVEN_K (C_in per group a multiple of every BLOCK_K) drops the
 # channel masks.  The aot report measures it: sm_90 bf16 3x3 with residual and BN statistics 232 -> 142
 # main-loop SASS instructions per k-step (4 wgmma) with two bound compares per row, 122 with the bit
@@ -767,7 +767,7 @@ def _launch(
         # The interpreter's dot is wrong on bf16 (see kernels.py); GPUs use bf16 MMA.
         DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
     )
-    if HOISTED_ENABLED and x.element_size() == 2 and kh <= 16 and kw <= 16:  # opt-in (see HOISTED_ENABLED)
+    if HOISTED_ENABLED and x.element_size() == 2 and kh <= 16 and kw <= 15:  # opt-in (see HOISTED_ENABLED)
         flags.update(HOISTED=True, EVEN_K=cg % _MAX_BLOCK_K == 0)
 
     def grid(meta):
