@@ -221,7 +221,7 @@ def chain_forward(owner, x, pairs, *, downsample=None, identity=False, pool=None
         residual = "downsample"
     params = []
     for conv, bn in pairs:
-        params += [conv.weight.to(dtype), bn.weight, bn.bias]
+        params += [conv.weight, bn.weight, bn.bias]  # cast to x's dtype in the chain (chain._compute_weight)
     pool_cfg = None
     if pool is not None:
         pool_cfg = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
