@@ -256,6 +256,11 @@ def test_ops_reject_a_negative_eps(backend):
             with pytest.raises((ValueError, RuntimeError), match="eps and ds_eps must be non-negative"):
                 tail(f(y), f(w2), f(s2), f(s2), f(xd), f(wd), f(s2), f(s2), f(m2), f(v2), eps, f(m2), f(v2), ds_eps,
                      [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+        # Without statistics eps is not used, and every form of the op ignores it, as the functional API
+        # (and the cuda backend's C++ op) do: eager and compiled calls agree.
+        op(f(x), f(w), f(g), f(b), None, None, None, -0.5, [1, 1], [1, 1], [1, 1], 1, False)
+        tail(f(y), f(w2), f(s2), f(s2), f(xd), f(wd), f(s2), f(s2), None, None, float("nan"), None, None, -1.0,
+             [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
 
 
 def test_named_backend_errors_are_clear():

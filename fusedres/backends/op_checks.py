@@ -71,7 +71,8 @@ def check_conv_bn_act(check, dtypes, x, weight, scale, shift, residual, mean, va
     out = check_conv(check, dtypes, "x", x, "weight", weight, stride, padding, dilation, groups, w_dtypes=w_dtypes)
     check_vectors(check, x, out[1], (("scale", scale), ("shift", shift), ("mean", mean), ("var", var)))
     check((mean is None) == (var is None), lambda: "mean and var must be given together")
-    check(eps >= 0, lambda: f"eps must be a non-negative number, got {eps}")
+    # eps is used only with the statistics (the functional API and the cuda C++ op ignore it otherwise)
+    check(mean is None or eps >= 0, lambda: f"eps must be a non-negative number, got {eps}")
     if residual is not None:
         check(residual.shape == out and residual.dtype == x.dtype and residual.device == x.device,
               lambda: f"residual must be a {out} {x.dtype} tensor on {x.device} (the output's), got "
@@ -101,5 +102,6 @@ def check_block_tail(check, dtypes, y, weight, scale, shift, x, ds_weight, ds_sc
     else:
         check((mean is None) == (var is None) and (ds_mean is None) == (ds_var is None),
               lambda: "mean and var (and ds_mean and ds_var) must be given together")
-    check(eps >= 0 and ds_eps >= 0, lambda: f"eps and ds_eps must be non-negative numbers, got {eps} and {ds_eps}")
+    check((mean is None or eps >= 0) and (ds_mean is None or ds_eps >= 0),
+          lambda: f"eps and ds_eps must be non-negative numbers, got {eps} and {ds_eps}")
     return out
