@@ -715,3 +715,58 @@ def test_cpu_autocast_step_copies_each_weight_at_most_three_times():
     copies = [e for e in prof.events()
               if e.name == "aten::copy_" and e.input_shapes and tuple(e.input_shapes[0]) in shapes]
     assert len(copies) <= 3 * convs, (len(copies), convs)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_double_backward_with_a_weight_shared_within_a_block(autocast):
+    """One weight in two convs of a block (``conv2 = conv1``): ``create_graph=True`` differentiated it
+    once per slot, and autograd added the slots, so the gradient came out twice torchvision's (in
+    fp32 always; under autocast once the chain cast the weights itself)."""
+    torch.manual_seed(0)
+    blk = tv.BasicBlock(8, 8).train()
+    blk.conv2 = blk.conv1
+    x = _inputs((2, 8, 6, 6), False)
+    got = []
+    for m in (copy.deepcopy(blk), fusedres.convert(copy.deepcopy(blk))):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = m(x)
+        g1, = torch.autograd.grad(out.float().sum(), m.conv1.weight, retain_graph=True)
+        g2, = torch.autograd.grad(out.float().sum(), m.conv1.weight, create_graph=True)
+        got.append((chain_nodes(out), g1, g2))
+    (_, r1, r2), (n, f1, f2) = got
+    assert n == 1
+    # as close to torchvision's as the first-order gradient is (the double count was off by 1.0)
+    assert rel_err(f2, r2) <= 2 * rel_err(f1, r1) + 1e-5, (rel_err(f1, r1), rel_err(f2, r2))
+    assert rel_err(f1, r1) < (0.2 if autocast else 1e-5)
+
+
+def test_batched_backward_with_channels_last_weights():
+    """``is_grads_batched`` on a model moved to channels_last: handing the weight gradients back in
+    the weights' layout asked a vmapped tensor for its layout (an NYI error)."""
+    ref, cin = make_block("basic")
+    ref = ref.double().train().to(memory_format=torch.channels_last)
+    fused = fusedres.convert(copy.deepcopy(ref))
+    x = torch.randn(2, cin, 6, 6, dtype=torch.float64)
+    got = []
+    for model in (ref, fused):
+        out = model(x)
+        gouts = torch.randn(3, *out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        got.append(torch.autograd.grad(out, list(model.parameters()), gouts, is_grads_batched=True))
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_weight_gradient_gets_the_weights_strides_on_size_one_dims():
+    """A 1x1 filter's gradient from a channels_last conv has channels_last strides on its size-1
+    dims; DistributedDataParallel's ``gradient_as_bucket_view`` compares strides exactly (and copied
+    the gradient every step with a warning), so the chain sets the weight's own, without a copy."""
+    from fusedres.training.chain import _like
+
+    for p in (torch.randn(16, 8, 1, 1), torch.randn(16, 8, 1, 1).contiguous(memory_format=torch.channels_last)):
+        g = torch.randn(16, 8, 1, 1).contiguous(memory_format=torch.channels_last)
+        g = torch.empty_strided(g.shape, (8, 1, 8, 8)).copy_(g)
+        for src in (g, g.bfloat16()):
+            out = _like(src, p)
+            assert out.stride() == p.stride() and out.dtype == p.dtype
+            assert torch.equal(out, src.to(p.dtype))
+        assert _like(g, p).data_ptr() == g.data_ptr()  # no copy for the same dtype

@@ -179,11 +179,14 @@ class ChainTrain(torch.autograd.Function):
     * ``group``: ``None`` (local statistics) or the process group to synchronise them over.
 
     ``x`` is in the compute dtype (the autocast dtype under AMP); the conv weights are the
-    layers' own (fp32 masters under AMP): the chain casts each once per forward into ``x``'s
-    dtype, on CPU also into ``x``'s memory format (:func:`_compute_weight`), uses that copy in
-    forward and backward, and hands the weight gradients back in the weights' own dtype and
-    layout (:func:`_like`).  Gammas and betas may be fp32.  Returns ``(out, mean_1, var_1, ...)``: batch mean and *unbiased* batch
-    variance per BN (what the running statistics need), non-differentiable.
+    layers' own (fp32 masters under AMP): the chain casts each per forward into ``x``'s dtype
+    (and layout: :func:`_compute_weight`), keeps a cast copy for backward (a same-dtype re-layout
+    is made again there), and hands the weight gradients back in the weights' own dtype and
+    strides (:func:`_like`).  The weights themselves are saved too, for double backward: no
+    memory for parameters, but computed weights (``functional_call`` with fast weights under
+    autocast) stay alive until backward beside their cast copies.  Gammas and betas may be fp32.
+    Returns ``(out, mean_1, var_1, ...)``: batch mean and *unbiased* batch variance per BN (what
+    the running statistics need), non-differentiable.
     """
 
     @staticmethod
@@ -229,8 +232,8 @@ class ChainTrain(torch.autograd.Function):
         if recompute_last:
             zs[k - 1] = None
         _save(
-            # a cast copy is kept (as autograd kept autocast's); a same-dtype re-layout is made again
-            # in backward (see _compute_weight)
+            # a cast copy is kept (the caller's cast was, before the chain cast itself); a same-dtype
+            # re-layout is made again in backward (see _compute_weight)
             ctx, x=x, y=None if pool is not None else y, ws=ws,
             wcs=[wc if wc.dtype != w.dtype else None for w, wc in zip(ws, wcs)], gammas=gammas, betas=betas,
             zs=zs, means=means, invstds=invstds,
@@ -289,9 +292,16 @@ class ChainTrain(torch.autograd.Function):
             out = F.relu(a)
             if pool is not None:
                 out = F.max_pool2d(out, *pool)
-            got = torch.autograd.grad(out, [inputs[i] for i in wanted], gout, create_graph=True, allow_unused=True)
+            # A tensor in two slots (a weight or gamma shared by two layers of the block) is differentiated
+            # once: autograd.grad gives each slot the tensor's whole gradient, and autograd then adds the
+            # slots' gradients up, which would count it twice.
+            first = {}
+            for i in wanted:
+                first.setdefault(id(inputs[i]), i)
+            unique = sorted(first.values())
+            got = torch.autograd.grad(out, [inputs[i] for i in unique], gout, create_graph=True, allow_unused=True)
         grads = [None] * len(inputs)
-        for i, g in zip(wanted, got):
+        for i, g in zip(unique, got):
             grads[i] = g
         return (None, None, *grads)
 
@@ -371,43 +381,50 @@ class ChainTrain(torch.autograd.Function):
 
 def _compute_weight(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The copy of conv weight ``w`` a chain computes with: in ``x``'s dtype (the autocast dtype, rounded
-    as autocast rounds) and, on CPU, in ``x``'s memory format, in one copy (``w`` itself when it already
-    is).  ATen's CPU convolutions otherwise re-lay the weight out in forward and again in backward, and
-    the weight gradient came back in the activations' layout for another copy: with autocast's cast and
-    its backward, six weight-sized copies per 3x3 conv and step where three remain (this one, ATen's
-    copy of the gradient into the activations' layout, and :func:`_like`'s); ResNet-50, bf16
-    autocast, batch 8: 30.6 -> 23.6 ms of copies per step (2 cores, profiler, 2026-12-03).  A
-    same-dtype re-layout (fp32) is not kept for backward but made again there, as ATen did: four
-    copies per 3x3 conv either way, and no weight-sized tensor saved.  On CUDA the weight keeps its
-    layout (the Triton kernels re-lay it out for themselves either way)."""
-    if x.device.type != "cpu":
-        return w.to(x.dtype)
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    if w.dtype == x.dtype and w.is_contiguous(memory_format=fmt):  # (.to copies a 1x1 filter to "re-lay" it)
-        return w
-    return w.to(x.dtype, memory_format=fmt)
+    as autocast rounds) and, for a channels_last chain on CPU, channels_last, in one copy (``w`` itself
+    when it already is).  ATen's CPU convolutions otherwise re-lay the weight out in forward and again
+    in backward, and the weight gradient came back in the activations' layout for another copy: with
+    autocast's cast and its backward, six weight-sized copies per 3x3 conv and step where three remain
+    (this one, ATen's copy of the gradient into the activations' layout, and :func:`_like`'s);
+    ResNet-50, bf16 autocast, batch 8: 30.6 -> 23.6 ms of copies per step (2 cores, profiler,
+    2026-12-03).  A same-dtype re-layout (fp32) is not kept for backward but made again there, as
+    ATen did: four copies per 3x3 conv either way, and no weight-sized tensor saved.  An NCHW chain
+    (small maps on CPU) and CUDA keep the weight's own layout: a channels_last model's weights make
+    ATen's CPU convolution run channels_last there, as before (re-laying them NCHW cost more copies
+    and time), and the Triton kernels re-lay the weight out for themselves."""
+    if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if w.dtype == x.dtype and w.is_contiguous(memory_format=torch.channels_last):
+            return w  # (.to would copy a contiguous 1x1 filter to "re-lay" it)
+        return w.to(x.dtype, memory_format=torch.channels_last)
+    return w.to(x.dtype)
 
 
 def _like(g, p):
-    """The gradient ``g`` of ``p`` in ``p``'s dtype and memory format, in at most one copy (out of
-    place: a batched gradient, ``is_grads_batched``, is vmapped).
+    """The gradient ``g`` of ``p`` in ``p``'s dtype and with ``p``'s strides, in at most one copy.
 
     A channels_last chain's weight gradients come back channels_last in the compute dtype (bf16 under
     autocast) while the model's weights are usually fp32 and contiguous: one copy converts both, and
     ``AccumulateGrad`` then keeps the tensor as it is, where it would otherwise make a layout-changing
-    copy on every step (or add across layouts into an existing ``.grad``)."""
+    copy on every step (or add across layouts into an existing ``.grad``).  Strides that differ only
+    on size-1 dimensions (a 1x1 filter's) are set to ``p``'s without a copy, which
+    DistributedDataParallel's ``gradient_as_bucket_view`` compares exactly.  A gradient batched by
+    ``vmap`` (``is_grads_batched``) only changes dtype: vmap cannot query or choose layouts."""
     if g is None or p is None:
         return g
+    if not torch.compiler.is_compiling() and (
+            torch._C._functorch.is_legacy_batchedtensor(g) or torch._C._functorch.is_batchedtensor(g)):
+        return g.to(p.dtype)
     if p.is_contiguous():
         fmt = torch.contiguous_format
     elif p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last):
         fmt = torch.channels_last
     else:
         return g.to(p.dtype)
-    if g.dtype == p.dtype and g.is_contiguous(memory_format=fmt):  # (.to would copy a 1x1 filter's)
-        return g
-    return g.to(p.dtype, memory_format=fmt)
+    if g.dtype != p.dtype or not g.is_contiguous(memory_format=fmt):
+        g = g.to(p.dtype, memory_format=fmt)
+    if g.stride() != p.stride() and all(n == 1 or a == b for n, a, b in zip(p.shape, g.stride(), p.stride())):
+        g = g.as_strided(p.shape, p.stride())
+    return g
 
 
 def _interleave(ws, gammas, betas):
