@@ -273,9 +273,15 @@ class ChainTrain(torch.autograd.Function):
         geoms, eps, residual, pool, _ = ctx.cfg[:5]
         k = ctx.k
         saved = _load(ctx)
-        x, ws, gammas, betas = saved["x"], saved["ws"], saved["gammas"], saved["betas"]
-        inputs = [x] + _interleave(ws, gammas, betas)
         need = ctx.needs_input_grad[2:]
+        # Each slot is differentiated through an alias of its own, so it gets exactly its share of the
+        # gradient: autograd.grad with respect to the saved tensors themselves gave a tensor in two slots
+        # (a weight or gamma used twice in the block, whether unpacked as one object or, under
+        # saved-tensor hooks, as two) its whole gradient in each, and a weight shared with an earlier
+        # block also its share from there (reached through x's history); autograd then adds the slots.
+        inputs = [t.view_as(t) if t is not None and need[i] else t
+                  for i, t in enumerate([saved["x"]] + _interleave(saved["ws"], saved["gammas"], saved["betas"]))]
+        x, ws, gammas, betas = inputs[0], inputs[1::3], inputs[2::3], inputs[3::3]
         wanted = [i for i, t in enumerate(inputs) if t is not None and need[i]]
         with torch.autocast(x.device.type, enabled=False):
             a = x
@@ -292,16 +298,9 @@ class ChainTrain(torch.autograd.Function):
             out = F.relu(a)
             if pool is not None:
                 out = F.max_pool2d(out, *pool)
-            # A tensor in two slots (a weight or gamma shared by two layers of the block) is differentiated
-            # once: autograd.grad gives each slot the tensor's whole gradient, and autograd then adds the
-            # slots' gradients up, which would count it twice.
-            first = {}
-            for i in wanted:
-                first.setdefault(id(inputs[i]), i)
-            unique = sorted(first.values())
-            got = torch.autograd.grad(out, [inputs[i] for i in unique], gout, create_graph=True, allow_unused=True)
+            got = torch.autograd.grad(out, [inputs[i] for i in wanted], gout, create_graph=True, allow_unused=True)
         grads = [None] * len(inputs)
-        for i, g in zip(unique, got):
+        for i, g in zip(wanted, got):
             grads[i] = g
         return (None, None, *grads)
 
@@ -422,7 +421,10 @@ def _like(g, p):
         return g.to(p.dtype)
     if g.dtype != p.dtype or not g.is_contiguous(memory_format=fmt):
         g = g.to(p.dtype, memory_format=fmt)
-    if g.stride() != p.stride() and all(n == 1 or a == b for n, a, b in zip(p.shape, g.stride(), p.stride())):
+    # (not while compiling: the strides traced for ATen's CPU convolution backward are not always the
+    # kernel's, and as_strided would then reinterpret the real gradient's memory)
+    if (g.stride() != p.stride() and not torch.compiler.is_compiling()
+            and all(n == 1 or a == b for n, a, b in zip(p.shape, g.stride(), p.stride()))):
         g = g.as_strided(p.shape, p.stride())
     return g
 
