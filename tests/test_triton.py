@@ -827,6 +827,11 @@ def test_autotuner_early_prune_maps_configs(monkeypatch):
     assert as_tiles(fma_kept) == {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.FMA_CONFIGS}
     excluded = {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.PROLOGUE_EXCLUDED}
     assert as_tiles(pro_kept) and not as_tiles(pro_kept) & excluded
+    # The opt-in hoisted loop with the BN prologue also drops the tile that spilled there (sm_80, Triton 3.6).
+    hoisted_kept = as_tiles(tl_launch._early_prune(configs, args, HAS_DOWNSAMPLE=False, PROLOGUE_BN=True,
+                                                   DOT_PRECISION="tf32", HOISTED=True))
+    spilled = {(c.block_m, c.block_n, c.block_k, c.num_warps) for c in tl_launch.HOISTED_PROLOGUE_EXCLUDED}
+    assert spilled <= as_tiles(pro_kept) and hoisted_kept == as_tiles(pro_kept) - spilled
     # An NCHW output or residual (rows contiguous) keeps only the tiles that did not spill there.
     for strides in (dict(soc=28 * 28, src=1), dict(soc=1, src=28 * 28)):
         nchw_kept = as_tiles(tl_launch._early_prune(

@@ -346,7 +346,7 @@ def plan(archs, all_configs: bool):
             base_configs(v.precision), M=1 << 20, CG=512, KG=512, CD=512 if v.has_downsample else 0,
             elem_size=_ELEM[v.dtype], smem_limit=SMEM_LIMIT[arch],
             has_downsample=v.has_downsample, fma=v.precision == "ieee", prologue_bn=v.prologue_bn,
-            m_contiguous_out=v.layout == "nchw",
+            m_contiguous_out=v.layout == "nchw", hoisted=bool(v.hoisted),
         )
 
     jobs = []
