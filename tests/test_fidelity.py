@@ -817,6 +817,24 @@ def test_train_export_keeps_the_declared_dynamic_range():
         torch.testing.assert_close(programs["fused"].module()(x), programs["ref"].module()(x), rtol=1e-4, atol=1e-4)
 
 
+def test_train_export_saves_and_loads(tmp_path):
+    """A training-mode program of a converted model saves and loads back like torchvision's, and the
+    loaded one computes what torchvision's does, running statistics included (the running-stats
+    update was a no_grad graph region with no outputs, which torch.export.load refused)."""
+    ref = _resnet18().train()
+    fused = _fused(ref)
+    x = torch.randn(2, 3, 64, 64)  # (at 32x32 layer4's BNs see 2 values per channel: ill-conditioned in fp32)
+    loaded = []
+    for name, m in (("ref", ref), ("fused", fused)):
+        torch.export.save(torch.export.export(m, (x,)), tmp_path / f"{name}.pt2")
+        loaded.append(torch.export.load(tmp_path / f"{name}.pt2").module())
+    torch.testing.assert_close(loaded[1](x), loaded[0](x), rtol=1e-4, atol=1e-4)
+    want, got = dict(loaded[0].named_buffers()), dict(loaded[1].named_buffers())
+    assert want.keys() == got.keys()
+    for name, a in want.items():
+        torch.testing.assert_close(got[name], a, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_train_export_with_a_batch_of_one_runs_like_torchvisions_program():
     """A training export with a dynamic batch that may be 1: at 32x32 layer4's BatchNorms then see
     one value per channel.  Eager raises; torchvision's program computes a finite output and

@@ -123,17 +123,27 @@ def update_running_stats(bns, stats) -> None:
 def _update_one(bn, mean: torch.Tensor, var: torch.Tensor) -> None:
     if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
         return
+    if torch.compiler.is_compiling() and not (bn.running_mean.requires_grad or bn.running_var.requires_grad):
+        # Traced (torch.compile, torch.export): detached operands instead of a no_grad region.  The
+        # region became a graph node with no outputs, whose metadata torch.export.save drops, so a
+        # saved train-mode program failed to load ("wrap_with_set_grad_enabled is missing val field").
+        _update_values(bn, mean.detach(), var.detach())
+        return
     with torch.no_grad():
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole;
-            # fp64, like eager's Python float (a 0-d tensor does not promote the buffers).
-            f = 1.0 / bn.num_batches_tracked.double() if bn.num_batches_tracked is not None else 0.0
-        else:
-            f = bn.momentum
-        bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
-        bn.running_var.copy_(bn.running_var * (1 - f) + var.to(bn.running_var.dtype) * f)
+        _update_values(bn, mean, var)
+
+
+def _update_values(bn, mean: torch.Tensor, var: torch.Tensor) -> None:
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        # A tensor factor (not float(num_batches_tracked)) keeps torch.compile graphs whole;
+        # fp64, like eager's Python float (a 0-d tensor does not promote the buffers).
+        f = 1.0 / bn.num_batches_tracked.double() if bn.num_batches_tracked is not None else 0.0
+    else:
+        f = bn.momentum
+    bn.running_mean.copy_(bn.running_mean * (1 - f) + mean.to(bn.running_mean.dtype) * f)
+    bn.running_var.copy_(bn.running_var * (1 - f) + var.to(bn.running_var.dtype) * f)
 
 
 def _conv(a, w, geom):
