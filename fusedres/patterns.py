@@ -24,6 +24,7 @@ Each reason for a fallback is announced once per process with a ``RuntimeWarning
 ``fusedres check`` and the benchmarks show it.
 """
 
+import sys
 import warnings
 
 import torch
@@ -118,12 +119,23 @@ def plain_call(m) -> bool:
 _fx_flag = getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", None)
 
 
+def _onnx_exporting() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, without importing ``torch.onnx`` (an export has imported it).
+    Its ``dynamo=True`` exporter traces through ``torch.export``, so a converted model's graph would hold
+    the fused computation, where torchvision's model exports its own (in train mode torch's exporter
+    gives BatchNorm its running statistics, the chain its batch statistics)."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def call_reason(x) -> str | None:
     """Why this call must run the reference forward whatever the layers, or None: it is being
     traced or transformed, or global module hooks are registered.  Asked on every call (a
     plan cannot answer it); a handful of flag reads, no tensor op."""
     if torch.jit.is_tracing():
         return "torch.jit.trace (or torch.onnx.export with dynamo=False) records the reference computation"
+    if torch.compiler.is_exporting() and _onnx_exporting():
+        return "torch.onnx.export records the reference computation"
     if not isinstance(x, torch.Tensor):
         return "torch.fx symbolic tracing records the reference computation"
     if not torch.compiler.is_compiling():
