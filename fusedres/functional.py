@@ -8,9 +8,8 @@ These are the single entry points the modules are built from::
 Both also take an eval BatchNorm as it is (``running_mean=``, ``running_var=``, ``eps=``,
 with ``scale``/``shift`` its weight/bias): ``(conv - mean) * scale / sqrt(var + eps) + shift``.
 Backends that support it (``SUPPORTS_BN_STATS``) fold the statistics inside the kernel, so
-an eval block launches nothing but its convs; the ``torch`` reference applies them with
-``F.batch_norm``, also when autograd needs the graph (``BN_STATS_DIFFERENTIABLE``: BatchNorm's own
-backward); for the others the statistics are folded here with ordinary torch ops.
+an eval block launches nothing but its convs; for the others, and whenever autograd
+needs the graph, the statistics are folded here with ordinary (differentiable) torch ops.
 
 Shapes: ``x`` is ``(N, C_in, H, W)``, ``weight`` is ``(C_out, C_in / groups, kH, kW)``,
 ``scale``/``shift`` are ``(C_out,)`` in fp32 or the input's dtype, ``residual`` has the
@@ -157,7 +156,7 @@ def _resolve_stats(mod, spec, stats_list):
     return (
         all(st is not None for st in stats_list)
         and getattr(mod, "SUPPORTS_BN_STATS", False)
-        and (not spec.requires_grad or getattr(mod, "BN_STATS_DIFFERENTIABLE", False))
+        and not spec.requires_grad
     )
 
 
