@@ -761,6 +761,7 @@ def test_onnx_export_dynamo_exporter(tmp_path, mode):
     train mode torch's exporter gives its BatchNorms their running statistics, where the fused
     chain's batch statistics went into the graph (a BasicBlock's output differed by 3.7)."""
     pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     ref = _block("basic-down").train(mode == "train")
     for bn in (m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -768,13 +769,15 @@ def test_onnx_export_dynamo_exporter(tmp_path, mode):
         bn.running_var.uniform_(0.5, 2)
     fused = _fused(ref)
     x = _x()
-    outs = []
+    outs, graphs = [], []
     for name, model in (("ref", ref), ("fused", fused)):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), dynamo=True).save(str(tmp_path / f"{name}.onnx"))
+        graphs.append([n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node])
         sess = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         outs.append(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert graphs[1] == graphs[0] and "Conv" in graphs[0]
     torch.testing.assert_close(torch.from_numpy(outs[1]), torch.from_numpy(outs[0]), rtol=1e-5, atol=1e-5)
 
 
