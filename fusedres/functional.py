@@ -59,6 +59,8 @@ def _check_groups(groups) -> int:
 def _check_tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse, mkldnn: every backend reads dense strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
@@ -139,8 +141,9 @@ def _check_stats(prefix: str, mean, var, eps, x_name: str, x: torch.Tensor, cout
 def fold_stats(scale, shift, stats, dtype: torch.dtype | None = None):
     """``(scale / sqrt(var + eps), shift - mean * scale / sqrt(var + eps))`` in ``dtype``.
 
-    ``dtype`` defaults to fp32, or fp64 when any operand is fp64.  The host-side equivalent of
-    the ``BN_STATS`` epilogue; differentiable in ``scale`` and ``shift``.
+    ``dtype`` defaults to fp32, or fp64 when any operand is fp64 (callers folding for an fp64
+    activation pass fp64: :func:`_fold_dtype`).  The host-side equivalent of the ``BN_STATS``
+    epilogue; differentiable in ``scale`` and ``shift``.
     """
     mean, var, eps = stats
     if dtype is None:
@@ -149,6 +152,13 @@ def fold_stats(scale, shift, stats, dtype: torch.dtype | None = None):
     dt = dtype
     s = scale.to(dt) * torch.rsqrt(var.to(dt) + eps)
     return s, shift.to(dt) - mean.to(dt) * s
+
+
+def _fold_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a host-side fold for activations ``x`` is made in: fp64 for an fp64 ``x`` (its
+    vectors may be fp32, whose fp32 fold would limit an fp64 call to fp32 accuracy), else
+    :func:`fold_stats`'s default."""
+    return torch.float64 if x.dtype == torch.float64 else None
 
 
 def _resolve_stats(mod, spec, stats_list):
@@ -160,11 +170,16 @@ def _resolve_stats(mod, spec, stats_list):
     )
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _checked_out_hw(x_name, x, kernel_size, stride, padding, dilation, stride_name="stride"):
     """``(H_out, W_out)`` of a conv of ``x``; raises naming the argument that makes it invalid or empty."""
     for name, v, lo in ((stride_name, stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         if min(v) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
+        if max(v) > _INT64_MAX:  # torch's convolutions take int64
+            raise ValueError(f"{name} must be at most 2**63 - 1, got {v}")
     oh, ow = conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise ShapeError(
@@ -251,7 +266,7 @@ class PreparedConv:
         if self.empty is not None:
             return x.new_empty(self.empty)
         if stats is not None and not self.kernel_stats:
-            scale, shift = fold_stats(scale, shift, stats)
+            scale, shift = fold_stats(scale, shift, stats, _fold_dtype(x))
             stats = None
         if donate_residual and self.into is not None:
             return self.into(residual, x, weight, scale, shift, self.spec, stats)
@@ -284,9 +299,9 @@ class PreparedTail:
             return self.mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, self.spec, stats,
                                        ds_stats)
         if stats is not None:
-            scale, shift = fold_stats(scale, shift, stats)
+            scale, shift = fold_stats(scale, shift, stats, _fold_dtype(y))
         if ds_stats is not None:
-            ds_scale, ds_shift = fold_stats(ds_scale, ds_shift, ds_stats)
+            ds_scale, ds_shift = fold_stats(ds_scale, ds_shift, ds_stats, _fold_dtype(x))
         return self.mod.block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, self.spec)
 
 

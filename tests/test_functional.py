@@ -333,6 +333,94 @@ def test_running_statistics_are_differentiable():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _exact_bn(x, w, g, b, m, v, eps, padding=1):
+    """conv + eval BN in float64 from the same values (the fp32 vectors widened exactly)."""
+    d = torch.float64
+    z = torch.nn.functional.conv2d(x.to(d), w.to(d), None, 1, padding)
+    return torch.nn.functional.batch_norm(z, m.to(d), v.to(d), g.to(d), b.to(d), False, 0.0, eps)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_fp64_call_with_fp32_statistics_is_fp64_accurate(grad):
+    """fp64 activations with fp32 BN vectors (allowed) were folded in fp32, so the call was only
+    fp32-accurate (relative error 3e-8 where fp64 gives 1e-16; a review's finding).  Both paths: the
+    reference applying the statistics (no autograd) and the differentiable fold (autograd)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64), torch.randn(5, 4, 3, 3, generator=g,
+                                                                                  dtype=torch.float64)
+    gamma, beta = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    m, v = torch.randn(5, generator=g) * 0.1, torch.rand(5, generator=g) + 0.1
+    want = _exact_bn(x, w, gamma, beta, m, v, 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend in ("torch", "auto"):
+            got = fusedres.conv_bn_act(x.clone().requires_grad_(grad), w, gamma, beta, padding=1, relu=False,
+                                       running_mean=m, running_var=v, eps=1e-5, backend=backend)
+            assert got.dtype == torch.float64
+            assert ((got - want).abs().max() / want.abs().max()).item() < 1e-13, backend
+
+
+def test_torch_reference_applies_statistics_as_batch_norm():
+    """An eval BN's statistics reach the reference (calls without autograd), which applies them with
+    torch's BatchNorm op: a gamma of 3e38 folded first gave +-inf or NaN at 142 positions where
+    F.batch_norm (torchvision's op, and the cpu backend's for such a scale) stays finite (a review's
+    finding).  Ordinary values and the downsample tail agree with the fold too."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 9, 9, generator=g), torch.randn(16, 8, 3, 3, generator=g)
+    gamma, beta = torch.full((16,), 3e38), torch.randn(16, generator=g)
+    m, v = torch.randn(16, generator=g), torch.rand(16, generator=g) + 0.1
+    want = torch.relu(torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, w, None, 1, 1), m, v, gamma, beta,
+                                                     False, 0.0, 1e-5))
+    for backend in ("torch", "cpu"):
+        got = fusedres.conv_bn_act(x, w, gamma, beta, padding=1, running_mean=m, running_var=v, eps=1e-5,
+                                   backend=backend)
+        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan()), backend
+        fin = want.isfinite()
+        torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=0)
+    # the tail, each BN by its statistics, against the per-branch reference of folded vectors
+    y, xd = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 4, 10, 10, generator=g)
+    wd = torch.randn(16, 4, 1, 1, generator=g)
+    gamma = torch.rand(16, generator=g) + 0.5
+    stats = dict(running_mean=m, running_var=v, eps=1e-5, ds_running_mean=m * 2, ds_running_var=v + 1, ds_eps=1e-3)
+    got = fusedres.block_tail(y, w, gamma, beta, xd, wd, gamma, beta, padding=1, ds_stride=2, backend="torch", **stats)
+    s1, t1 = fusedres.functional.fold_stats(gamma, beta, (m, v, 1e-5))
+    s2, t2 = fusedres.functional.fold_stats(gamma, beta, (m * 2, v + 1, 1e-3))
+    torch.testing.assert_close(got, fusedres.block_tail(y, w, s1, t1, xd, wd, s2, t2, padding=1, ds_stride=2,
+                                                        backend="torch"))
+
+
+@pytest.mark.parametrize("layout", ["sparse", "mkldnn"])
+def test_non_strided_tensors_are_refused_naming_the_argument(layout):
+    """A sparse or mkldnn (opaque) tensor failed deep inside with errors naming no argument
+    ("unsupported memory format option ChannelsLast", a conv type mismatch; a review's finding)."""
+    x, wt, scale, shift, _, kw = _case(*CONV_CASES[1])
+    other = x.to_sparse() if layout == "sparse" else x.to_mkldnn()
+    for backend in ("auto", "torch"):
+        with pytest.raises(TypeError, match="x must be a dense"):
+            fusedres.conv_bn_act(other, wt, scale, shift, backend=backend, **kw)
+    with pytest.raises(TypeError, match="scale must be a dense"):
+        fusedres.conv_bn_act(x, wt, scale.to_sparse(), shift, **kw)
+
+
+def test_geometry_beyond_what_the_convolutions_take():
+    """A stride of 2**64 failed inside torch ("Overflow when unpacking long"); one of 2**63 - 1, which
+    torch's conv computes, failed inside oneDNN with no argument named (a review's finding): the
+    first is refused naming ``stride``, the second left to the reference by ``auto`` (torch's conv takes
+    it for this small batch-1 input, which its native kernel runs)."""
+    x, wt, scale, shift, _, _ = _case(4, 8, 3, 1, 1, 1, 1, n=1, h=5, w=5)
+    for backend in ("auto", "torch", "cpu"):
+        with pytest.raises(ValueError, match="stride must be at most"):
+            fusedres.conv_bn_act(x, wt, scale, shift, stride=2**64, padding=1, backend=backend)
+    with pytest.raises(fusedres.BackendUnavailableError, match="stride, padding or dilation above"):
+        fusedres.conv_bn_act(x, wt, scale, shift, stride=2**63 - 1, padding=1, backend="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fusedres.conv_bn_act(x, wt, scale, shift, stride=2**63 - 1, padding=1, backend="auto")
+    want = torch.relu(torch.nn.functional.conv2d(x, wt, None, 2**63 - 1, 1) * scale.view(1, -1, 1, 1)
+                      + shift.view(1, -1, 1, 1))
+    torch.testing.assert_close(got, want)
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     x, wt, scale, shift, _, kw = _case(*CONV_CASES[1], dtype=torch.float64)

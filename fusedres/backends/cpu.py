@@ -62,6 +62,11 @@ def _bf16_ok() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+#: Strides, paddings and dilations up to this are oneDNN's; one of 2**63 - 1 failed to build a
+#: primitive (torch's own conv, the reference, takes it).
+_MAX_GEOMETRY = 2**31 - 1
+
+
 def unsupported_reason(spec) -> str | None:
     if spec.device_type != "cpu":
         return f"tensors are on {spec.device_type}, the cpu backend runs on CPU tensors"
@@ -71,6 +76,9 @@ def unsupported_reason(spec) -> str | None:
         return "running under torch.compile (Inductor fuses the reference itself)"
     if not torch._C._get_mkldnn_enabled():
         return "oneDNN is switched off (torch.backends.mkldnn.enabled is False) and this backend's convolutions are oneDNN's"
+    geometry = (*spec.stride, *spec.padding, *spec.dilation, *(spec.ds_stride or ()))
+    if max(geometry) > _MAX_GEOMETRY:
+        return f"a stride, padding or dilation above {_MAX_GEOMETRY} (oneDNN builds no convolution for it)"
     if spec.dtype == torch.float32:
         return None
     if spec.dtype == torch.bfloat16 and _bf16_ok():
