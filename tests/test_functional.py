@@ -360,35 +360,6 @@ def test_fp64_call_with_fp32_statistics_is_fp64_accurate(grad):
             assert ((got - want).abs().max() / want.abs().max()).item() < 1e-13, backend
 
 
-def test_torch_reference_applies_statistics_as_batch_norm():
-    """An eval BN's statistics reach the reference (calls without autograd), which applies them with
-    torch's BatchNorm op: a gamma of 3e38 folded first gave +-inf or NaN at 142 positions where
-    F.batch_norm (torchvision's op, and the cpu backend's for such a scale) stays finite (a review's
-    finding).  Ordinary values and the downsample tail agree with the fold too."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 8, 9, 9, generator=g), torch.randn(16, 8, 3, 3, generator=g)
-    gamma, beta = torch.full((16,), 3e38), torch.randn(16, generator=g)
-    m, v = torch.randn(16, generator=g), torch.rand(16, generator=g) + 0.1
-    want = torch.relu(torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, w, None, 1, 1), m, v, gamma, beta,
-                                                     False, 0.0, 1e-5))
-    for backend in ("torch", "cpu"):
-        got = fusedres.conv_bn_act(x, w, gamma, beta, padding=1, running_mean=m, running_var=v, eps=1e-5,
-                                   backend=backend)
-        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan()), backend
-        fin = want.isfinite()
-        torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=0)
-    # the tail, each BN by its statistics, against the per-branch reference of folded vectors
-    y, xd = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 4, 10, 10, generator=g)
-    wd = torch.randn(16, 4, 1, 1, generator=g)
-    gamma = torch.rand(16, generator=g) + 0.5
-    stats = dict(running_mean=m, running_var=v, eps=1e-5, ds_running_mean=m * 2, ds_running_var=v + 1, ds_eps=1e-3)
-    got = fusedres.block_tail(y, w, gamma, beta, xd, wd, gamma, beta, padding=1, ds_stride=2, backend="torch", **stats)
-    s1, t1 = fusedres.functional.fold_stats(gamma, beta, (m, v, 1e-5))
-    s2, t2 = fusedres.functional.fold_stats(gamma, beta, (m * 2, v + 1, 1e-3))
-    torch.testing.assert_close(got, fusedres.block_tail(y, w, s1, t1, xd, wd, s2, t2, padding=1, ds_stride=2,
-                                                        backend="torch"))
-
-
 @pytest.mark.parametrize("layout", ["sparse", "mkldnn"])
 def test_non_strided_tensors_are_refused_naming_the_argument(layout):
     """A sparse or mkldnn (opaque) tensor failed deep inside with errors naming no argument

@@ -16,14 +16,6 @@ NAME = "torch"
 #: ReLU is a separate op on the output (the eval stem may run it after the max-pool instead).
 SEPARATE_RELU = True
 
-#: Takes an eval BN's running statistics and applies them with torch's own BatchNorm op, as
-#: torchvision does, where a fold into ``scale``/``shift`` first can turn a huge but finite
-#: BN scale into inf (``gamma * rsqrt(var + eps)``) and give +-inf or NaN where BatchNorm's
-#: output is finite.  Only calls without autograd get the statistics
-#: (:func:`fusedres.functional._resolve_stats`); the autograd path folds them differentiably, in
-#: the running statistics too, which BatchNorm's op is not.
-SUPPORTS_BN_STATS = True
-
 
 def is_available() -> bool:
     return True
@@ -43,19 +35,6 @@ def _affine(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
     return t * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def _bn(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, stats) -> torch.Tensor:
-    """``_affine`` of the fold of ``stats = (mean, var, eps)`` (or ``scale``/``shift`` themselves
-    with ``stats`` None), as ``F.batch_norm`` computes it, in the same promoted dtype as ``_affine``."""
-    if stats is None:
-        return _affine(t, scale, shift)
-    mean, var, eps = stats
-    vectors = (mean, var, scale, shift)
-    wide = t.dtype
-    for v in vectors:
-        wide = torch.promote_types(wide, v.dtype)
-    return F.batch_norm(t.to(wide), *(v.to(wide) for v in vectors), False, 0.0, eps)
-
-
 def _conv(x, weight, stride, padding=(0, 0), dilation=(1, 1), groups=1):
     # The weight is in x's dtype except under autocast (see fusedres.functional), where
     # F.conv2d would cast it the same way.
@@ -65,10 +44,9 @@ def _conv(x, weight, stride, padding=(0, 0), dilation=(1, 1), groups=1):
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
-def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
-    """``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))``; with ``stats = (mean, var, eps)``,
-    ``act(batch_norm(conv2d(x, weight)) (+ residual))`` with ``scale``/``shift`` as the BN's weight and bias."""
-    out = _bn(_conv(x, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift, stats)
+def conv_bn_act(x, weight, scale, shift, residual, spec):
+    """``act(conv2d(x, weight) * scale[c] + shift[c] (+ residual))``."""
+    out = _affine(_conv(x, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift)
     if residual is not None:
         out = out + residual
     if spec.relu:
@@ -76,11 +54,10 @@ def conv_bn_act(x, weight, scale, shift, residual, spec, stats=None):
     return out.to(x.dtype)
 
 
-def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec, stats=None, ds_stats=None):
-    """``act(conv2d(y, weight)*scale + shift + conv2d(x, ds_weight, stride=ds_stride)*ds_scale + ds_shift)``
-    (each BN by its statistics where given, as in :func:`conv_bn_act`)."""
-    main = _bn(_conv(y, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift, stats)
-    skip = _bn(_conv(x, ds_weight, spec.ds_stride), ds_scale, ds_shift, ds_stats)
+def block_tail(y, weight, scale, shift, x, ds_weight, ds_scale, ds_shift, spec):
+    """``act(conv2d(y, weight)*scale + shift + conv2d(x, ds_weight, stride=ds_stride)*ds_scale + ds_shift)``."""
+    main = _affine(_conv(y, weight, spec.stride, spec.padding, spec.dilation, spec.groups), scale, shift)
+    skip = _affine(_conv(x, ds_weight, spec.ds_stride), ds_scale, ds_shift)
     out = main + skip
     if spec.relu:
         out = torch.relu(out)
