@@ -225,9 +225,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import tempfile
 
-    result = report.environment(torch.device("cpu"))
-    result["schema"] = "fusedres-cpu-vs-ort/1"  # not a `fusedres bench` result (scripts/render_results.py skips it)
-    result["config"] = {"command": " ".join(sys.argv), "rounds": args.rounds, "warmup": args.warmup}
+    result = report.tool_result("fusedres-cpu-vs-ort/1", {"rounds": args.rounds, "warmup": args.warmup})
     result["runs"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model.split(","):
@@ -241,9 +239,7 @@ def main(argv=None) -> int:
                 for g in r["per_shape"]:
                     print(f"  {g['shape']:<22} x{g['convs']:<2} fusedres {g['fusedres_ms']:8.2f}  ORT {g['ort_ms']:8.2f}"
                           f"  ORT/fusedres {g['ort_over_fusedres']:.2f}")
-    result["host"]["loadavg_end"] = report.loadavg()
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    report.finish_tool_result(result, args.json)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -267,9 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    result = report.environment(torch.device("cpu"))
-    result["schema"] = "fusedres-onednn-direct/1"  # not a `fusedres bench` result
-    result["config"] = {"command": " ".join(sys.argv), "rounds": args.rounds}
+    result = report.tool_result("fusedres-onednn-direct/1", {"rounds": args.rounds})
     result["per_conv"], result["model"] = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         dn = build(args.onednn, tmp)
@@ -286,9 +283,7 @@ def main(argv=None) -> int:
             md, sp = m["median_ms"], m["speed_vs_ort"]
             print(f"batch {b}, whole ResNet-50: fusedres {md['fusedres']:.1f} ms ({sp['fusedres']:.3f}x ORT), with direct "
                   f"primitives {md['fusedres_direct']:.1f} ms ({sp['fusedres_direct']:.3f}x ORT), ORT {md['ort']:.1f} ms")
-    result["host"]["loadavg_end"] = report.loadavg()
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    report.finish_tool_result(result, args.json)
     return 0
 
 

@@ -744,3 +744,19 @@ def test_cpu_vs_ort_matches_every_conv(name, tmp_path):
     assert sum(g["convs"] for g in r["per_shape"]) == n_convs
     assert all(g["fusedres_ms"] > 0 and g["ort_ms"] > 0 for g in r["per_shape"])
     assert r["fusedres"]["forward_ms"] > 0 and r["ort"]["run_ms"] > 0 and r["fusedres"]["not_conv_ms"] > 0
+
+
+def test_tool_result_is_provenanced_and_skipped_by_the_renderer(tmp_path):
+    """A development tool's JSON (benchmarks/cpu_vs_ort.py, onednn_direct.py) carries the run's
+    device, versions, commit and load, and its own schema, so render_results leaves it out."""
+    result = report.tool_result("fusedres-test-tool/1", {"rounds": 3})
+    assert result["schema"] == "fusedres-test-tool/1" and result["config"]["rounds"] == 3
+    assert "command" in result["config"] and result["versions"]["torch"] == torch.__version__
+    assert result["git"] is not None and result["host"]["loadavg_end"] is None
+    result["rows"] = [1]
+    path = tmp_path / "tool.json"
+    report.finish_tool_result(result, path)
+    back = json.loads(path.read_text())
+    assert back["rows"] == [1] and back["host"]["loadavg_end"] is not None  # Linux has a load average
+    skipped = []
+    assert report.latest_results(tmp_path, skipped) == [] and skipped == [path]

@@ -159,6 +159,25 @@ def write_json(result: dict, path) -> None:
     os.replace(tmp, path)
 
 
+def tool_result(schema: str, config: dict, device: torch.device | None = None) -> dict:
+    """The header of a development tool's JSON (``benchmarks/*.py``): :func:`environment` (CPU by
+    default), the tool's own ``schema`` (not :data:`SCHEMA_ID`, so ``scripts/render_results.py``
+    skips the file) and ``config`` with the command line."""
+    import sys
+
+    result = environment(device or torch.device("cpu"))
+    result["schema"] = schema
+    result["config"] = {"command": " ".join(sys.argv), **config}
+    return result
+
+
+def finish_tool_result(result: dict, path=None) -> None:
+    """Record the load at the end of a tool's run and write its JSON to ``path`` (if given)."""
+    result["host"]["loadavg_end"] = loadavg()
+    if path:
+        write_json(result, path)
+
+
 def validate(result: dict) -> None:
     """Raise ``jsonschema.ValidationError`` if ``result`` does not follow ``schema.json``."""
     import jsonschema
